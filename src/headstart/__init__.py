@@ -1,0 +1,30 @@
+"""headstart: transfer learning on images — a folder of labelled photos in, an accurate classifier out.
+
+    import headstart
+    clf = headstart.train("photos/", out="runs/photos")   # cached features + a head chosen by CV
+    clf.evaluate()                                        # metrics recorded at training time
+    clf.predict(["new.jpg"])                              # top-k classes with probabilities
+    clf = headstart.load("runs/photos")
+"""
+
+from .backbones import REGISTRY, lookup
+from .backbones import load as load_backbone
+from .config import TrainConfig
+from .data import HeadstartError, scan
+from .predict import Classifier, Prediction, load, predict_imagenet
+from .train import train
+
+__all__ = [
+    "REGISTRY",
+    "Classifier",
+    "HeadstartError",
+    "Prediction",
+    "TrainConfig",
+    "load",
+    "load_backbone",
+    "lookup",
+    "predict_imagenet",
+    "scan",
+    "train",
+]
+__version__ = "0.1.0"

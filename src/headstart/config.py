@@ -1,0 +1,68 @@
+"""One place for the defaults: hyper-parameters, where caches live, where shared assets are found."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run, with the defaults that work first time.
+
+    Saved verbatim into the run folder so a run can be reproduced from its config alone.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    weights: str | None = None  # explicit weight file; None = package, then hub
+    head: str = "auto"  # "auto" (chosen by cross-validation on train), "mlp" or "linear"
+    hidden: int = 256  # the classic Dense(256, ReLU)
+    dropout: float = 0.5
+    lr: float = 1e-3  # Adam, as in the classic recipe
+    weight_decay: float = 1e-4
+    max_epochs: int = 200  # head epochs are milliseconds on cached features; early stopping ends them
+    patience: int = 15
+    batch_size: int = 32  # images per backbone forward pass
+    head_batch_size: int = 64
+    val_fraction: float = 0.2  # only when the folder has no validation split
+    cv_folds: int = 5
+    class_weights: str = "auto"  # "auto" = balanced when classes are imbalanced, "none", "balanced"
+    precision: str = "auto"  # "auto" (bf16 where the CPU supports it), "bf16", "fp32"
+    workers: int = -1  # decode processes; -1 = one per spare core
+    seed: int = 0
+    cache_dir: str | None = None
+    top_k: int = 5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def shared_dir() -> Path:
+    """Real assets (data sets, weights): ``$HEADSTART_SHARED``, else ``../shared`` beside the repository."""
+    env = os.environ.get("HEADSTART_SHARED")
+    return Path(env).expanduser() if env else repo_root().parent / "shared"
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """Feature cache: ``--cache-dir``, else ``$HEADSTART_CACHE``, else ``~/.cache/headstart``."""
+    if override:
+        return Path(override).expanduser()
+    env = os.environ.get("HEADSTART_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "headstart"

@@ -1,0 +1,273 @@
+"""Folders of photos in, lists of (path, label) out; and one robust way to decode a photo.
+
+Two layouts are understood:
+
+* class folders: ``ROOT/<class>/*.jpg`` (a validation split is then drawn, stratified and seeded);
+* split folders: ``ROOT/train/<class>/…`` plus ``val``/``valid``/``validation`` and optionally ``test``.
+
+Photos are never decoded here; a file that turns out unreadable is reported (path and reason) and skipped
+by whoever decodes it, never a crash and never silence.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import struct
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+# Pillow's decompression-bomb guard stays on (a 1 GB-pixel "photo" is an attack or a mistake), but is
+# adjustable for people with genuinely huge scans.
+Image.MAX_IMAGE_PIXELS = int(os.environ.get("HEADSTART_MAX_PIXELS", 89_478_485))
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is reported, not silently padded with grey
+
+
+class HeadstartError(Exception):
+    """An error a person can act on: printed without a traceback by the CLI."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Split:
+    paths: list[Path] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, keep: list[int]) -> "Split":
+        return Split([self.paths[i] for i in keep], [self.labels[i] for i in keep])
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]
+    splits: dict[str, Split]
+    skipped: list[Skipped] = field(default_factory=list)
+    layout: str = "classes"  # or "splits"
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for name, split in self.splits.items():
+            c = Counter(split.labels)
+            out[name] = {cls: c.get(i, 0) for i, cls in enumerate(self.classes)}
+        return out
+
+    def summary(self) -> str:
+        return summarize(self.classes, self.splits, self.skipped)
+
+
+def summarize(classes: list[str], splits: dict[str, Split], skipped: list[Skipped]) -> str:
+    """A table of images per class and split, then every skipped file with its reason."""
+    names = list(splits)
+    counts = {n: Counter(splits[n].labels) for n in names}
+    width = max([len(c) for c in classes] + [5])
+    lines = [f"{'class':<{width}}  " + "  ".join(f"{n:>6}" for n in names)]
+    for i, cls in enumerate(classes):
+        lines.append(f"{cls:<{width}}  " + "  ".join(f"{counts[n].get(i, 0):>6}" for n in names))
+    lines.append(f"{'total':<{width}}  " + "  ".join(f"{len(splits[n]):>6}" for n in names))
+    if skipped:
+        lines.append(f"skipped {len(skipped)} file(s):")
+        lines += [f"  {s.path}: {s.reason}" for s in skipped]
+    return "\n".join(lines)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name.startswith("__") or name == "Thumbs.db"
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_hidden(p.name))
+
+
+def _image_files(folder: Path, root: Path, skipped: list[Skipped]) -> list[Path]:
+    """Images under ``folder`` (recursively, sorted), noting anything else found there."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            if _is_hidden(name):
+                continue
+            path = Path(dirpath) / name
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(path)
+            else:
+                skipped.append(Skipped(_rel(path, root), f"not an image extension ({path.suffix or 'none'})"))
+    return found
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def scan(root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
+    """List a labelled folder without decoding anything.
+
+    ``classes`` fixes the class list (as when evaluating a trained model on another folder); a folder
+    with a class the model does not know is refused.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise HeadstartError(f"'{root}' is not a folder: give a folder with one sub-folder per class")
+    top = _subdirs(root)
+    split_dirs = {SPLIT_NAMES[p.name.lower()]: p for p in top if p.name.lower() in SPLIT_NAMES}
+    skipped: list[Skipped] = []
+    if "train" in split_dirs or ("val" in split_dirs or "test" in split_dirs) and len(split_dirs) == len(top):
+        layout, folders = "splits", split_dirs
+    else:
+        layout, folders = "classes", {"all": root}
+
+    per_split: dict[str, dict[str, list[Path]]] = {}
+    for split, folder in folders.items():
+        per_split[split] = {d.name: _image_files(d, root, skipped) for d in _subdirs(folder)}
+
+    found = sorted({c for by_class in per_split.values() for c in by_class})
+    _refuse_case_clashes(found, root)
+    if classes is None:
+        empty = [c for c in found if not any(by_class.get(c) for by_class in per_split.values())]
+        for c in empty:
+            skipped.append(Skipped(c + "/", "empty class folder (ignored)"))
+        classes = [c for c in found if c not in empty]
+        if len(classes) < 2:
+            raise HeadstartError(
+                f"'{root}' has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}): "
+                "a classifier needs at least two, one sub-folder per class"
+            )
+    else:
+        unknown = [c for c in found if c not in classes and any(by_class.get(c) for by_class in per_split.values())]
+        if unknown:
+            raise HeadstartError(
+                f"'{root}' has class folder(s) the model was not trained on: {', '.join(unknown)}; "
+                f"it knows {', '.join(classes)}"
+            )
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split, by_class in per_split.items():
+        s = Split()
+        for c, paths in sorted(by_class.items()):
+            if c in index:
+                s.paths += paths
+                s.labels += [index[c]] * len(paths)
+        splits[split] = s
+    return Dataset(root=root, classes=classes, splits=splits, skipped=skipped, layout=layout)
+
+
+def _refuse_case_clashes(names: list[str], root: Path) -> None:
+    seen: dict[str, str] = {}
+    for n in names:
+        if n.lower() in seen:
+            raise HeadstartError(
+                f"'{root}' has class folders differing only in case: '{seen[n.lower()]}' and '{n}'; "
+                "merge them or rename one (they would be the same folder on macOS and Windows)"
+            )
+        seen[n.lower()] = n
+
+
+def train_val_split(ds: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split, Split | None]:
+    """(train, val, test) for training: the folder's own splits, or a seeded stratified draw from its images.
+
+    Each class keeps at least one training image; a class with a single image goes to train only.
+    """
+    if ds.layout == "splits":
+        if "train" not in ds.splits:
+            raise HeadstartError(f"'{ds.root}' has split folders but no 'train/': add one to train on")
+        train = ds.splits["train"]
+        test = ds.splits.get("test")
+        val = ds.splits.get("val")
+        if val is None:
+            train, val = _stratified(train, val_fraction, seed)
+        return train, val, test
+    train, val = _stratified(ds.splits["all"], val_fraction, seed)
+    return train, val, None
+
+
+def _stratified(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(split.labels):
+        by_class.setdefault(y, []).append(i)
+    train_idx, val_idx = [], []
+    for y in sorted(by_class):
+        idx = by_class[y][:]
+        rng.shuffle(idx)
+        n_val = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+        val_idx += idx[:n_val]
+        train_idx += idx[n_val:]
+    return split.subset(sorted(train_idx)), split.subset(sorted(val_idx))
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+
+def open_rgb(source: str | os.PathLike | bytes, min_size: int | None = None) -> Image.Image:
+    """Decode any photo to an upright 8-bit RGB image, or raise ``ValueError`` with a readable reason.
+
+    ``min_size``: the smallest side the caller needs; large JPEGs are then decoded at a reduced scale
+    (Pillow's draft mode, up to 8× less work) but never below it.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            fp = io.BytesIO(source) if isinstance(source, bytes) else source
+            img = Image.open(fp)
+            if min_size and img.format == "JPEG":
+                w, h = img.size
+                scale = min(w, h) / min_size
+                if scale >= 2:
+                    img.draft("RGB", (max(1, int(w / scale)) + 1, max(1, int(h / scale)) + 1))
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(
+            f"larger than {Image.MAX_IMAGE_PIXELS:,} pixels (decompression-bomb guard); "
+            "shrink it, or raise HEADSTART_MAX_PIXELS if it is genuine"
+        ) from None
+    except FileNotFoundError:
+        raise ValueError("file not found") from None
+    except PermissionError:
+        raise ValueError("permission denied (not readable by this user)") from None
+    except Image.UnidentifiedImageError:
+        raise ValueError("not an image Pillow can decode (corrupt, empty or another file type)") from None
+    except OSError as e:
+        msg = str(e)
+        if "truncated" in msg.lower() or "broken data stream" in msg.lower():
+            raise ValueError(f"truncated or corrupt image data ({msg})") from None
+        raise ValueError(f"cannot decode ({msg})") from None
+    except (SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise ValueError(f"corrupt image ({e})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB: 16-bit scaled (not clipped), transparency flattened onto white."""
+    if img.mode == "RGB":
+        img.load()
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("PA", "LA", "RGBA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

@@ -1,0 +1,102 @@
+"""Metrics a person checks: accuracy, balanced accuracy, macro-F1, per-class report, confusion matrix,
+and the worst errors (the confident mistakes worth looking at first)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+)
+
+from .files import atomic_write_text
+
+
+def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], paths: Sequence[str] | None = None, worst: int = 20) -> dict[str, Any]:
+    """All metrics as plain JSON-able values."""
+    y_true = np.asarray(y_true, dtype=int)
+    labels = list(range(len(classes)))
+    y_pred = proba.argmax(1) if len(proba) else np.zeros(0, int)
+    if len(y_true) == 0:
+        return {"n": 0, "accuracy": float("nan"), "classes": list(classes)}
+    report = classification_report(y_true, y_pred, labels=labels, target_names=list(classes), output_dict=True, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    errors = []
+    if paths is not None:
+        wrong = np.flatnonzero(y_pred != y_true)
+        wrong = wrong[np.argsort(-proba[wrong, y_pred[wrong]])][:worst]
+        errors = [
+            {"path": paths[i], "true": classes[y_true[i]], "predicted": classes[y_pred[i]],
+             "confidence": round(float(proba[i, y_pred[i]]), 4), "p_true": round(float(proba[i, y_true[i]]), 4)}
+            for i in wrong
+        ]
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "log_loss": float(log_loss(y_true, np.clip(proba, 1e-7, 1), labels=labels)),
+        "classes": list(classes),
+        "per_class": {c: {k: float(v) for k, v in report[c].items()} for c in classes},
+        "confusion_matrix": cm.tolist(),
+        "worst_errors": errors,
+        "predictions": [
+            {"path": paths[i], "true": classes[y_true[i]], "predicted": classes[y_pred[i]], "confidence": round(float(proba[i, y_pred[i]]), 4)}
+            for i in range(len(y_true))
+        ] if paths is not None else [],
+    }
+
+
+def write(metrics: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
+    """metrics.json plus the readable files: per-class report, confusion matrix (CSV + PNG), worst errors."""
+    from .report import plot_confusion
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def put(name: str, text: str) -> None:
+        atomic_write_text(out / f"{prefix}{name}", text)
+        written.append(out / f"{prefix}{name}")
+
+    slim = {k: v for k, v in metrics.items() if k != "predictions"}
+    put("metrics.json", json.dumps(slim, indent=2))
+    if not metrics.get("n"):
+        return written
+    classes = metrics["classes"]
+    put("classification_report.txt", format_report(metrics))
+    put("confusion_matrix.csv", _csv([["true \\ predicted", *classes]] + [[c, *row] for c, row in zip(classes, metrics["confusion_matrix"])]))
+    rows = metrics["worst_errors"]
+    put("worst_errors.csv", _csv([["path", "true", "predicted", "confidence", "p_true"]] + [[r["path"], r["true"], r["predicted"], r["confidence"], r["p_true"]] for r in rows]))
+    preds = metrics.get("predictions", [])
+    if preds:
+        put("predictions.csv", _csv([["path", "true", "predicted", "confidence"]] + [[r["path"], r["true"], r["predicted"], r["confidence"]] for r in preds]))
+    written.append(plot_confusion(np.asarray(metrics["confusion_matrix"]), classes, out / f"{prefix}confusion_matrix.png"))
+    return written
+
+
+def format_report(metrics: dict[str, Any]) -> str:
+    """scikit-learn's per-class table, plus the headline numbers."""
+    lines = [
+        f"images: {metrics['n']}   accuracy: {metrics['accuracy']:.4f}   balanced accuracy: {metrics['balanced_accuracy']:.4f}   macro-F1: {metrics['macro_f1']:.4f}",
+        "",
+        f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}",
+    ]
+    for c, r in metrics["per_class"].items():
+        lines.append(f"{c:<20} {r['precision']:>9.3f} {r['recall']:>9.3f} {r['f1-score']:>9.3f} {int(r['support']):>8}")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()

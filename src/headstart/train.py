@@ -1,0 +1,259 @@
+"""Train a new head on cached backbone features: the first half of the classic transfer-learning recipe.
+
+The head is chosen, not guessed: because features are cached, a few candidate heads (the classic
+Dense(256, ReLU) → dropout → softmax, and logistic regression at a few regularisation strengths) are compared
+by stratified cross-validation on the training split only; the validation split is never looked at until the
+final evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold
+from torch import nn
+
+from . import backbones, evaluate, features
+from .config import TrainConfig
+from .data import HeadstartError, scan, summarize, train_val_split
+from .predict import Classifier, make_head
+
+log = logging.getLogger("headstart")
+
+# (kind, parameters) tried by cross-validation when head="auto".
+CANDIDATES: list[tuple[str, dict[str, float]]] = [
+    ("mlp", {}),
+    ("linear", {"C": 0.05}),
+    ("linear", {"C": 0.5}),
+]
+
+
+@dataclass
+class HeadFit:
+    head: nn.Sequential
+    kind: str
+    params: dict[str, float]
+    epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------- heads
+
+
+def class_weights(y: np.ndarray, n_classes: int, mode: str = "auto") -> np.ndarray | None:
+    """Balanced weights when asked, or (auto) when the largest class is over 1.5× the smallest."""
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    if mode == "none" or (mode == "auto" and counts.max() <= 1.5 * max(counts[counts > 0].min(), 1)):
+        return None
+    return len(y) / (n_classes * np.maximum(counts, 1))
+
+
+def _standardize(head: nn.Sequential, x: np.ndarray) -> None:
+    head[0].mean.copy_(torch.from_numpy(x.mean(0)))
+    head[0].std.copy_(torch.from_numpy(x.std(0) + 1e-6))
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, weights: np.ndarray | None, seed: int) -> HeadFit:
+    """scikit-learn's logistic regression on standardised features, stored as a torch Linear layer."""
+    head = make_head("linear", x.shape[1], n_classes)
+    _standardize(head, x)
+    xs = (x - head[0].mean.numpy()) / head[0].std.numpy()
+    cw = {i: float(w) for i, w in enumerate(weights)} if weights is not None else None
+    lr = LogisticRegression(C=C, max_iter=3000, class_weight=cw, random_state=seed).fit(xs, y)
+    w = np.zeros((n_classes, x.shape[1]), np.float32)
+    b = np.zeros(n_classes, np.float32)
+    if len(lr.classes_) == 2:  # binary: sklearn keeps one logit; softmax([0, z]) == sigmoid(z)
+        w[lr.classes_[1]], b[lr.classes_[1]] = lr.coef_[0], lr.intercept_[0]
+    else:
+        w[lr.classes_], b[lr.classes_] = lr.coef_, lr.intercept_
+        missing = np.setdiff1d(np.arange(n_classes), lr.classes_)
+        b[missing] = -1e4  # a class absent from this fold's training data is never predicted
+    with torch.no_grad():
+        head[1].weight.copy_(torch.from_numpy(w))
+        head[1].bias.copy_(torch.from_numpy(b))
+    return HeadFit(head.eval(), "linear", {"C": C})
+
+
+def fit_mlp(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    cfg: TrainConfig,
+    weights: np.ndarray | None,
+    x_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
+    epochs: int | None = None,
+) -> HeadFit:
+    """The classic head, Adam; with validation data, early stopping on its loss keeps the best epoch,
+    otherwise it trains for exactly ``epochs``."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head = make_head("mlp", x.shape[1], n_classes, cfg.hidden, cfg.dropout)
+    _standardize(head, x)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    w = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
+    loss_fn = nn.CrossEntropyLoss(weight=w)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
+    xv = torch.from_numpy(x_val) if x_val is not None else None
+    yv = torch.from_numpy(y_val).long() if y_val is not None else None
+    best, best_loss, best_epoch, history = None, math.inf, 0, []
+    for epoch in range(1, (epochs or cfg.max_epochs) + 1):
+        head.train()
+        total = 0.0
+        for idx in torch.randperm(len(xt), generator=gen).split(cfg.head_batch_size):
+            opt.zero_grad()
+            loss = loss_fn(head(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        row = {"epoch": epoch, "train_loss": total / len(xt)}
+        if xv is not None:
+            head.eval()
+            with torch.no_grad():
+                out = head(xv)
+                row["val_loss"] = float(nn.functional.cross_entropy(out, yv))
+                row["val_accuracy"] = float((out.argmax(1) == yv).float().mean())
+            if row["val_loss"] < best_loss - 1e-4:
+                best, best_loss, best_epoch = copy.deepcopy(head.state_dict()), row["val_loss"], epoch
+            elif epoch - best_epoch >= cfg.patience:
+                history.append(row)
+                break
+        history.append(row)
+    if best is not None:
+        head.load_state_dict(best)
+    return HeadFit(head.eval(), "mlp", {"dropout": cfg.dropout, "hidden": cfg.hidden}, best_epoch or len(history), history)
+
+
+def _proba(head: nn.Sequential, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(head(torch.from_numpy(x)), 1).numpy()
+
+
+def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) -> tuple[str, dict[str, float], int, list[dict[str, Any]]]:
+    """Cross-validate the candidate heads on the training split; returns the winner and the table."""
+    candidates = [c for c in CANDIDATES if cfg.head in ("auto", c[0])]
+    folds = min(cfg.cv_folds, int(np.bincount(y).min()))
+    if folds < 2:
+        kind, params = candidates[0]
+        log.info("a class has a single training image: no cross-validation, using the %s head", kind)
+        return kind, params, 0, []
+    splitter = StratifiedKFold(folds, shuffle=True, random_state=cfg.seed)
+    weights = class_weights(y, n_classes, cfg.class_weights)
+    table = []
+    for kind, params in candidates:
+        acc, nll, epochs = [], [], []
+        for tr, te in splitter.split(x, y):
+            if kind == "mlp":
+                fit = fit_mlp(x[tr], y[tr], n_classes, cfg, weights, x[te], y[te])
+                epochs.append(fit.epochs)
+            else:
+                fit = fit_linear(x[tr], y[tr], n_classes, params["C"], weights, cfg.seed)
+            p = _proba(fit.head, x[te])
+            acc.append(float((p.argmax(1) == y[te]).mean()))
+            nll.append(float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()))
+        table.append({"kind": kind, "params": params, "cv_accuracy": float(np.mean(acc)), "cv_log_loss": float(np.mean(nll)),
+                      "epochs": int(round(np.mean(epochs))) if epochs else 0})
+    best = max(table, key=lambda r: (round(r["cv_accuracy"], 4), -r["cv_log_loss"]))
+    return best["kind"], best["params"], best["epochs"], table
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) -> tuple[HeadFit, list[dict[str, Any]]]:
+    """Choose a head by cross-validation, then fit it on the whole training split."""
+    kind, params, epochs, table = select_head(x, y, n_classes, cfg)
+    weights = class_weights(y, n_classes, cfg.class_weights)
+    if kind == "mlp":
+        fit = fit_mlp(x, y, n_classes, cfg, weights, epochs=max(epochs, 1) if table else 30)
+    else:
+        fit = fit_linear(x, y, n_classes, params["C"], weights, cfg.seed)
+    return fit, table
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def train(data: str | Path, out: str | Path | None = None, config: TrainConfig | None = None, progress: bool = True, **overrides: Any) -> Classifier:
+    """Folder of labelled photos → trained, evaluated classifier (saved to ``out`` when given).
+
+    ``overrides`` are any ``TrainConfig`` field, e.g. ``train("photos/", backbone="mobilenetv2", seed=1)``.
+    """
+    cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    t0 = time.perf_counter()
+    ds = scan(data)
+    tr, va, te = train_val_split(ds, cfg.val_fraction, cfg.seed)
+    if len(va) == 0:
+        raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
+    log.info("data: %s (%s layout), %d classes", ds.root, ds.layout, len(ds.classes))
+
+    lb = backbones.load(cfg.backbone, cfg.weights)
+    log.info("backbone: %s (timm %s), weights from %s", lb.spec.name, lb.spec.timm_name, lb.source)
+    precision = features.resolve_precision(cfg.precision)
+    splits = {"train": tr, "val": va} | ({"test": te} if te is not None and len(te) else {})
+    feats = {}
+    for name, split in splits.items():
+        feats[name] = features.extract(split.paths, lb, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, precision=precision,
+                                       workers=cfg.workers, progress=progress, root=ds.root)
+    skipped = ds.skipped + [s for f in feats.values() for s in f.skipped]
+    computed = sum(f.computed for f in feats.values())
+    extract_s = sum(f.seconds for f in feats.values())
+    log.info("features: %d computed, %d from cache, %.1f s", computed, sum(int(f.ok.sum()) for f in feats.values()) - computed, extract_s)
+    for s in skipped:
+        log.warning("skipped %s: %s", s.path, s.reason)
+
+    y = {n: np.asarray(splits[n].labels)[feats[n].ok] for n in splits}
+    if len(np.unique(y["train"])) < 2:
+        raise HeadstartError("fewer than two classes have readable training images: nothing to learn")
+    t1 = time.perf_counter()
+    fit, table = fit_head(feats["train"].x, y["train"], len(ds.classes), cfg)
+    head_s = time.perf_counter() - t1
+    log.info("head: %s %s, %s", fit.kind, fit.params, "chosen by cross-validation on train" if len(table) > 1 else "as asked")
+
+    lb.model.reset_classifier(0)  # the bundle keeps the feature extractor only
+    info: dict[str, Any] = {
+        "head": {"kind": fit.kind, "dim": lb.num_features, "hidden": cfg.hidden, "dropout": cfg.dropout, **fit.params, "epochs": fit.epochs},
+        "head_selection": table,
+        "precision": precision,
+        "train_config": cfg.to_dict(),
+        "data": {
+            "root": str(ds.root), "layout": ds.layout, "classes": ds.classes,
+            "counts": {n: _count(splits[n].labels, ds.classes) for n in splits},
+            "skipped": [vars(s) for s in skipped],
+        },
+        "timing": {"extract_s": round(extract_s, 3), "embeddings_computed": computed, "head_s": round(head_s, 3)},
+    }
+    clf = Classifier(lb, fit.head, ds.classes, info)
+    metrics = {}
+    for name in ("val", "test"):
+        if name in splits and len(y[name]):
+            kept = [str(p) for p, ok in zip(splits[name].paths, feats[name].ok) if ok]
+            metrics[name] = evaluate.evaluate(y[name], clf.proba_from_features(feats[name].x), ds.classes, kept)
+    info["metrics"] = {n: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")} for n, m in metrics.items()}
+    info["history"] = fit.history
+    info["timing"]["total_s"] = round(time.perf_counter() - t0, 3)
+    if out is not None:
+        save_run(clf, Path(out), metrics, summarize(ds.classes, splits, skipped))
+    return clf
+
+
+def _count(labels: list[int], classes: list[str]) -> dict[str, int]:
+    c = np.bincount(np.asarray(labels, int), minlength=len(classes))
+    return {k: int(v) for k, v in zip(classes, c)}
+
+
+def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], summary: str) -> None:
+    """The bundle plus every readable output of the run, each file written atomically."""
+    from .files import atomic_write_text
+
+    clf.save(out)
+    for name, m in metrics.items():
+        evaluate.write(m, out, prefix="" if name == "val" else f"{name}_")
+    atomic_write_text(out / "data_summary.txt", summary + "\n")
