@@ -1,0 +1,55 @@
+"""Shared fixtures: the real assets (via HEADSTART_SHARED), a fresh feature cache per test session,
+and one trained ants-vs-bees run that several test modules inspect."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import headstart
+from headstart.config import shared_dir
+
+SHARED = shared_dir()
+HYMENOPTERA = SHARED / "datasets" / "hymenoptera"
+CLOTHING = SHARED / "datasets" / "clothing"
+WEIGHTS = SHARED / "weights"
+
+if not HYMENOPTERA.is_dir():
+    raise RuntimeError(f"the shared assets are missing at {SHARED}: set HEADSTART_SHARED to their folder")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fresh_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Every test session starts with an empty feature cache, so cache behaviour is really exercised."""
+    old = os.environ.get("HEADSTART_CACHE")
+    os.environ["HEADSTART_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("HEADSTART_CACHE", None)
+    else:
+        os.environ["HEADSTART_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def ants_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[headstart.Classifier, Path]:
+    out = tmp_path_factory.mktemp("runs") / "ants"
+    clf = headstart.train(HYMENOPTERA, out=out, progress=False)
+    return clf, out
+
+
+def save_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (64, 48), color=(200, 30, 30), fmt: str | None = None, **kw) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode in ("L", "P"):
+        img = Image.new("RGB", size, color).convert(mode)
+    elif mode == "I;16":
+        import numpy as np
+
+        img = Image.fromarray((np.linspace(0, 65535, size[0] * size[1]).reshape(size[1], size[0])).astype("uint16"))
+    else:
+        img = Image.new(mode, size, color if mode != "RGBA" else (*color, 128))
+    img.save(path, format=fmt, **kw)
+    return path

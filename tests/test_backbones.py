@@ -1,0 +1,94 @@
+"""The registry and weight resolution: real package weights, user files, and the offline error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import timm
+from PIL import Image
+
+from conftest import WEIGHTS
+from headstart import backbones
+from headstart.data import HeadstartError
+from headstart.predict import predict_imagenet
+
+
+@pytest.mark.parametrize("typed,name", [("VGG16", "vgg16"), ("ResNet50", "resnet50"), ("InceptionV3", "inception_v3"),
+                                        ("MobileNet", "mobilenet"), ("DenseNet121", "densenet121"),
+                                        ("EfficientNetB0", "efficientnet_b0"), ("EfficientNet-Lite0", "efficientnet_lite0")])
+def test_classic_names(typed, name):
+    assert backbones.lookup(typed).name == name
+
+
+def test_inception_is_299_and_any_timm_name_works():
+    assert timm.models.get_pretrained_cfg(backbones.lookup("InceptionV3").timm_name).input_size[-1] == 299
+    assert backbones.lookup("convnext_atto").timm_name == "convnext_atto"
+    with pytest.raises(HeadstartError, match="unknown backbone 'resnet5000'"):
+        backbones.lookup("resnet5000")
+
+
+def _chelsea_and_coffee(tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    cat, coffee = tmp_path / "chelsea.png", tmp_path / "coffee.png"
+    Image.fromarray(skimage_data.chelsea()).save(cat)
+    Image.fromarray(skimage_data.coffee()).save(coffee)
+    return cat, coffee
+
+
+CATS = {"tiger cat", "Egyptian cat", "tabby, tabby cat", "Persian cat", "Siamese cat, Siamese"}
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_package_weights_are_real_imagenet_weights(tmp_path, name):
+    cat, coffee = _chelsea_and_coffee(tmp_path)
+    p_cat, p_coffee = predict_imagenet([cat, coffee], backbone=name, top_k=3)
+    assert p_cat.top[0][0] in CATS
+    assert p_coffee.top[0][0] == "espresso"
+
+
+@pytest.mark.parametrize("name,file", [("mobilenet", "mobilenetv1_100"), ("mobilenetv2", "mobilenetv2_100"),
+                                       ("mobilenetv3_small", "tf_mobilenetv3_small_100"), ("regnetx_002", "regnetx_002")])
+def test_user_supplied_files_load_strict(tmp_path, name, file):
+    cat, coffee = _chelsea_and_coffee(tmp_path)
+    p_cat, p_coffee = predict_imagenet([cat, coffee], backbone=name, weights=WEIGHTS / f"{file}.safetensors")
+    assert p_cat.top[0][0] in CATS and p_coffee.top[0][0] == "espresso"
+
+
+def test_any_timm_model_from_a_local_torch_file(tmp_path):
+    model = timm.create_model("resnet10t", num_classes=0)
+    torch.save(model.state_dict(), tmp_path / "r10.pth")
+    lb = backbones.load("resnet10t", weights=tmp_path / "r10.pth")
+    assert lb.num_features == 512 and lb.source.startswith("file")
+    for k, v in model.state_dict().items():
+        assert torch.equal(lb.model.state_dict()[k], v)
+    expected = timm.data.resolve_data_config({}, model=timm.create_model("resnet10t"))
+    assert lb.data_config["input_size"] == list(expected["input_size"])  # preprocessing comes from timm
+
+
+def test_wrong_file_for_the_architecture_is_refused(tmp_path):
+    torch.save(timm.create_model("resnet10t").state_dict(), tmp_path / "r10.pth")
+    with pytest.raises(HeadstartError, match="do not fit backbone 'efficientnet_lite0'"):
+        backbones.load("efficientnet_lite0", weights=tmp_path / "r10.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(HeadstartError, match="cannot read weight file"):
+        backbones.load("resnet10t", weights=tmp_path / "junk.pth")
+
+
+def test_offline_without_weights_says_how_to_supply_them(monkeypatch):
+    monkeypatch.setattr(backbones, "_reachable", lambda host, timeout=3.0: False)
+    monkeypatch.setattr(backbones, "_hub_cached_file", lambda hub_id: None)
+    with pytest.raises(HeadstartError) as e:
+        backbones.load("resnet50")
+    msg = str(e.value)
+    assert "no pretrained weights for backbone 'resnet50'" in msg and "--weights PATH" in msg and "offline" in msg
+    with pytest.raises(HeadstartError, match="--weights"):
+        backbones.load("mobilenet")  # TF-style MobileNet: only a converted file fits
+
+
+def test_weights_digest_ignores_file_format(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = timm.create_model("resnet10t").state_dict()
+    torch.save(sd, tmp_path / "a.pth")
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "a.safetensors")
+    assert backbones.load("resnet10t", tmp_path / "a.pth").digest == backbones.load("resnet10t", tmp_path / "a.safetensors").digest

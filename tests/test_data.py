@@ -1,0 +1,97 @@
+"""Scanning folders and decoding photos, on the real data sets and on made-up edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLOTHING, HYMENOPTERA, save_image
+from headstart.data import HeadstartError, open_rgb, scan, train_val_split
+
+
+def test_hymenoptera_split_layout_and_quirks():
+    ds = scan(HYMENOPTERA)
+    assert ds.layout == "splits" and ds.classes == ["ants", "bees"]
+    counts = ds.counts()
+    # All 124 ant files are listed, the palette GIF and the .jpeg included (ImageFolder would drop the GIF).
+    assert counts["train"] == {"ants": 124, "bees": 121} and counts["val"] == {"ants": 70, "bees": 83}
+    names = {p.name for p in ds.splits["train"].paths} | {p.name for p in ds.splits["val"].paths}
+    assert {"imageNotFound.gif", "formica.jpeg", "ant photos.jpg", "F.pergan.28(f).jpg"} <= names
+    gif = open_rgb(HYMENOPTERA / "train/ants/imageNotFound.gif")
+    assert gif.mode == "RGB"
+    summary = ds.summary()
+    assert "ants" in summary and "124" in summary
+
+
+def test_clothing_validation_folder_and_root_files_are_not_classes():
+    ds = scan(CLOTHING)
+    assert set(ds.splits) == {"train", "val", "test"}
+    assert len(ds.classes) == 10 and "LICENSE" not in ds.classes and "README.md" not in ds.classes
+    assert [len(ds.splits[s]) for s in ("train", "val", "test")] == [1000, 225, 214]
+
+
+def test_class_folders_get_a_seeded_stratified_split(tmp_path):
+    for c in ("cats", "dogs"):
+        for i in range(10):
+            save_image(tmp_path / c / f"{i}.JPG", fmt="JPEG")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    save_image(tmp_path / ".ipynb_checkpoints" / "x.jpg")
+    (tmp_path / "notes.txt").write_text("not a class")
+    (tmp_path / "cats" / "readme.txt").write_text("not an image")
+    ds = scan(tmp_path)
+    assert ds.layout == "classes" and ds.classes == ["cats", "dogs"]
+    assert [s.reason for s in ds.skipped] == ["not an image extension (.txt)"]
+    tr, va, _ = train_val_split(ds, 0.2, seed=3)
+    assert len(tr) == 16 and len(va) == 4 and sorted(np.bincount(va.labels)) == [2, 2]
+    tr2, va2, _ = train_val_split(ds, 0.2, seed=3)
+    assert va2.paths == va.paths
+    assert train_val_split(ds, 0.2, seed=4)[1].paths != va.paths
+
+
+def test_refusals_say_what_to_do(tmp_path):
+    save_image(tmp_path / "only" / "a.jpg")
+    with pytest.raises(HeadstartError, match="at least two"):
+        scan(tmp_path)
+    save_image(tmp_path / "Only" / "b.jpg")
+    with pytest.raises(HeadstartError, match="differing only in case"):
+        scan(tmp_path)
+    with pytest.raises(HeadstartError, match="not a folder"):
+        scan(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
+def test_any_mode_becomes_rgb(tmp_path, mode):
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    path = save_image(tmp_path / f"x.{fmt.lower()}", mode=mode, fmt=fmt)
+    img = open_rgb(path)
+    assert img.mode == "RGB" and img.size == (64, 48)
+    if mode == "I;16":  # scaled, not clipped to white
+        assert 100 < np.asarray(img).mean() < 160
+    if mode == "RGBA":  # half-transparent red on white
+        assert tuple(np.asarray(img)[0, 0]) == pytest.approx((227, 142, 142), abs=3)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (80, 40), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise when shown
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif)
+    assert open_rgb(path).size == (40, 80)
+
+
+def test_unreadable_files_give_a_reason(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello")
+    good = save_image(tmp_path / "good.jpg", size=(300, 300), fmt="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:400])
+    for name, reason in [("empty.jpg", "not an image"), ("text.jpg", "not an image"), ("cut.jpg", "truncated|corrupt|decode")]:
+        with pytest.raises(ValueError, match=reason):
+            open_rgb(tmp_path / name)
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_but_not_below_need(tmp_path):
+    path = save_image(tmp_path / "big.jpg", size=(2400, 1800), fmt="JPEG")
+    img = open_rgb(path, min_size=256)
+    assert 256 <= min(img.size) < 900

@@ -1,0 +1,64 @@
+"""Training on real photos: the accuracy a user would check, the cache, and the head chosen on train only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import headstart
+from conftest import CLOTHING, HYMENOPTERA
+from headstart.config import TrainConfig
+from headstart.train import class_weights, fit_head
+
+
+def test_ants_vs_bees_default_backbone_reaches_93_percent(ants_run):
+    clf, out = ants_run
+    assert clf.info["metrics"]["val"]["accuracy"] >= 0.93
+    assert clf.info["metrics"]["val"]["n"] == 153
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(clf.info["metrics"]["val"]["accuracy"])
+    assert set(metrics["per_class"]) == {"ants", "bees"}
+    for name in ("confusion_matrix.csv", "confusion_matrix.png", "worst_errors.csv", "classification_report.txt",
+                 "data_summary.txt", "config.json", "model.safetensors"):
+        assert (out / name).stat().st_size > 0, name
+    from PIL import Image
+
+    assert Image.open(out / "confusion_matrix.png").size[0] > 200
+
+
+def test_head_choice_is_recorded_and_made_on_train_only(ants_run):
+    clf, _ = ants_run
+    table = clf.info["head_selection"]
+    assert {r["kind"] for r in table} == {"mlp", "linear"}
+    assert all(0.5 < r["cv_accuracy"] <= 1 for r in table)
+    assert clf.info["head"]["kind"] in {"mlp", "linear"}
+
+
+def test_second_train_computes_zero_embeddings(ants_run, tmp_path):
+    clf = headstart.train(HYMENOPTERA, progress=False)
+    assert clf.info["timing"]["embeddings_computed"] == 0
+    assert clf.info["metrics"]["val"]["accuracy"] == pytest.approx(ants_run[0].info["metrics"]["val"]["accuracy"])
+
+
+def test_clothing_reaches_82_percent(tmp_path):
+    clf = headstart.train(CLOTHING, out=tmp_path / "clothing", progress=False)
+    assert clf.info["metrics"]["val"]["accuracy"] >= 0.82
+    assert clf.info["metrics"]["test"]["n"] == 214  # the test/ split is evaluated too
+    assert (tmp_path / "clothing" / "test_metrics.json").is_file()
+
+
+def test_mlp_head_learns_separable_features():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 40)
+    x = (rng.normal(size=(120, 16)) + np.eye(3, 16)[y] * 4).astype(np.float32)
+    fit, table = fit_head(x, y, 3, TrainConfig(head="mlp"))
+    assert fit.kind == "mlp" and len(table) == 1 and table[0]["cv_accuracy"] > 0.9
+    assert len(fit.history) == fit.epochs >= 1
+
+
+def test_class_weights_only_when_imbalanced():
+    assert class_weights(np.array([0] * 10 + [1] * 9), 2) is None
+    w = class_weights(np.array([0] * 30 + [1] * 10), 2)
+    assert w[1] == pytest.approx(3 * w[0])
