@@ -38,6 +38,7 @@ class Backbone:
     package: str | None = None  # pip package that ships the weights
     package_file: str | None = None  # path of the weight file inside that package
     hub: bool = True  # False when timm's hub weights would not match kwargs/cfg_overlay
+    pretrained: bool = True  # False only for the from-scratch baseline
 
 
 def _lite(n: int, digest: str, size: int) -> Backbone:
@@ -81,6 +82,7 @@ REGISTRY: dict[str, Backbone] = {
         Backbone("inception_v3", "inception_v3.tv_in1k", "InceptionV3 (torchvision weights), 299 px"),
         Backbone("densenet121", "densenet121.tv_in1k", "DenseNet121 (torchvision weights), 224 px"),
         Backbone("efficientnet_b0", "efficientnet_b0.ra_in1k", "EfficientNetB0, 224 px"),
+        Backbone("scratch", "scratch", "small CNN from random init (3 conv blocks), the no-transfer baseline", pretrained=False),
     ]
 }
 DEFAULT = "efficientnet_lite0"
@@ -119,8 +121,53 @@ class LoadedBackbone:
     num_features: int
 
 
+class ScratchCNN(nn.Module):
+    """Three conv blocks + global average pooling: the classic small CNN, to show what transfer buys.
+
+    It speaks timm's feature interface (forward_features / forward_head / num_features) so the rest of headstart
+    treats it like any backbone.
+    """
+
+    pretrained_cfg = {
+        "input_size": (3, 160, 160), "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center",
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "classifier": "classifier",
+    }
+
+    def __init__(self, num_classes: int = 0, widths: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in widths:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.num_features = c_in
+        self.num_classes = num_classes
+        self.classifier: nn.Module = nn.Linear(c_in, num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean((2, 3))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {"blocks": r"^blocks\.(\d+)"}
+
+
 def create(spec: Backbone, num_classes: int = 0) -> nn.Module:
     """The architecture, without weights."""
+    if spec.name == "scratch":
+        return ScratchCNN(num_classes)
     kwargs = dict(spec.kwargs)
     if spec.cfg_overlay:
         kwargs["pretrained_cfg_overlay"] = dict(spec.cfg_overlay)
@@ -128,14 +175,15 @@ def create(spec: Backbone, num_classes: int = 0) -> nn.Module:
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
-    cfg = timm.data.resolve_data_config({}, model=model)
+    cfg = timm.data.resolve_data_config(dict(model.pretrained_cfg), model=model) if isinstance(model, ScratchCNN) else timm.data.resolve_data_config({}, model=model)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
-def load(name: str = DEFAULT, weights: str | os.PathLike | None = None) -> LoadedBackbone:
-    """Build a backbone with real weights, offline first. ``weights="random"`` gives random init (tests, scratch)."""
+def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0) -> LoadedBackbone:
+    """Build a backbone with real weights, offline first. ``weights="random"`` gives random init (tests, scratch),
+    seeded by ``seed``."""
     spec = lookup(name)
-    if weights is not None and str(weights) == "random":
+    if weights is not None and str(weights) == "random" or not spec.pretrained:
         sd, source = None, "random initialisation"
     elif weights is not None:
         sd, source = read_state_dict(Path(weights)), f"file {weights}"
@@ -146,7 +194,9 @@ def load(name: str = DEFAULT, weights: str | os.PathLike | None = None) -> Loade
         sd, source = read_state_dict(path), f"package {spec.package}"
     else:
         sd, source = _hub_state_dict(spec)
-    model = create(spec, num_classes=1000)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = create(spec, num_classes=1000)
     if sd is not None:
         if any(k.startswith("_blocks.") for k in sd):
             sd = convert_lukemelas(sd, model)
@@ -158,7 +208,7 @@ def load(name: str = DEFAULT, weights: str | os.PathLike | None = None) -> Loade
         _load_strict(model, sd, spec, source)
         digest = state_digest(sd)
     else:
-        digest = "random"
+        digest = state_digest(model.state_dict())  # random init differs per seed: never share its cache
     model.eval()
     return LoadedBackbone(spec, model, data_config(model), source, digest, model.num_features)
 
@@ -204,7 +254,9 @@ def state_digest(sd: StateDict) -> str:
     """sha256 over names, shapes and bytes: identical weights give identical digests, whatever the file format."""
     h = hashlib.sha256()
     for k in sorted(sd):
-        t = sd[k].detach().cpu().contiguous()
+        if k.endswith("num_batches_tracked"):  # a counter, not a weight
+            continue
+        t = sd[k].detach().cpu().contiguous().reshape(-1)
         h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -320,8 +372,17 @@ def _no_weights(spec: Backbone, why: str) -> HeadstartError:
     )
 
 
+def input_size(spec: Backbone) -> int | None:
+    if not spec.pretrained:
+        return ScratchCNN.pretrained_cfg["input_size"][-1]
+    cfg = timm.models.get_pretrained_cfg(spec.timm_name)
+    return cfg.input_size[-1] if cfg is not None else None
+
+
 def availability(spec: Backbone) -> str:
     """Where weights for this entry would come from on this machine, without loading anything."""
+    if not spec.pretrained:
+        return "none needed (random init)"
     if spec.package:
         return "package" if package_weights(spec) else f"missing: pip install {spec.package}"
     if not spec.hub:

@@ -32,7 +32,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except HeadstartError as e:
             click.echo(f"headstart: error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(130 if type(e).__name__ == "Interrupted" else 2)
         except KeyboardInterrupt:
             click.echo("headstart: interrupted; cached features are kept, so running the same command again resumes", err=True)
             sys.exit(130)
@@ -59,16 +59,25 @@ _DEFAULTS = TrainConfig()
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode processes (-1: automatic).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
+@click.option("--finetune", is_flag=True, help="After the head, unfreeze the top of the backbone and keep training gently.")
+@click.option("--unfreeze", type=int, default=_DEFAULTS.unfreeze, show_default=True, help="Top blocks to unfreeze when fine-tuning.")
+@click.option("--unfreeze-layers", type=int, default=0, help="Instead: the last N layers with weights (the Keras way).")
+@click.option("--epochs", "ft_epochs", type=int, default=_DEFAULTS.ft_epochs, show_default=True, help="Fine-tuning epochs (early stopping may end sooner).")
+@click.option("--ft-lr", type=float, default=_DEFAULTS.ft_lr, show_default=True, help="Head learning rate while fine-tuning; the backbone gets a tenth.")
+@click.option("--train-bn", is_flag=True, help="Let BatchNorm statistics move while fine-tuning (off: the safe default).")
+@click.option("--augment", default=_DEFAULTS.augment, show_default=True, help="none, classic, rrc, randaugment, erasing (combine with +).")
+@click.option("--aug-views", type=int, default=0, help="Cache K augmented views per training image for the head stage.")
+@click.option("--resume", "resume_run", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Continue the interrupted run in this folder.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and the final summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def train(data: Path, out: Path | None, quiet: bool, as_json: bool, **opts: Any) -> None:
+def train(data: Path, out: Path | None, quiet: bool, as_json: bool, resume_run: Path | None, **opts: Any) -> None:
     """Train a classifier on DATA (one sub-folder per class, or train/ + val/ split folders)."""
     from .train import train as run
 
     _setup_logging(quiet or as_json)
-    out = out or _free_run_dir(Path("runs") / data.resolve().name)
+    out = resume_run or out or _free_run_dir(Path("runs") / data.resolve().name)
     opts["cache_dir"] = str(opts["cache_dir"]) if opts["cache_dir"] else None
-    clf = run(data, out=out, progress=not (quiet or as_json) and sys.stderr.isatty(), **opts)
+    clf = run(data, out=out, progress=not (quiet or as_json) and sys.stderr.isatty(), resume=resume_run is not None, **opts)
     summary = {"run": str(out), "backbone": clf.backbone.spec.name, "head": clf.info["head"], "metrics": clf.info["metrics"],
                "skipped": len(clf.info["data"]["skipped"]), "timing": clf.info["timing"]}
     if as_json:
@@ -80,6 +89,9 @@ def train(data: Path, out: Path | None, quiet: bool, as_json: bool, **opts: Any)
 def _print_summary(clf: Any, out: Path) -> None:
     for name, m in clf.info["metrics"].items():
         click.echo(f"{name}: accuracy {m['accuracy']:.1%}  balanced {m['balanced_accuracy']:.1%}  macro-F1 {m['macro_f1']:.3f}  ({m['n']} images)")
+    for stage, m in clf.info.get("stages", {}).items():
+        if "val" in m:
+            click.echo(f"  {stage}: val accuracy {m['val']['accuracy']:.1%}")
     t = clf.info["timing"]
     click.echo(f"{t['embeddings_computed']} embeddings computed, {t['total_s']:.1f} s in all; head: {clf.info['head']['kind']}")
     click.echo(f"saved to {out}  (predict: headstart predict {out} PHOTO.jpg)")
@@ -182,13 +194,9 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_backbones(as_json: bool) -> None:
     """The registry: names, timm models, input size and whether weights are available here."""
-    import timm
-
     rows = []
     for spec in backbones.REGISTRY.values():
-        cfg = timm.models.get_pretrained_cfg(spec.timm_name)
-        size = cfg.input_size[-1] if cfg is not None else "?"
-        rows.append({"name": spec.name, "timm": spec.timm_name, "input": size, "weights": backbones.availability(spec), "about": spec.about})
+        rows.append({"name": spec.name, "timm": spec.timm_name, "input": backbones.input_size(spec), "weights": backbones.availability(spec), "about": spec.about})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -32,11 +32,27 @@ class TrainConfig:
     cv_folds: int = 5
     class_weights: str = "auto"  # "auto" = balanced when classes are imbalanced, "none", "balanced"
     precision: str = "auto"  # "auto" (bf16 where the CPU supports it), "bf16", "fp32"
+    channels_last: bool = True  # the memory layout oneDNN's CPU convolutions are fastest with
     workers: int = -1  # decode processes; -1 = one per spare core
     seed: int = 0
     cache_dir: str | None = None
     top_k: int = 5
-    extra: dict[str, Any] = field(default_factory=dict)
+    # fine-tuning (second stage) and the from-scratch baseline
+    finetune: bool = False
+    unfreeze: int = 3  # top blocks of the backbone to unfreeze (timm's own block grouping)
+    unfreeze_layers: int = 0  # the Keras alternative: the last N layers with weights (overrides unfreeze)
+    ft_lr: float = 1e-3  # head learning rate while fine-tuning (the head stage's Adam rate)
+    backbone_lr_ratio: float = 0.1  # the backbone learns 10x more gently than the head
+    ft_epochs: int = 8
+    ft_patience: int = 3
+    ft_batch_size: int = 32
+    ft_weight_decay: float = 1e-4
+    label_smoothing: float = 0.1  # keeps a useful gradient once the head fits the training set
+    train_bn: bool = False  # False keeps BatchNorm running statistics as pretrained
+    augment: str = "classic"  # rotation ±20°, shifts 0.2, horizontal flip; or rrc, randaugment, erasing (+ to combine)
+    aug_views: int = 0  # augmented views per training image cached for the head stage
+    scratch_epochs: int = 40
+    scratch_patience: int = 8
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import config
+from . import augment, config
 from .backbones import LoadedBackbone
 from .data import Skipped, open_rgb
 from .files import atomic_path, sha256_file
@@ -108,15 +108,18 @@ def decode_size(data_config: dict[str, Any]) -> int:
 class _Images(torch.utils.data.Dataset):
     """Decodes in loader workers, in parallel with the forward pass; errors travel back as strings."""
 
-    def __init__(self, paths: Sequence[Path], transform, min_size: int):
-        self.paths, self.transform, self.min_size = list(paths), transform, min_size
+    def __init__(self, paths: Sequence[Path], transform, min_size: int, seeds: Sequence[int] | None = None):
+        self.paths, self.transform, self.min_size, self.seeds = list(paths), transform, min_size, seeds
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, self.transform(open_rgb(self.paths[i], self.min_size)), ""
+            img = open_rgb(self.paths[i], self.min_size)
+            if self.seeds is not None:  # an augmented view: the same image, view and seed give the same pixels
+                augment.seed(self.seeds[i])
+            return i, self.transform(img), ""
         except ValueError as e:
             return i, None, str(e)
         except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop the run
@@ -138,9 +141,10 @@ def default_workers() -> int:
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def cache_key(lb: LoadedBackbone, precision: str) -> str:
+def cache_key(lb: LoadedBackbone, precision: str, view: tuple | None = None) -> str:
     """Everything that changes an embedding, and nothing else."""
     desc = {
+        "view": view,
         "timm": lb.spec.timm_name,
         "kwargs": lb.spec.kwargs,
         "weights": lb.digest,
@@ -193,13 +197,21 @@ def extract(
     workers: int = -1,
     progress: bool = True,
     root: Path | None = None,
+    augment_policy: str | None = None,
+    view: int = 0,
+    seed: int = 0,
 ) -> Features:
-    """Embeddings of ``paths`` (cached ones read back, the rest computed in batches and cached)."""
+    """Embeddings of ``paths`` (cached ones read back, the rest computed in batches and cached).
+
+    With ``augment_policy``, the embeddings of augmented view number ``view`` of each image (deterministic in image
+    content, view and seed, hence cacheable like any other embedding).
+    """
     import time
 
     start = time.perf_counter()
     precision = resolve_precision(precision)
-    cache = FeatureCache(config.cache_dir(cache_dir), cache_key(lb, precision)) if use_cache else None
+    view_key = (augment_policy, view, seed) if augment_policy else None
+    cache = FeatureCache(config.cache_dir(cache_dir), cache_key(lb, precision, view_key)) if use_cache else None
     n = len(paths)
     vectors: list[np.ndarray | None] = [None] * n
     digests: list[str | None] = [None] * n
@@ -216,8 +228,13 @@ def extract(
     if todo:
         model = prepare(lb.model)
         workers = default_workers() if workers < 0 else workers
+        if augment_policy:
+            transform = augment.train_transform(lb.data_config, augment_policy)
+            seeds = [(int(digests[i][:15], 16) if digests[i] else i) + 7919 * view + 104_729 * seed for i in todo]
+        else:
+            transform, seeds = eval_transform(lb.data_config), None
         loader = DataLoader(
-            _Images([paths[i] for i in todo], eval_transform(lb.data_config), decode_size(lb.data_config)),
+            _Images([paths[i] for i in todo], transform, decode_size(lb.data_config), seeds),
             batch_size=batch_size,
             num_workers=min(workers, max(0, len(todo) // batch_size)),
             collate_fn=_collate,

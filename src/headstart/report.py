@@ -34,3 +34,29 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def plot_history(history: list[dict], path: Path) -> Path:
+    """Loss and accuracy per epoch, one colour per stage (head, finetune, scratch)."""
+    stages = list(dict.fromkeys(row.get("stage", "head") for row in history))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    offset = 0
+    for stage in stages:
+        rows = [r for r in history if r.get("stage", "head") == stage]
+        x = [offset + r["epoch"] for r in rows]
+        for key, ax, style in (("train_loss", ax_loss, "--"), ("val_loss", ax_loss, "-"), ("train_accuracy", ax_acc, "--"), ("val_accuracy", ax_acc, "-")):
+            ys = [r.get(key) for r in rows]
+            if any(v is not None for v in ys):
+                ax.plot(x, ys, style, label=f"{stage} {key.split('_')[0]}")
+        offset = x[-1] if x else offset
+    ax_loss.set_title("loss")
+    ax_acc.set_title("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

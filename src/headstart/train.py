@@ -8,14 +8,18 @@ final evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
+import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -23,9 +27,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from . import backbones, evaluate, features
+from . import backbones, evaluate, features, finetune
 from .config import TrainConfig
-from .data import HeadstartError, scan, summarize, train_val_split
+from .data import HeadstartError, Split, scan, summarize, train_val_split
+from .files import atomic_write_text
 from .predict import Classifier, make_head
 
 log = logging.getLogger("headstart")
@@ -139,8 +144,16 @@ def _proba(head: nn.Sequential, x: np.ndarray) -> np.ndarray:
         return torch.softmax(head(torch.from_numpy(x)), 1).numpy()
 
 
-def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) -> tuple[str, dict[str, float], int, list[dict[str, Any]]]:
+def _with_views(x: np.ndarray, y: np.ndarray, idx: np.ndarray, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows ``idx`` plus their cached augmented views (views never cross a CV fold)."""
+    if not views:
+        return x[idx], y[idx]
+    return np.concatenate([x[idx]] + [v[idx] for v in views]), np.tile(y[idx], 1 + len(views))
+
+
+def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[str, dict[str, float], int, list[dict[str, Any]]]:
     """Cross-validate the candidate heads on the training split; returns the winner and the table."""
+    views = views or []
     candidates = [c for c in CANDIDATES if cfg.head in ("auto", c[0])]
     folds = min(cfg.cv_folds, int(np.bincount(y).min()))
     if folds < 2:
@@ -153,11 +166,12 @@ def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) 
     for kind, params in candidates:
         acc, nll, epochs = [], [], []
         for tr, te in splitter.split(x, y):
+            xt, yt = _with_views(x, y, tr, views)
             if kind == "mlp":
-                fit = fit_mlp(x[tr], y[tr], n_classes, cfg, weights, x[te], y[te])
+                fit = fit_mlp(xt, yt, n_classes, cfg, weights, x[te], y[te])
                 epochs.append(fit.epochs)
             else:
-                fit = fit_linear(x[tr], y[tr], n_classes, params["C"], weights, cfg.seed)
+                fit = fit_linear(xt, yt, n_classes, params["C"], weights, cfg.seed)
             p = _proba(fit.head, x[te])
             acc.append(float((p.argmax(1) == y[te]).mean()))
             nll.append(float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()))
@@ -167,10 +181,11 @@ def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) 
     return best["kind"], best["params"], best["epochs"], table
 
 
-def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) -> tuple[HeadFit, list[dict[str, Any]]]:
-    """Choose a head by cross-validation, then fit it on the whole training split."""
-    kind, params, epochs, table = select_head(x, y, n_classes, cfg)
+def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[HeadFit, list[dict[str, Any]]]:
+    """Choose a head by cross-validation, then fit it on the whole training split (and its augmented views)."""
+    kind, params, epochs, table = select_head(x, y, n_classes, cfg, views)
     weights = class_weights(y, n_classes, cfg.class_weights)
+    x, y = _with_views(x, y, np.arange(len(y)), views or [])
     if kind == "mlp":
         fit = fit_mlp(x, y, n_classes, cfg, weights, epochs=max(epochs, 1) if table else 30)
     else:
@@ -181,67 +196,139 @@ def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) -> 
 # ------------------------------------------------------------------------------------------------ train
 
 
-def train(data: str | Path, out: str | Path | None = None, config: TrainConfig | None = None, progress: bool = True, **overrides: Any) -> Classifier:
+def train(data: str | Path, out: str | Path | None = None, config: TrainConfig | None = None, progress: bool = True,
+          resume: bool = False, **overrides: Any) -> Classifier:
     """Folder of labelled photos → trained, evaluated classifier (saved to ``out`` when given).
 
-    ``overrides`` are any ``TrainConfig`` field, e.g. ``train("photos/", backbone="mobilenetv2", seed=1)``.
+    ``overrides`` are any ``TrainConfig`` field, e.g. ``train("photos/", backbone="mobilenetv2", finetune=True)``.
+    ``resume=True`` continues an interrupted run in ``out`` with the settings it was started with.
     """
     cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    if resume:
+        cfg = _resume_config(out, cfg)
     t0 = time.perf_counter()
     ds = scan(data)
     tr, va, te = train_val_split(ds, cfg.val_fraction, cfg.seed)
     if len(va) == 0:
         raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
     log.info("data: %s (%s layout), %d classes", ds.root, ds.layout, len(ds.classes))
+    if out is not None:
+        atomic_write_text(Path(out) / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
 
-    lb = backbones.load(cfg.backbone, cfg.weights)
+    lb = backbones.load(cfg.backbone, cfg.weights, seed=cfg.seed)
     log.info("backbone: %s (timm %s), weights from %s", lb.spec.name, lb.spec.timm_name, lb.source)
+    lb.model.reset_classifier(0)  # the bundle keeps the feature extractor only
     precision = features.resolve_precision(cfg.precision)
     splits = {"train": tr, "val": va} | ({"test": te} if te is not None and len(te) else {})
-    feats = {}
-    for name, split in splits.items():
-        feats[name] = features.extract(split.paths, lb, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, precision=precision,
-                                       workers=cfg.workers, progress=progress, root=ds.root)
-    skipped = ds.skipped + [s for f in feats.values() for s in f.skipped]
-    computed = sum(f.computed for f in feats.values())
-    extract_s = sum(f.seconds for f in feats.values())
-    log.info("features: %d computed, %d from cache, %.1f s", computed, sum(int(f.ok.sum()) for f in feats.values()) - computed, extract_s)
+    extract = functools.partial(features.extract, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, precision=precision,
+                                workers=cfg.workers, progress=progress, root=ds.root)
+    timing: dict[str, float] = {"extract_s": 0.0, "embeddings_computed": 0}
+    skipped = list(ds.skipped)
+
+    def run_extract(split: Split, **kw: Any) -> features.Features:
+        f = extract(split.paths, lb, **kw)
+        timing["extract_s"] += f.seconds
+        timing["embeddings_computed"] += f.computed
+        skipped.extend(s for s in f.skipped if s not in skipped)
+        return f
+
+    metrics: dict[str, dict[str, Any]] = {}
+    history: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = []
+    feats: dict[str, features.Features] = {}
+    if lb.spec.pretrained:
+        feats = {name: run_extract(split) for name, split in splits.items()}
+        views = [run_extract(tr, augment_policy=cfg.augment, view=k, seed=cfg.seed).x for k in range(cfg.aug_views)]
+        y_train = np.asarray(tr.labels)[feats["train"].ok]
+        if len(np.unique(y_train)) < 2:
+            raise HeadstartError("fewer than two classes have readable training images: nothing to learn")
+        t1 = time.perf_counter()
+        fit, table = fit_head(feats["train"].x, y_train, len(ds.classes), cfg, views)
+        timing["head_s"] = round(time.perf_counter() - t1, 3)
+        log.info("head: %s %s, %s", fit.kind, fit.params, "chosen by cross-validation on train" if len(table) > 1 else "as asked")
+        history += [{"stage": "head", **row} for row in fit.history]
+        metrics = _evaluate_splits(fit.head, feats, splits, ds.classes)
+    else:
+        fit = HeadFit(make_head("linear", lb.num_features, len(ds.classes)), "linear", {})
+
+    stage = "scratch" if not lb.spec.pretrained else "finetune" if cfg.finetune else None
+    info_stages: dict[str, Any] = {}
+    if stage:
+        if stage == "finetune":
+            info_stages["feature_extraction"] = _headline(metrics)
+            log.info("feature extraction: val accuracy %.1f%%; now fine-tuning", 100 * metrics["val"]["accuracy"])
+        t2 = time.perf_counter()
+        net = finetune.Net(lb.model, fit.head)
+        with _checkpoint_dir(out) as ckdir:
+            res = finetune.fit(net, tr, va, lb.data_config, cfg, stage=stage, checkpoint_dir=ckdir, resume=resume, progress=progress,
+                               resume_hint=f"headstart train {data} --resume {out}")
+            history += res.history
+            lb = dataclasses.replace(lb, model=net.backbone, digest=backbones.state_digest(net.backbone.state_dict()),
+                                     source=f"{lb.source}, {stage} here")
+            feats = {name: run_extract(split) for name, split in splits.items() if name != "train"}
+            metrics = _evaluate_splits(net.head, feats, splits, ds.classes)
+            if ckdir is not None and out is not None:  # done: the bundle supersedes the checkpoint
+                (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
+        timing[f"{stage}_s"] = round(time.perf_counter() - t2, 3)
+        info_stages[stage] = {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch, "epochs_run": len(res.history), **_headline(metrics)}
+
     for s in skipped:
         log.warning("skipped %s: %s", s.path, s.reason)
-
-    y = {n: np.asarray(splits[n].labels)[feats[n].ok] for n in splits}
-    if len(np.unique(y["train"])) < 2:
-        raise HeadstartError("fewer than two classes have readable training images: nothing to learn")
-    t1 = time.perf_counter()
-    fit, table = fit_head(feats["train"].x, y["train"], len(ds.classes), cfg)
-    head_s = time.perf_counter() - t1
-    log.info("head: %s %s, %s", fit.kind, fit.params, "chosen by cross-validation on train" if len(table) > 1 else "as asked")
-
-    lb.model.reset_classifier(0)  # the bundle keeps the feature extractor only
+    timing["total_s"] = round(time.perf_counter() - t0, 3)
     info: dict[str, Any] = {
         "head": {"kind": fit.kind, "dim": lb.num_features, "hidden": cfg.hidden, "dropout": cfg.dropout, **fit.params, "epochs": fit.epochs},
         "head_selection": table,
         "precision": precision,
         "train_config": cfg.to_dict(),
-        "data": {
-            "root": str(ds.root), "layout": ds.layout, "classes": ds.classes,
-            "counts": {n: _count(splits[n].labels, ds.classes) for n in splits},
-            "skipped": [vars(s) for s in skipped],
-        },
-        "timing": {"extract_s": round(extract_s, 3), "embeddings_computed": computed, "head_s": round(head_s, 3)},
+        "stages": info_stages,
+        "data": {"root": str(ds.root), "layout": ds.layout, "classes": ds.classes,
+                 "counts": {n: _count(splits[n].labels, ds.classes) for n in splits}, "skipped": [vars(s) for s in skipped]},
+        "metrics": _headline(metrics),
+        "history": history,
+        "timing": {k: round(v, 3) for k, v in timing.items()},
     }
     clf = Classifier(lb, fit.head, ds.classes, info)
-    metrics = {}
-    for name in ("val", "test"):
-        if name in splits and len(y[name]):
-            kept = [str(p) for p, ok in zip(splits[name].paths, feats[name].ok) if ok]
-            metrics[name] = evaluate.evaluate(y[name], clf.proba_from_features(feats[name].x), ds.classes, kept)
-    info["metrics"] = {n: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")} for n, m in metrics.items()}
-    info["history"] = fit.history
-    info["timing"]["total_s"] = round(time.perf_counter() - t0, 3)
     if out is not None:
         save_run(clf, Path(out), metrics, summarize(ds.classes, splits, skipped))
     return clf
+
+
+def _evaluate_splits(head: nn.Module, feats: dict[str, features.Features], splits: dict[str, Split], classes: list[str]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in ("val", "test"):
+        f = feats.get(name)
+        if f is None or not f.ok.any():
+            continue
+        y = np.asarray(splits[name].labels)[f.ok]
+        kept = [str(p) for p, ok in zip(splits[name].paths, f.ok) if ok]
+        out[name] = evaluate.evaluate(y, _proba(head, f.x), classes, kept)
+    return out
+
+
+def _headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {n: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")} for n, m in metrics.items()}
+
+
+@contextlib.contextmanager
+def _checkpoint_dir(out: str | Path | None) -> Iterator[Path | None]:
+    """The run folder's checkpoint/ when there is a run folder; otherwise a temporary one."""
+    if out is not None:
+        path = Path(out) / "checkpoint"
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        with contextlib.suppress(OSError):
+            path.rmdir()
+    else:
+        with tempfile.TemporaryDirectory(prefix="headstart-ckpt-") as tmp:
+            yield Path(tmp)
+
+
+def _resume_config(out: str | Path | None, cfg: TrainConfig) -> TrainConfig:
+    path = Path(out) / "train_config.json" if out is not None else None
+    if path is None or not path.is_file():
+        raise HeadstartError(f"nothing to resume in '{out}': it has no train_config.json (start the run without --resume)")
+    saved = TrainConfig.from_dict(json.loads(path.read_text()))
+    return dataclasses.replace(saved, workers=cfg.workers, cache_dir=cfg.cache_dir)
 
 
 def _count(labels: list[int], classes: list[str]) -> dict[str, int]:
@@ -251,9 +338,15 @@ def _count(labels: list[int], classes: list[str]) -> dict[str, int]:
 
 def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], summary: str) -> None:
     """The bundle plus every readable output of the run, each file written atomically."""
-    from .files import atomic_write_text
+    from .report import plot_history
 
     clf.save(out)
     for name, m in metrics.items():
         evaluate.write(m, out, prefix="" if name == "val" else f"{name}_")
     atomic_write_text(out / "data_summary.txt", summary + "\n")
+    history = clf.info.get("history", [])
+    if history:
+        keys = list(dict.fromkeys(k for row in history for k in row))
+        atomic_write_text(out / "history.csv", evaluate._csv([keys] + [[row.get(k, "") for k in keys] for row in history]))
+        atomic_write_text(out / "history.json", json.dumps(history, indent=1))
+        plot_history(history, out / "history.png")

@@ -1,0 +1,289 @@
+"""Fine-tuning: the second half of the classic recipe, and the loop that trains the from-scratch baseline.
+
+After the new head has learned on frozen features, the top blocks of the backbone are unfrozen and training goes
+on gently: the head at ``ft_lr``, the backbone at a tenth of that, BatchNorm statistics frozen (the classic bug is
+frozen weights with moving BN statistics), early stopping on validation loss, the best epoch's weights kept.
+
+Every epoch ends with an atomic checkpoint (safetensors + JSON, nothing pickled). Augmentation order, shuffling and
+dropout are seeded per epoch, so a resumed run continues exactly as an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import augment, features
+from .config import TrainConfig
+from .data import HeadstartError, Split, open_rgb
+from .files import atomic_path
+
+log = logging.getLogger("headstart")
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class Interrupted(HeadstartError):
+    """Ctrl-C during training: the last finished epoch is checkpointed."""
+
+
+class Net(nn.Module):
+    """Backbone features → head logits, as one trainable module."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Sequential):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True))
+
+
+# ------------------------------------------------------------------------------------------ what trains
+
+
+def block_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names per block, bottom to top, from timm's own fine-grained grouping of the model."""
+    from timm.models._manipulate import group_parameters
+
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    return [groups[k] for k in sorted(groups)]
+
+
+def unfreeze_top(model: nn.Module, blocks: int = 0, layers: int = 0) -> list[str]:
+    """Freeze everything, then unfreeze the top ``blocks`` blocks, or (the Keras way) the last ``layers`` layers
+    that have weights. Returns the names of what was unfrozen."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if layers:
+        owners = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+        chosen = owners[-layers:]
+        for _, m in chosen:
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(True)
+        return [n for n, _ in chosen]
+    groups = block_groups(model)[-blocks:] if blocks else []
+    names = {n for g in groups for n in g}
+    for n, p in model.named_parameters():
+        if n in names:
+            p.requires_grad_(True)
+    return sorted({n.rsplit(".", 1)[0] for n in names})
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers in inference mode: running statistics stay exactly as pretrained."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class _Augmented(torch.utils.data.Dataset):
+    def __init__(self, split: Split, transform, min_size: int):
+        self.split, self.transform, self.min_size = split, transform, min_size
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(open_rgb(self.split.paths[i], self.min_size)), self.split.labels[i]
+        except ValueError:
+            return None  # reported once at feature extraction; dropped here
+
+
+def _collate(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_loss: float = math.inf
+    unfrozen: list[str] = field(default_factory=list)
+
+
+def fit(
+    net: Net,
+    train: Split,
+    val: Split,
+    data_config: dict[str, Any],
+    cfg: TrainConfig,
+    *,
+    stage: str = "finetune",
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    resume_hint: str = "",
+) -> FitResult:
+    """Train ``net`` in place; on return it holds the best epoch's weights."""
+    scratch = stage == "scratch"
+    if scratch:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        unfrozen = ["all"]
+    else:
+        unfrozen = unfreeze_top(net.backbone, blocks=cfg.unfreeze, layers=cfg.unfreeze_layers)
+        for p in net.head.parameters():
+            p.requires_grad_(True)
+    head_lr = cfg.lr if scratch else cfg.ft_lr
+    backbone_params = [p for p in net.backbone.parameters() if p.requires_grad]
+    groups = [{"params": list(net.head.parameters()), "lr": head_lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": head_lr * (1.0 if scratch else cfg.backbone_lr_ratio)})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.ft_weight_decay)
+    precision = features.resolve_precision(cfg.precision)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net.to(memory_format=layout)
+    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    log.info("%s: %d trainable parameters (%s), head lr %g, backbone lr %g, BN %s, augmentation %s, %s",
+             stage, n_train, ", ".join(unfrozen[-4:]) + (" …" if len(unfrozen) > 4 else ""), head_lr,
+             groups[-1]["lr"] if backbone_params else 0, "training" if scratch or cfg.train_bn else "frozen", cfg.augment, precision)
+
+    result = FitResult(unfrozen=unfrozen)
+    best_state: dict[str, torch.Tensor] | None = None
+    start = 1
+    ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
+    if resume and ckpt and ckpt.is_file():
+        start, best_state = _restore(ckpt, net, opt, result, cfg, stage)
+        log.info("%s: resuming after epoch %d (best so far: epoch %d)", stage, start - 1, result.best_epoch)
+
+    min_size = features.decode_size(data_config)
+    workers = features.default_workers() if cfg.workers < 0 else cfg.workers
+    train_ds = _Augmented(train, augment.train_transform(data_config, cfg.augment), min_size)
+    val_ds = _Augmented(val, features.eval_transform(data_config), min_size)
+    epochs = cfg.scratch_epochs if scratch else cfg.ft_epochs
+    patience = cfg.scratch_patience if scratch else cfg.ft_patience
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    epoch = start - 1
+    try:
+        for epoch in range(start, epochs + 1):
+            if epoch - result.best_epoch > patience and result.best_epoch:
+                break
+            t0 = time.perf_counter()
+            augment.seed(_epoch_seed(cfg.seed, epoch))
+            loader = DataLoader(train_ds, batch_size=cfg.ft_batch_size, shuffle=True, num_workers=workers,
+                                collate_fn=_collate, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)),
+                                persistent_workers=False)
+            net.train()
+            if not (scratch or cfg.train_bn):
+                freeze_batchnorm(net)
+            seen, total, correct = 0, 0.0, 0
+            bar = tqdm(total=len(train_ds), desc=f"{stage} epoch {epoch}/{epochs}", unit="img", disable=not progress, leave=False)
+            for batch in loader:
+                if batch is None:
+                    continue
+                x, y = batch
+                opt.zero_grad(set_to_none=True)
+                with features.autocast(precision):
+                    logits = net(x.contiguous(memory_format=layout))
+                loss = loss_fn(logits.float(), y)
+                loss.backward()
+                opt.step()
+                seen += len(y)
+                total += loss.item() * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                bar.update(len(y))
+            bar.close()
+            val_loss, val_acc = evaluate_loss(net, val_ds, cfg.ft_batch_size, precision, workers, layout)
+            row = {"stage": stage, "epoch": epoch, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                   "val_loss": val_loss, "val_accuracy": val_acc, "seconds": round(time.perf_counter() - t0, 2)}
+            result.history.append(row)
+            log.info("%s epoch %d: train loss %.4f acc %.3f, val loss %.4f acc %.3f (%.1f s)", stage, epoch,
+                     row["train_loss"], row["train_accuracy"], val_loss, val_acc, row["seconds"])
+            if val_loss < result.best_val_loss - 1e-4:
+                result.best_val_loss, result.best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            if ckpt:
+                _save(ckpt, net, opt, result, best_state, epoch, cfg, stage)
+    except KeyboardInterrupt:
+        where = f"; the checkpoint of epoch {epoch - 1} is kept — resume with: {resume_hint}" if ckpt and resume_hint else ""
+        raise Interrupted(f"{stage} interrupted during epoch {epoch}{where}") from None
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return result
+
+
+def evaluate_loss(net: nn.Module, ds: torch.utils.data.Dataset, batch_size: int, precision: str, workers: int,
+                  layout: torch.memory_format = torch.channels_last) -> tuple[float, float]:
+    net.eval()
+    total, correct, seen = 0.0, 0, 0
+    for batch in DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate):
+        if batch is None:
+            continue
+        x, y = batch
+        with torch.inference_mode(), features.autocast(precision):
+            logits = net(x.contiguous(memory_format=layout)).float()
+        total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return total / max(seen, 1), correct / max(seen, 1)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _fingerprint(cfg: TrainConfig, stage: str) -> str:
+    keep = {k: v for k, v in cfg.to_dict().items() if k not in ("workers", "cache_dir", "ft_epochs", "scratch_epochs")}
+    return json.dumps({"stage": stage, **keep}, sort_keys=True, default=str)
+
+
+def _save(path: Path, net: Net, opt: torch.optim.Optimizer, result: FitResult, best: dict[str, torch.Tensor] | None,
+          epoch: int, cfg: TrainConfig, stage: str) -> None:
+    """Model, best model, optimizer tensors in safetensors; the rest as JSON metadata. Atomic."""
+    tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+    if best is not None:
+        tensors |= {f"best.{k}": v for k, v in best.items()}
+    state = opt.state_dict()
+    for idx, s in state["state"].items():
+        for name, value in s.items():
+            tensors[f"opt.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    meta = {"epoch": epoch, "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss, "history": result.history,
+            "param_groups": state["param_groups"], "fingerprint": _fingerprint(cfg, stage)}
+    tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"headstart": json.dumps(meta, default=str)})
+
+
+def _restore(path: Path, net: Net, opt: torch.optim.Optimizer, result: FitResult, cfg: TrainConfig, stage: str) -> tuple[int, dict[str, torch.Tensor] | None]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["headstart"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta["fingerprint"] != _fingerprint(cfg, stage):
+        raise HeadstartError(f"the checkpoint '{path}' was made with other settings; resume with the same options, or start a new run folder")
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, idx, name = k.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    result.history, result.best_epoch, result.best_val_loss = meta["history"], meta["best_epoch"], meta["best_val_loss"]
+    return meta["epoch"] + 1, best

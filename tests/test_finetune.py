@@ -1,0 +1,142 @@
+"""Fine-tuning, augmentation, checkpoints/resume and the from-scratch baseline, on real photos."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import headstart
+from conftest import HYMENOPTERA
+from headstart import backbones
+from headstart.augment import seed, train_transform
+from headstart.finetune import CHECKPOINT, freeze_batchnorm, unfreeze_top
+
+
+def _subset(root: Path, per_class: dict[str, int]) -> Path:
+    """A small real ants/bees folder (symlinks), so fine-tuning tests take seconds."""
+    for split, n in per_class.items():
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
+                (root / split / cls / p.name).symlink_to(p)
+    return root
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    return _subset(tmp_path_factory.mktemp("small"), {"train": 24, "val": 12})
+
+
+def test_unfreeze_top_blocks_or_last_layers():
+    model = backbones.load("efficientnet_lite0").model
+    model.reset_classifier(0)
+    names = unfreeze_top(model, blocks=2)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(("blocks.6", "blocks.5", "conv_head", "bn2")) for n in trainable)
+    assert not any(p.requires_grad for p in model.conv_stem.parameters())
+    assert names
+    unfreeze_top(model, layers=2)  # the Keras way: conv_head and bn2
+    assert sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}) == ["bn2", "conv_head"]
+
+
+def test_frozen_batchnorm_statistics_do_not_move(small):
+    before = {k: v.clone() for k, v in backbones.load("efficientnet_lite0").model.state_dict().items() if "running_" in k}
+    clf = headstart.train(small, finetune=True, ft_epochs=1, progress=False, unfreeze=3)
+    after = clf.backbone.model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    weights_before = backbones.load("efficientnet_lite0").model.state_dict()["conv_head.weight"]
+    assert not torch.equal(after["conv_head.weight"], weights_before)  # the unfrozen top did learn
+    assert torch.equal(after["conv_stem.weight"], backbones.load("efficientnet_lite0").model.state_dict()["conv_stem.weight"])
+
+
+def test_freeze_batchnorm_puts_bn_in_eval():
+    model = backbones.load("efficientnet_lite0").model.train()
+    freeze_batchnorm(model)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and not any(m.training for m in bns)
+
+
+def _run(args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "headstart", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_fine_tuning_resumes_to_the_same_result(small, tmp_path):
+    env = dict(os.environ)
+    common = [str(small), "--finetune", "--epochs", "3", "--quiet", "--seed", "7"]
+    killed = tmp_path / "killed"
+    proc = _run([*common, "--out", str(killed)], env)
+    ckpt = killed / "checkpoint" / CHECKPOINT
+    deadline = time.time() + 600
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its first checkpoint could be interrupted:\n" + proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "config.json").exists()  # no bundle from a killed run
+    resumed = _run([str(small), "--resume", str(killed), "--quiet"], env)
+    assert resumed.wait() == 0, resumed.stdout.read()
+    clean = tmp_path / "clean"
+    straight = _run([*common, "--out", str(clean)], env)
+    assert straight.wait() == 0, straight.stdout.read()
+    a = json.loads((killed / "config.json").read_text())
+    b = json.loads((clean / "config.json").read_text())
+    assert a["metrics"] == b["metrics"]
+    assert [r["val_loss"] for r in a["history"]] == pytest.approx([r["val_loss"] for r in b["history"]], abs=1e-6)
+    assert not ckpt.exists()  # a finished run keeps the bundle, not the checkpoint
+
+
+def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path):
+    clf = headstart.train(HYMENOPTERA, out=tmp_path / "ft", finetune=True, progress=False)
+    frozen = clf.info["stages"]["feature_extraction"]["val"]["accuracy"]
+    tuned = clf.info["stages"]["finetune"]["val"]["accuracy"]
+    assert tuned >= frozen - 1 / 153
+    assert clf.info["metrics"]["val"]["accuracy"] == tuned
+    hist = (tmp_path / "ft" / "history.csv").read_text().splitlines()
+    assert hist[0].startswith("stage,epoch") and any(line.startswith("finetune,") for line in hist)
+    assert (tmp_path / "ft" / "history.png").stat().st_size > 1000
+    reloaded = headstart.load(tmp_path / "ft")  # the fine-tuned backbone travels in the bundle
+    assert reloaded.evaluate(HYMENOPTERA / "val")["accuracy"] == pytest.approx(tuned)
+
+
+def test_scratch_baseline_trains_and_shows_the_gap(ants_run, tmp_path):
+    clf = headstart.train(HYMENOPTERA, out=tmp_path / "scratch", backbone="scratch", scratch_epochs=4, progress=False)
+    acc = clf.info["metrics"]["val"]["accuracy"]
+    assert 0.3 <= acc < ants_run[0].info["metrics"]["val"]["accuracy"]
+    assert clf.info["stages"]["scratch"]["epochs_run"] == 4
+    assert headstart.load(tmp_path / "scratch").predict([next((HYMENOPTERA / "val" / "ants").glob("*.jpg"))])[0].top
+
+
+@pytest.mark.parametrize("policy", ["none", "classic", "rrc", "randaugment", "randaugment+erasing"])
+def test_augmentation_policies_give_model_sized_tensors(policy):
+    from PIL import Image
+
+    cfg = backbones.load("efficientnet_lite0").data_config
+    img = Image.open(next((HYMENOPTERA / "train" / "bees").glob("*.jpg"))).convert("RGB")
+    tf = train_transform(cfg, policy)
+    seed(0)
+    a = tf(img)
+    seed(0)
+    assert torch.equal(a, tf(img))  # seeded: reproducible
+    assert a.shape == (3, 224, 224)
+    if policy != "none":
+        assert not torch.equal(a, tf(img))  # and random from call to call
+
+
+def test_augmented_views_are_cached_for_the_head(small):
+    first = headstart.train(small, aug_views=2, progress=False)
+    assert first.info["timing"]["embeddings_computed"] >= 2 * 48
+    again = headstart.train(small, aug_views=2, progress=False)
+    assert again.info["timing"]["embeddings_computed"] == 0
+    assert again.info["metrics"] == first.info["metrics"]
+    assert np.isfinite(again.info["metrics"]["val"]["log_loss"])
