@@ -264,12 +264,23 @@ class FeatureMaps:
     image: np.ndarray  # (H, W, 3) uint8: the photo as the model saw it
 
 
+def resolve_layer(source: Source, layer: str | None) -> str:
+    """A layer name, with two shorthands (unless the model has modules so named): 'first' (or None), the first
+    convolution, and 'last', the last convolutional stage."""
+    subj = as_subject(source)
+    if layer in (None, "first") and layer not in dict(subj.model.named_modules()):
+        return first_conv(subj)
+    if layer == "last" and layer not in dict(subj.model.named_modules()):
+        return default_layer(subj)
+    return layer
+
+
 def feature_maps(source: Source, image: ImageLike, layer: str | None = None, count: int = 64, whole: bool = False) -> FeatureMaps:
     """The first ``count`` channels of one layer's activation (default: the first convolution)."""
     if count < 1:
         raise HeadstartError(f"--count must be at least 1, not {count}")
     subj = as_subject(source)
-    layer = layer or first_conv(subj)
+    layer = resolve_layer(subj, layer)
     x, shown = preprocess(subj, image, whole)
     with _capture(subj, layer, stop=True) as box, torch.no_grad(), contextlib.suppress(_Captured):
         subj.model(x)
