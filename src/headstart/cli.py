@@ -206,5 +206,97 @@ def list_backbones(as_json: bool) -> None:
     click.echo("\nAny timm model name works too (with --weights FILE offline).")
 
 
+# ------------------------------------------------------------------------ look inside (explain.py): layers, explain
+
+
+def _explain_subject(run: str | None, imagenet: bool, backbone: str, weights: str | None) -> Any:
+    from . import explain
+
+    if imagenet:
+        return explain.imagenet(backbone, weights)
+    if run is None:
+        raise HeadstartError("give a run folder (trained with `headstart train`), or --imagenet for the raw pretrained network")
+    return explain.as_subject(run)
+
+
+_imagenet_opts = [
+    click.option("--imagenet", is_flag=True, help="The raw pretrained backbone and its 1000 ImageNet classes (no RUN)."),
+    click.option("--backbone", default=backbones.DEFAULT, show_default=True, help="With --imagenet: which backbone."),
+    click.option("--weights", help="With --imagenet: a local weight file."),
+]
+
+
+def _with_imagenet_opts(f: Any) -> Any:
+    for opt in reversed(_imagenet_opts):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("run", required=False)
+@_with_imagenet_opts
+@click.option("--depth", type=int, help="Only names with at most this many dotted parts (1: stages, 2: blocks).")
+@click.option("--json", "as_json", is_flag=True)
+def layers(run: str | None, imagenet: bool, backbone: str, weights: str | None, depth: int | None, as_json: bool) -> None:
+    """The backbone's layers: names (for explain --feature-maps / --layer), types, output shapes, parameters."""
+    from . import explain
+
+    subj = _explain_subject(run, imagenet, backbone, weights)
+    rows = explain.layers(subj, depth)
+    marks = {explain.first_conv(subj): "first conv"}
+    try:
+        marks[explain.default_layer(subj)] = "Grad-CAM default (last conv stage)"
+    except HeadstartError:
+        pass
+    if as_json:
+        click.echo(json.dumps([{**vars(r), "note": marks.get(r.name, "")} for r in rows], indent=2))
+        return
+    width = min(48, max(len(r.name) for r in rows))
+    click.echo(f"{subj.name}, input {'×'.join(map(str, subj.data_config['input_size']))}")
+    click.echo(f"{'name':<{width}}  {'type':<22} {'output':>14} {'params':>10}")
+    for r in rows:
+        shape = "×".join(map(str, r.shape)) if r.shape is not None else "-"
+        note = f"  <- {marks[r.name]}" if r.name in marks else ""
+        click.echo(f"{r.name:<{width}}  {r.type:<22} {shape:>14} {r.params:>10,}{note}")
+
+
+@main.command()
+@click.argument("items", nargs=-1, required=True)
+@_with_imagenet_opts
+@click.option("--gradcam", is_flag=True, help="Heat-map of where in the photo the evidence for a class lies.")
+@click.option("--class", "target", help="With --gradcam: the class to explain (default: the predicted one).")
+@click.option("--layer", help="With --gradcam: the layer (default: the last convolutional stage; see `headstart layers`).")
+@click.option("--feature-maps", "maps", multiple=True, metavar="LAYER",
+              help="Channel activations of LAYER as a grid ('first': first conv, 'last': last conv stage); twice for side by side.")
+@click.option("--count", type=int, default=64, show_default=True, help="With --feature-maps: how many channels.")
+@click.option("--whole", is_flag=True, help="Show the whole photo (no centre crop); scores may differ slightly from predict.")
+@click.option("--out", type=click.Path(path_type=Path), help="PNG file (default: RUN/explain/PHOTO-gradcam.png or -features.png).")
+def explain(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str | None, gradcam: bool, target: str | None,
+            layer: str | None, maps: tuple[str, ...], count: int, whole: bool, out: Path | None) -> None:
+    """Look inside: `headstart explain RUN PHOTO --gradcam` or `--feature-maps LAYER` (or --imagenet PHOTO)."""
+    from . import explain as ex
+
+    if gradcam == bool(maps):
+        raise HeadstartError("choose one view: --gradcam, or --feature-maps LAYER (names: `headstart layers RUN`)")
+    if (target or layer) and not gradcam:
+        raise HeadstartError("--class and --layer go with --gradcam (for feature maps, name the layer in --feature-maps)")
+    want = 1 if imagenet else 2
+    if len(items) != want:
+        raise HeadstartError("give one photo: headstart explain RUN PHOTO.jpg … (or headstart explain --imagenet PHOTO.jpg …)")
+    subj = _explain_subject(None if imagenet else items[0], imagenet, backbone, weights)
+    photo = Path(items[-1])
+    folder = Path(items[0]) / "explain" if not imagenet else Path("explain")
+    if gradcam:
+        cam = ex.gradcam(subj, photo, target=target, layer=layer, whole=whole)
+        path = ex.save_figure(ex.gradcam_figure(cam, title=photo.name), out or folder / f"{photo.stem}-gradcam.png")
+        click.echo(f"predicted: {cam.predicted} ({cam.confidence:.1%}); Grad-CAM for '{cam.target}' ({cam.probability:.1%}) at layer {cam.layer}")
+    else:
+        panels = [ex.feature_maps(subj, photo, layer=name, count=count, whole=whole) for name in maps]
+        path = ex.save_figure(ex.feature_grid(*panels, title=photo.name), out or folder / f"{photo.stem}-features.png")
+        for p in panels:
+            click.echo(f"{p.layer} ({p.type}): {len(p.maps)} of {p.channels} channels, {p.maps.shape[1]}×{p.maps.shape[2]}")
+    click.echo(f"written to {path}")
+
+
 if __name__ == "__main__":
     main()
