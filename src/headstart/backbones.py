@@ -122,14 +122,14 @@ class LoadedBackbone:
 
 
 class ScratchCNN(nn.Module):
-    """Three conv blocks + global average pooling: the classic small CNN, to show what transfer buys.
+    """The classic small CNN (three conv → BN → ReLU → max-pool blocks, global pooling), to show what transfer buys.
 
     It speaks timm's feature interface (forward_features / forward_head / num_features) so the rest of headstart
     treats it like any backbone.
     """
 
     pretrained_cfg = {
-        "input_size": (3, 160, 160), "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center",
+        "input_size": (3, 128, 128), "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center",
         "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "classifier": "classifier",
     }
 
@@ -138,8 +138,7 @@ class ScratchCNN(nn.Module):
         layers: list[nn.Module] = []
         c_in = 3
         for c in widths:
-            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            layers.append(nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)))
             c_in = c
         self.blocks = nn.Sequential(*layers)
         self.num_features = c_in
