@@ -210,8 +210,12 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         log.warning("skipped %s: %s", s.path, s.reason)
 
     y = {n: np.asarray(splits[n].labels)[feats[n].ok] for n in splits}
-    if len(np.unique(y["train"])) < 2:
-        raise HeadstartError("fewer than two classes have readable training images: nothing to learn")
+    unlearnable = [c for i, c in enumerate(ds.classes) if not (y["train"] == i).any()]
+    if unlearnable:
+        raise HeadstartError(
+            f"class(es) {', '.join(unlearnable)} have no readable training images (skipped files are listed above): "
+            "add readable photos to their training folder, or remove the folder"
+        )
     t1 = time.perf_counter()
     fit, table = fit_head(feats["train"].x, y["train"], len(ds.classes), cfg)
     head_s = time.perf_counter() - t1
