@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from conftest import HYMENOPTERA, save_image
-from headstart.data import HeadstartError, open_rgb, scan, train_val_split
+from headstart.data import IMAGE_EXTENSIONS, HeadstartError, open_rgb, scan, train_val_split
 
 ANT = HYMENOPTERA / "train/ants/1030023514_aad5c608f9.jpg"  # 500×333 RGB JPEG
 BEE = HYMENOPTERA / "train/bees/1092977343_cb42b38d62.jpg"  # 500×333 RGB JPEG
@@ -279,3 +279,195 @@ def test_class_with_one_image_trains_and_class_with_no_readable_image_is_refused
     (tmp_path / "wasps" / "w.jpg").write_bytes(b"")
     with pytest.raises(HeadstartError, match="wasps have no readable training images.*remove the folder"):
         headstart.train(tmp_path, progress=False, val_fraction=0.25, head="linear")
+
+
+# ------------------------------------------------------------------ acceptance: the corpus inside real data
+
+
+@pytest.mark.slow
+def test_training_on_hymenoptera_with_the_whole_corpus_mixed_in(ants_run, tmp_path, record_property):
+    """Finishes, names every bad file with its reason, and scores as the clean set does (± 1 image)."""
+    import headstart
+
+    data = tmp_path / "hymenoptera"
+    for f in HYMENOPTERA.rglob("*"):
+        if f.is_file() and f.parent != HYMENOPTERA:
+            (data / f.relative_to(HYMENOPTERA)).parent.mkdir(parents=True, exist_ok=True)
+            (data / f.relative_to(HYMENOPTERA)).symlink_to(f)
+    made = write_corpus([(data / "train/ants", ANT), (data / "train/bees", BEE)])
+    bad_val = [(c, c.make(data / "val/bees", Image.open(BEE).convert("RGB"), BEE)) for c in CORPUS if c.outcome == "skipped"]
+    (data / "train/wasps").mkdir()  # an empty class folder
+    (data / "__MACOSX/train/ants").mkdir(parents=True)
+    (data / "__MACOSX/train/ants/._x.jpg").write_bytes(bytes(64))
+
+    clf = headstart.train(data, out=tmp_path / "run", progress=False)
+
+    reported = {s["path"]: s["reason"] for s in clf.info["data"]["skipped"]}
+    expected = {"train/wasps/": "empty class folder"}
+    for case, files in made + bad_val:
+        for f in files:
+            rel = str(f.relative_to(data))
+            if case.outcome == "skipped":
+                expected[rel] = case.reason
+            else:
+                assert rel not in reported, f"{case.name} should be {case.outcome}, but was reported"
+    assert set(reported) == set(expected)
+    for path, pattern in expected.items():
+        assert re.search(pattern, reported[path]), (path, reported[path])
+    summary = (tmp_path / "run" / "data_summary.txt").read_text(encoding="utf-8")
+    for path in reported:
+        assert path.encode("utf-8", "backslashreplace").decode() in summary
+
+    listed = [f for c, files in made if c.outcome != "ignored" for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+    assert sum(clf.info["data"]["counts"]["train"].values()) == 245 + len(listed)
+    clean_clf, _ = ants_run
+    clean, mixed = clean_clf.info["metrics"]["val"], clf.info["metrics"]["val"]
+    record_property("val_accuracy_clean_vs_mixed", f"{clean['accuracy']:.4f} {mixed['accuracy']:.4f}")
+    assert mixed["n"] == clean["n"] == 153
+    assert abs(mixed["accuracy"] - clean["accuracy"]) * 153 <= 1 + 1e-9, (clean["accuracy"], mixed["accuracy"])
+
+
+# --------------------------------------------------------------------------------------------------- faults
+
+
+_EXTRACT = """
+import sys
+from pathlib import Path
+from headstart import backbones, features
+paths = [Path(p) for p in Path(sys.argv[1]).read_text().splitlines()]
+lb = backbones.load("efficientnet_lite0")
+features.extract(paths, lb, cache_dir=sys.argv[2], batch_size=int(sys.argv[3]), workers=0, progress=False)
+"""
+
+
+def _extract_in_subprocess(paths: list[Path], cache: Path, listing: Path, batch_size: int = 4):
+    import subprocess
+    import sys
+
+    import headstart
+
+    listing.write_text("\n".join(map(str, paths)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(Path(headstart.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-c", _EXTRACT, str(listing), str(cache), str(batch_size)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(cache.rglob("*.npy"))
+
+
+def _assert_entries_whole(cache: Path, dim: int) -> None:
+    for e in _entries(cache):
+        v = np.load(e, allow_pickle=False)
+        assert v.shape == (dim,) and v.dtype == np.float32 and np.isfinite(v).all(), e
+
+
+def test_killed_extraction_resumes_with_only_the_missing_embeddings(tmp_path, lite0):
+    import signal
+    import time
+
+    from headstart import features
+
+    paths = scan(HYMENOPTERA).splits["val"].paths[:32]
+    cache = tmp_path / "cache"
+    proc = _extract_in_subprocess(paths, cache, tmp_path / "list.txt")
+    deadline = time.monotonic() + 300
+    while len(_entries(cache)) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+    done = len(_entries(cache))
+    assert 8 <= done < 32  # killed mid-way
+    _assert_entries_whole(cache, lite0.num_features)  # whatever is there is whole (temporary files are not entries)
+
+    resumed = features.extract(paths, lite0, cache_dir=cache, workers=0, progress=False)
+    assert resumed.ok.all() and resumed.computed == 32 - done
+    assert features.extract(paths, lite0, cache_dir=cache, workers=0, progress=False).computed == 0
+
+
+def test_two_processes_extracting_into_one_cache_at_once(tmp_path, lite0):
+    from headstart import features
+
+    paths = scan(HYMENOPTERA).splits["val"].paths[40:52]
+    cache = tmp_path / "cache"
+    procs = [_extract_in_subprocess(paths, cache, tmp_path / f"list{i}.txt") for i in range(2)]
+    for p in procs:
+        assert p.wait() == 0, p.stdout.read().decode()[-2000:]
+    assert len(_entries(cache)) == 12
+    _assert_entries_whole(cache, lite0.num_features)
+    assert [p.name for p in cache.rglob("*") if p.name.startswith(".")] == []  # no temporary file left behind
+    shared = features.extract(paths, lite0, cache_dir=cache, workers=0, progress=False)
+    assert shared.computed == 0
+    fresh = features.extract(paths[:3], lite0, use_cache=False, workers=0, progress=False)
+    np.testing.assert_allclose(shared.x[:3], fresh.x, rtol=1e-4, atol=1e-4)
+
+
+def test_full_disk_fails_clearly_and_keeps_earlier_entries(tmp_path, lite0, monkeypatch):
+    import errno
+
+    from headstart import features
+
+    paths = scan(HYMENOPTERA).splits["val"].paths[60:72]
+    real_save, saved = np.save, []
+
+    def save_until_full(file, arr, **kw):
+        if len(saved) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(1)
+        real_save(file, arr, **kw)
+
+    monkeypatch.setattr(np, "save", save_until_full)
+    with pytest.raises(HeadstartError, match="disk full while writing .*free some space and run again"):
+        features.extract(paths, lite0, cache_dir=tmp_path, batch_size=4, workers=0, progress=False)
+    monkeypatch.undo()
+    assert len(_entries(tmp_path)) == 5
+    _assert_entries_whole(tmp_path, lite0.num_features)
+    assert [p.name for p in tmp_path.rglob("*") if p.name.startswith(".")] == []
+    assert features.extract(paths, lite0, cache_dir=tmp_path, workers=0, progress=False).computed == 7
+
+
+def test_full_disk_while_saving_a_bundle_keeps_the_previous_one(ants_run, tmp_path, monkeypatch):
+    import errno
+
+    import headstart
+    from headstart import predict
+
+    clf, out = ants_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(predict, "save_file", full)
+    with pytest.raises(HeadstartError, match="disk full while writing .*model.safetensors"):
+        clf.save(copy)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    monkeypatch.undo()
+    assert headstart.load(copy).classes == ["ants", "bees"]
+
+
+def test_pickled_cache_entry_is_never_unpickled(tmp_path, lite0):
+    """A cache entry replaced by a pickle that would run code: it is ignored and recomputed, the code never runs."""
+    from headstart import features
+
+    path = scan(HYMENOPTERA).splits["val"].paths[0]
+    features.extract([path], lite0, cache_dir=tmp_path, progress=False)
+    (entry,) = _entries(tmp_path)
+    marker = tmp_path / "pwned"
+    np.save(entry, np.array([_Exploit(str(marker))], dtype=object), allow_pickle=True)
+    again = features.extract([path], lite0, cache_dir=tmp_path, progress=False)
+    assert again.computed == 1 and again.ok.all() and not marker.exists()
+    assert np.load(entry, allow_pickle=False).shape == (lite0.num_features,)  # rewritten whole
+
+
+class _Exploit:
+    """Unpickling this creates a file: the proof that something unpickled it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
