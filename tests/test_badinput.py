@@ -14,6 +14,7 @@ at once, and run out of disk.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import HYMENOPTERA, save_image
@@ -471,3 +474,56 @@ class _Exploit:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.marker),))
+
+
+# ------------------------------------------------------------------------------------------ property tests
+
+# (numpy dtype, channels) → the Pillow mode fromarray gives: 1, 2, 3 and 4 channels; 8, 16 and 32 bits; floats.
+_ARRAYS = [("uint8", 0), ("uint8", 2), ("uint8", 3), ("uint8", 4), ("uint16", 0), ("int32", 0), ("float32", 0), ("bool", 0)]
+_CONVERTED = ["1", "P", "PA", "CMYK", "YCbCr", "HSV", "LAB", "I;16", "RGBa", "La"]
+
+
+@st.composite
+def encoded_images(draw) -> bytes:
+    w, h = draw(st.integers(1, 400)), draw(st.integers(1, 400))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    if draw(st.booleans()):
+        dtype, c = draw(st.sampled_from(_ARRAYS))
+        shape = (h, w, c) if c else (h, w)
+        scale = {"uint8": 256, "uint16": 65536, "int32": 2**20, "float32": 300.0, "bool": 2}[dtype]
+        arr = (rng.random(shape) * scale).astype(dtype)
+        img = Image.fromarray(arr)
+    else:
+        base = Image.fromarray((rng.random((h, w, 3)) * 256).astype("uint8"))
+        try:
+            img = base.convert(draw(st.sampled_from(_CONVERTED)))
+        except (ValueError, OSError):
+            assume(False)
+    buf = io.BytesIO()
+    try:
+        img.save(buf, format=draw(st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])))
+    except (OSError, ValueError, KeyError, TypeError):
+        assume(False)  # this format cannot hold this mode: not a file anyone can have
+    data = buf.getvalue()
+    if draw(st.integers(0, 4)) == 0:  # sometimes cut short, as an interrupted download would be
+        data = data[: draw(st.integers(0, len(data)))]
+    return data
+
+
+@pytest.fixture(scope="module")
+def to_model_input(lite0):
+    from headstart.features import decode_size, eval_transform
+
+    tf, size = eval_transform(lite0.data_config), decode_size(lite0.data_config)
+    return lambda data: tf(open_rgb(data, size))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
+@given(data=st.one_of(encoded_images(), st.binary(max_size=64)))
+def test_any_file_becomes_a_model_input_or_a_reason(to_model_input, data):
+    try:
+        t = to_model_input(data)
+    except ValueError as e:
+        assert len(str(e)) > 10  # a reason a person can read, not an empty message
+        return
+    assert t.shape == (3, 224, 224) and t.dtype.is_floating_point and bool(t.isfinite().all())
