@@ -172,7 +172,7 @@ def load(folder: str | os.PathLike) -> Classifier:
         model.load_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")}, strict=True)
         head.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("head.")}, strict=True)
     except RuntimeError as e:
-        raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} ({str(e)[:200]}); refusing to load") from None
+        raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} ({' '.join(str(e).split())[:200]}); refusing to load") from None
     lb = backbones.LoadedBackbone(spec, model.eval(), cfg["preprocess"], b["weights_source"], b["weights_digest"], model.num_features)
     info = {k: v for k, v in cfg.items() if k not in ("format", "backbone", "preprocess", "classes", "model_sha256")}
     clf = Classifier(lb, head, cfg["classes"], info)
