@@ -159,6 +159,7 @@ CORPUS: list[Case] = [
          "skipped", r"not an image extension \(\.txt\)"),
     Case("hidden folder (.ipynb_checkpoints)", _copy(".ipynb_checkpoints/photo-checkpoint.jpg"), "ignored"),
     Case(".DS_Store file", lambda d, img, src: [_write(d / ".DS_Store", b"\0\0\0\1Bud1" + bytes(64))], "ignored"),
+    Case("Thumbs.db (Windows litter)", lambda d, img, src: [_write(d / "Thumbs.db", bytes(range(64)))], "ignored"),
     Case("macOS resource fork (._photo.jpg)", lambda d, img, src: [_write(d / "._photo.jpg", b"\0\5\26\7" + bytes(60))], "ignored"),
 ]
 
@@ -251,6 +252,14 @@ def test_permission_denied_as_another_user():
         shutil.rmtree(folder)
 
 
+def test_file_deleted_after_listing_is_skipped(tmp_path):
+    for c, photo in (("ants", ANT), ("bees", BEE)):
+        _copy(f"{c}/a.jpg")(tmp_path, Image.new("RGB", (1, 1)), photo)
+    ds = scan(tmp_path)
+    ds.splits["all"].paths[0].unlink()
+    assert _decode(ds.splits["all"].paths[0]) == "file not found (moved or deleted since the folder was listed)"
+
+
 def test_empty_class_folder_is_ignored_and_noted(tmp_path):
     for c, photo in (("ants", ANT), ("bees", BEE)):
         (tmp_path / "train" / c).mkdir(parents=True)
@@ -262,6 +271,7 @@ def test_empty_class_folder_is_ignored_and_noted(tmp_path):
     assert [(s.path, s.reason) for s in ds.skipped] == [("train/wasps/", "empty class folder (ignored)")]
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # val holds no wasp: expected
 def test_class_with_one_image_trains_and_class_with_no_readable_image_is_refused(tmp_path):
     import headstart
 
