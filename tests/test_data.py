@@ -86,7 +86,7 @@ def test_unreadable_files_give_a_reason(tmp_path):
     (tmp_path / "text.jpg").write_text("hello")
     good = save_image(tmp_path / "good.jpg", size=(300, 300), fmt="JPEG")
     (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:400])
-    for name, reason in [("empty.jpg", "not an image"), ("text.jpg", "not an image"), ("cut.jpg", "truncated|corrupt|decode")]:
+    for name, reason in [("empty.jpg", "empty file"), ("text.jpg", "text file, not an image"), ("cut.jpg", "truncated|corrupt|decode")]:
         with pytest.raises(ValueError, match=reason):
             open_rgb(tmp_path / name)
 

@@ -63,3 +63,60 @@ def test_evaluate_refuses_unknown_classes(ants_run, tmp_path):
     save_image(tmp_path / "wasps" / "w.jpg")
     with pytest.raises(HeadstartError, match="not trained on: wasps"):
         headstart.load(ants_run[1]).evaluate(tmp_path)
+
+
+def _edited_copy(run, tmp_path, edit) -> "Path":
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    edit(cfg)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    return copy
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["classes"].append("wasps"),  # the head has 2 outputs, the config says 3
+    lambda c: c["backbone"].update(timm_name="tf_efficientnet_lite1"),  # other architecture, same digest
+    lambda c: c["head"].update(kind="mlp" if c["head"]["kind"] == "linear" else "linear"),
+], ids=["classes", "architecture", "head"])
+def test_weights_that_do_not_fit_their_config_are_refused(ants_run, tmp_path, edit):
+    with pytest.raises(HeadstartError, match="does not fit its config.json.*refusing to load"):
+        headstart.load(_edited_copy(ants_run[1], tmp_path, edit))
+
+
+def test_damaged_config_is_refused(ants_run, tmp_path):
+    copy = _edited_copy(ants_run[1], tmp_path, lambda c: None)
+    (copy / "config.json").write_text((copy / "config.json").read_text()[:-20])
+    with pytest.raises(HeadstartError, match="not valid JSON.*retrain or restore"):
+        headstart.load(copy)
+
+
+def test_pickle_in_place_of_the_weights_is_never_unpickled(ants_run, tmp_path):
+    """Even with its digest written into config.json (a deliberate attack), a pickle is refused, not run."""
+    import pickle
+
+    from headstart.files import sha256_file
+
+    marker = tmp_path / "pwned"
+    copy = _edited_copy(ants_run[1], tmp_path, lambda c: None)
+    (copy / "model.safetensors").write_bytes(pickle.dumps(_Exploit(str(marker))))
+    digest = sha256_file(copy / "model.safetensors")
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(cfg | {"model_sha256": digest}))
+    with pytest.raises(HeadstartError, match="not a safetensors file.*refusing to load"):
+        headstart.load(copy)
+    assert not marker.exists()
+
+
+class _Exploit:
+    """Unpickling this creates a file: the proof that something unpickled it."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))

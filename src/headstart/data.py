@@ -11,6 +11,7 @@ by whoever decodes it, never a crash and never silence.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import random
@@ -145,7 +146,8 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
     if classes is None:
         empty = [c for c in found if not any(by_class.get(c) for by_class in per_split.values())]
         for c in empty:
-            skipped.append(Skipped(c + "/", "empty class folder (ignored)"))
+            where = [_rel(folders[s] / c, root) for s, by_class in per_split.items() if c in by_class]
+            skipped += [Skipped(w + "/", "empty class folder (ignored)") for w in where]
         classes = [c for c in found if c not in empty]
         if len(classes) < 2:
             raise HeadstartError(
@@ -242,18 +244,44 @@ def open_rgb(source: str | os.PathLike | bytes, min_size: int | None = None) -> 
             "shrink it, or raise HEADSTART_MAX_PIXELS if it is genuine"
         ) from None
     except FileNotFoundError:
-        raise ValueError("file not found") from None
+        if isinstance(source, (str, os.PathLike)) and os.path.islink(source):
+            raise ValueError("broken symbolic link (its target is missing)") from None
+        raise ValueError("file not found (moved or deleted since the folder was listed)") from None
     except PermissionError:
-        raise ValueError("permission denied (not readable by this user)") from None
+        raise ValueError("permission denied (not readable by this user): fix with chmod, or remove it") from None
     except Image.UnidentifiedImageError:
-        raise ValueError("not an image Pillow can decode (corrupt, empty or another file type)") from None
+        raise ValueError(_not_an_image(source)) from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError("symbolic link loop (the link points back to itself)") from None
         msg = str(e)
         if "truncated" in msg.lower() or "broken data stream" in msg.lower():
             raise ValueError(f"truncated or corrupt image data ({msg})") from None
         raise ValueError(f"cannot decode ({msg})") from None
     except (SyntaxError, ValueError, EOFError, struct.error) as e:
         raise ValueError(f"corrupt image ({e})") from None
+
+
+def _not_an_image(source: str | os.PathLike | bytes) -> str:
+    """Why Pillow found no image: the three usual culprits named, so the user knows what they are looking at."""
+    try:
+        if isinstance(source, bytes):
+            head = source[:512]
+        else:
+            with open(source, "rb") as f:
+                head = f.read(512)
+    except OSError:
+        head = b"?"
+    if not head:
+        return "empty file (0 bytes): an interrupted copy or download; remove it or copy it again"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # binary, unless only a character cut at the 512-byte mark
+        text = head[: e.start].decode("utf-8") if e.start >= len(head) - 3 else ""
+    if text and "\0" not in text:
+        what = "a web page" if text.lstrip().lower().startswith(("<!doctype", "<html", "<?xml")) else "a text file"
+        return f"{what}, not an image (saved under an image name); remove it"
+    return "not an image Pillow can decode (corrupt, or another file type under an image name)"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -48,7 +48,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name that is not valid UTF-8 (kept by Python as surrogates) is written escaped, not a crash."""
+    atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def sha256_file(path: str | os.PathLike) -> str:

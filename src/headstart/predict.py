@@ -161,7 +161,10 @@ def load(folder: str | os.PathLike) -> Classifier:
         raise HeadstartError(f"'{model_path}' does not match the digest in {CONFIG_FILE}: the weights were changed or damaged; refusing to load")
     b = cfg["backbone"]
     spec = backbones.Backbone(b["name"], b["timm_name"], "from bundle", kwargs=b.get("kwargs", {}), cfg_overlay=b.get("cfg_overlay", {}))
-    sd = load_file(str(model_path))
+    try:
+        sd = load_file(str(model_path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a file that is not safetensors
+        raise HeadstartError(f"'{model_path}' is not a safetensors file ({e}); refusing to load — retrain or restore the bundle") from None
     model = backbones.create(spec, num_classes=b.get("num_classes", 0))
     head_cfg = cfg["head"]
     head = make_head(head_cfg["kind"], head_cfg["dim"], len(cfg["classes"]), head_cfg.get("hidden", 256), head_cfg.get("dropout", 0.5))
@@ -169,7 +172,7 @@ def load(folder: str | os.PathLike) -> Classifier:
         model.load_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")}, strict=True)
         head.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("head.")}, strict=True)
     except RuntimeError as e:
-        raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} ({str(e)[:200]}); refusing to load") from None
+        raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} ({' '.join(str(e).split())[:200]}); refusing to load") from None
     lb = backbones.LoadedBackbone(spec, model.eval(), cfg["preprocess"], b["weights_source"], b["weights_digest"], model.num_features)
     info = {k: v for k, v in cfg.items() if k not in ("format", "backbone", "preprocess", "classes", "model_sha256")}
     clf = Classifier(lb, head, cfg["classes"], info)

@@ -224,12 +224,17 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
                                 workers=cfg.workers, progress=progress, root=ds.root)
     timing: dict[str, float] = {"extract_s": 0.0, "embeddings_computed": 0}
     skipped = list(ds.skipped)
+    for s in skipped:
+        log.warning("skipped %s: %s", s.path, s.reason)
 
     def run_extract(split: Split, **kw: Any) -> features.Features:
         f = extract(split.paths, lb, **kw)
         timing["extract_s"] += f.seconds
         timing["embeddings_computed"] += f.computed
-        skipped.extend(s for s in f.skipped if s not in skipped)
+        for s in f.skipped:
+            if s not in skipped:
+                skipped.append(s)
+                log.warning("skipped %s: %s", s.path, s.reason)
         return f
 
     metrics: dict[str, dict[str, Any]] = {}
@@ -239,9 +244,15 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     if lb.spec.pretrained:
         feats = {name: run_extract(split) for name, split in splits.items()}
         views = [run_extract(tr, augment_policy=cfg.augment, view=k, seed=cfg.seed).x for k in range(cfg.aug_views)]
+        log.info("features: %d computed, %d from cache, %.1f s", timing["embeddings_computed"],
+                 sum(int(f.ok.sum()) for f in feats.values()) - timing["embeddings_computed"], timing["extract_s"])
         y_train = np.asarray(tr.labels)[feats["train"].ok]
-        if len(np.unique(y_train)) < 2:
-            raise HeadstartError("fewer than two classes have readable training images: nothing to learn")
+        unlearnable = [c for i, c in enumerate(ds.classes) if not (y_train == i).any()]
+        if unlearnable:
+            raise HeadstartError(
+                f"class(es) {', '.join(unlearnable)} have no readable training images (skipped files are listed above): "
+                "add readable photos to their training folder, or remove the folder"
+            )
         t1 = time.perf_counter()
         fit, table = fit_head(feats["train"].x, y_train, len(ds.classes), cfg, views)
         timing["head_s"] = round(time.perf_counter() - t1, 3)
@@ -272,8 +283,6 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         timing[f"{stage}_s"] = round(time.perf_counter() - t2, 3)
         info_stages[stage] = {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch, "epochs_run": len(res.history), **_headline(metrics)}
 
-    for s in skipped:
-        log.warning("skipped %s: %s", s.path, s.reason)
     timing["total_s"] = round(time.perf_counter() - t0, 3)
     info: dict[str, Any] = {
         "head": {"kind": fit.kind, "dim": lb.num_features, "hidden": cfg.hidden, "dropout": cfg.dropout, **fit.params, "epochs": fit.epochs},
