@@ -184,7 +184,7 @@ def load(folder: str | os.PathLike) -> Classifier:
         head.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("head.")}, strict=True)
     except RuntimeError as e:
         raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} ({str(e)[:200]}); refusing to load") from None
-    lb = backbones.LoadedBackbone(spec, model.eval(), cfg["preprocess"], b["weights_source"], b["weights_digest"], model.num_features)
+    lb = backbones.LoadedBackbone(spec, model.eval(), cfg["preprocess"], b["weights_source"], b["weights_digest"], backbones.embedding_dim(model))
     info = {k: v for k, v in cfg.items() if k not in ("format", "backbone", "preprocess", "classes", "model_sha256")}
     clf = Classifier(lb, head, cfg["classes"], info)
     clf.path = folder
