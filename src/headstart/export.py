@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import os
@@ -152,8 +153,8 @@ class ExportResult:
     top1_agree: bool
 
 
-def export_onnx(run: str | os.PathLike, out: str | os.PathLike | None = None, check_images: Sequence[str | os.PathLike] | None = None,
-           atol: float = ATOL) -> ExportResult:
+def export_onnx(run: str | os.PathLike, out: str | os.PathLike | None = None,
+                check_images: Sequence[str | os.PathLike] | None = None, atol: float = ATOL) -> ExportResult:
     """Write ``out/model.onnx`` (default: into the run folder) after checking it against PyTorch on real photos.
 
     Raises ``HeadstartError`` and writes nothing when the ONNX Runtime probabilities differ by more than ``atol``.
@@ -193,12 +194,14 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike | None = None, ch
     if not diff <= atol:  # also refuses NaN
         raise HeadstartError(
             f"ONNX Runtime disagrees with PyTorch on {len(x)} check images: max probability difference {diff:.3g} > {atol:g}; "
-            f"'{out / ONNX_FILE}' was not written. Report this with the backbone name ({clf.backbone.spec.timm_name})."
+            f"'{out / ONNX_FILE}' was not written. The run itself is fine (use --engine pytorch); please report this with the "
+            f"backbone ({clf.backbone.spec.timm_name}) and the torch/onnxruntime versions."
         )
-    meta |= {"parity": {"images": int(len(x)), "max_abs_diff": diff, "atol": atol, "reference": "PyTorch fp32"}}
+    meta |= {"parity": {"images": int(len(x)), "max_abs_diff": diff, "atol": atol, "reference": "PyTorch fp32"},
+             "onnx_sha256": hashlib.sha256(data).hexdigest()}
+    # model first, then the meta that names its digest: an interrupted export is detected, never half-trusted
     with atomic_path(out / ONNX_FILE) as tmp:
         tmp.write_bytes(data)
-    meta["onnx_sha256"] = sha256_file(out / ONNX_FILE)
     atomic_write_text(out / META_FILE, json.dumps(meta, indent=2))
     return ExportResult(out / ONNX_FILE, out / META_FILE, diff, int(len(x)), top1)
 
