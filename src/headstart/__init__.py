@@ -5,12 +5,14 @@
     clf.evaluate()                                        # metrics recorded at training time
     clf.predict(["new.jpg"])                              # top-k classes with probabilities
     clf = headstart.load("runs/photos")
+    headstart.export_onnx("runs/photos")                 # model.onnx, checked against PyTorch
 """
 
 from .backbones import REGISTRY, lookup
 from .backbones import load as load_backbone
 from .config import TrainConfig
 from .data import HeadstartError, scan
+from .export import export_onnx
 from .predict import Classifier, Prediction, load, predict_imagenet
 from .train import train
 
@@ -21,6 +23,7 @@ __all__ = [
     "Prediction",
     "TrainConfig",
     "load",
+    "export_onnx",
     "load_backbone",
     "lookup",
     "predict_imagenet",

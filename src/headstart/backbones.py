@@ -209,7 +209,13 @@ def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: in
     else:
         digest = state_digest(model.state_dict())  # random init differs per seed: never share its cache
     model.eval()
-    return LoadedBackbone(spec, model, data_config(model), source, digest, model.num_features)
+    return LoadedBackbone(spec, model, data_config(model), source, digest, embedding_dim(model))
+
+
+def embedding_dim(model: nn.Module) -> int:
+    """Width of ``forward_head(pre_logits=True)``, what the head sees: timm's ``head_hidden_size`` where the
+    head has layers of its own (MobileNetV3's conv_head: 1024, not num_features 576; VGG's pre-logits MLP)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def _load_strict(model: nn.Module, sd: StateDict, spec: Backbone, source: str) -> None:

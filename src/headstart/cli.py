@@ -45,6 +45,7 @@ def main() -> None:
 
 
 _DEFAULTS = TrainConfig()
+ENGINES = ["pytorch", "onnxruntime"]
 
 
 @main.command()
@@ -112,14 +113,15 @@ def _free_run_dir(base: Path) -> Path:
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for metrics.json and the readable files.")
 @click.option("--split", help="Which split of DATA to use (default: test, else val, else everything).")
+@click.option("--engine", type=click.Choice(ENGINES), default="pytorch", show_default=True, help="onnxruntime: the model exported by `headstart export`.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def evaluate(run: Path, data: Path, out: Path | None, split: str | None, quiet: bool, as_json: bool) -> None:
+def evaluate(run: Path, data: Path, out: Path | None, split: str | None, engine: str, quiet: bool, as_json: bool) -> None:
     """Evaluate the trained model in RUN on another labelled folder DATA."""
     from .predict import load
 
     _setup_logging(quiet or as_json)
-    m = load(run).evaluate(data, out=out, split=split, progress=not (quiet or as_json) and sys.stderr.isatty())
+    m = load(run).evaluate(data, out=out, split=split, progress=not (quiet or as_json) and sys.stderr.isatty(), engine=engine)
     for s in m["data"]["skipped"]:
         log.warning("skipped %s: %s", s["path"], s["reason"])
     if as_json:
@@ -138,19 +140,22 @@ def evaluate(run: Path, data: Path, out: Path | None, split: str | None, quiet: 
 @click.option("--backbone", default=backbones.DEFAULT, show_default=True, help="With --imagenet: which backbone.")
 @click.option("--weights", help="With --imagenet: a local weight file.")
 @click.option("--top-k", "-k", type=int, default=5, show_default=True)
+@click.option("--engine", type=click.Choice(ENGINES), default="pytorch", show_default=True, help="onnxruntime: the model exported by `headstart export`.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON list.")
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path, label, probability (top-1), then the top-k.")
-def predict(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str | None, top_k: int, as_json: bool, as_csv: bool) -> None:
+def predict(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str | None, top_k: int, engine: str, as_json: bool, as_csv: bool) -> None:
     """Predict: `headstart predict RUN PHOTO… ` or `headstart predict --imagenet PHOTO…` (folders are expanded)."""
     from .predict import load, predict_imagenet
 
     _setup_logging(True)
+    if imagenet and engine != "pytorch":
+        raise HeadstartError("--imagenet runs the raw backbone with PyTorch only; drop --engine, or export a trained run")
     if imagenet:
         preds = predict_imagenet(list(items), backbone=backbone, weights=weights, top_k=top_k)
     else:
         if len(items) < 2:
             raise HeadstartError("give a run folder and at least one image: headstart predict RUN PHOTO.jpg (or --imagenet PHOTO.jpg)")
-        preds = load(items[0]).predict(list(items[1:]), top_k=top_k)
+        preds = load(items[0]).predict(list(items[1:]), top_k=top_k, engine=engine)
     if as_json:
         click.echo(json.dumps([p.to_dict() for p in preds], indent=2))
     elif as_csv:
@@ -169,6 +174,25 @@ def predict(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str 
                 click.echo(f"  {q:7.2%}  {c}")
     if any(p.error for p in preds):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Folder for model.onnx + onnx_meta.json (default: RUN).")
+@click.option("--check-images", multiple=True, help="Photos (or folders) for the parity check (default: a spread of the run's own val photos).")
+@click.option("--json", "as_json", is_flag=True)
+def export(run: Path, fmt: str, out: Path | None, check_images: tuple[str, ...], as_json: bool) -> None:
+    """Export RUN as one ONNX graph (image → probabilities), refused unless ONNX Runtime matches PyTorch."""
+    from .export import export_onnx
+
+    r = export_onnx(run, out=out, check_images=list(check_images) or None)
+    if as_json:
+        click.echo(json.dumps({"onnx": str(r.onnx_path), "meta": str(r.meta_path), "max_abs_diff": r.max_diff, "images": r.images}, indent=2))
+        return
+    click.echo(f"wrote {r.onnx_path} ({r.onnx_path.stat().st_size / 1e6:.1f} MB) and {r.meta_path.name}")
+    click.echo(f"parity on {r.images} photos: max |p_onnxruntime - p_pytorch| = {r.max_diff:.2g} (limit 1e-4, fp32)")
+    click.echo(f"use it: headstart predict {run} PHOTO.jpg --engine onnxruntime   (or examples/predict_onnx.py {r.onnx_path.parent} PHOTO.jpg)")
 
 
 @main.command()

@@ -82,14 +82,28 @@ class Classifier:
         with torch.inference_mode():
             return torch.softmax(self.head(torch.from_numpy(np.asarray(x, np.float32))), dim=1).numpy()
 
-    def predict(self, paths: Sequence[str | os.PathLike], top_k: int = 5, progress: bool = False) -> list[Prediction]:
+    def proba(self, paths: Sequence[Path], *, engine: str = "pytorch", use_cache: bool = True, progress: bool = False,
+              root: Path | None = None) -> tuple[np.ndarray, features.Features]:
+        """Class probabilities of the images that decode (rows follow ``f.ok``), computed by PyTorch (backbone
+        at the run's precision, then the head) or by ONNX Runtime on the exported ``model.onnx`` (fp32)."""
+        if engine == "onnxruntime":
+            from .export import open_for
+
+            f = open_for(self).proba(list(paths), root=root)
+            return f.x, f
+        if engine != "pytorch":
+            raise HeadstartError(f"unknown engine '{engine}': use pytorch or onnxruntime")
+        f = self.features(paths, use_cache=use_cache, progress=progress, root=root)
+        return self.proba_from_features(f.x), f
+
+    def predict(self, paths: Sequence[str | os.PathLike], top_k: int = 5, progress: bool = False, engine: str = "pytorch") -> list[Prediction]:
         """Top-k classes for each image; an unreadable image gets an ``error`` instead of a crash."""
         paths = expand_images(paths)
-        f = self.features(paths, use_cache=False, progress=progress)
-        proba = self.proba_from_features(f.x)
+        proba, f = self.proba(paths, engine=engine, use_cache=False, progress=progress)
         return _rank(paths, f, proba, self.classes, top_k)
 
-    def evaluate(self, folder: str | os.PathLike | None = None, out: str | os.PathLike | None = None, split: str | None = None, progress: bool = False) -> dict[str, Any]:
+    def evaluate(self, folder: str | os.PathLike | None = None, out: str | os.PathLike | None = None, split: str | None = None, progress: bool = False,
+                 engine: str = "pytorch") -> dict[str, Any]:
         """Metrics on another labelled folder (its test split, else val, else all of it); without a folder,
         the metrics recorded at training time."""
         from . import evaluate as ev
@@ -101,11 +115,11 @@ class Classifier:
         if name not in ds.splits:
             raise HeadstartError(f"'{folder}' has no '{name}' split; it has {', '.join(ds.splits)}")
         s = ds.splits[name]
-        f = self.features(s.paths, progress=progress, root=ds.root)
+        proba, f = self.proba(s.paths, engine=engine, progress=progress, root=ds.root)
         y = np.asarray(s.labels)[f.ok]
         kept = [p for p, ok in zip(s.paths, f.ok) if ok]
-        metrics = ev.evaluate(y, self.proba_from_features(f.x), self.classes, [str(p) for p in kept])
-        metrics["data"] = {"folder": str(ds.root), "split": name, "images": int(f.ok.sum()),
+        metrics = ev.evaluate(y, proba, self.classes, [str(p) for p in kept])
+        metrics["data"] = {"folder": str(ds.root), "split": name, "images": int(f.ok.sum()), "engine": engine,
                            "skipped": [vars(k) for k in ds.skipped + f.skipped]}
         if out is not None:
             ev.write(metrics, Path(out))
@@ -173,7 +187,7 @@ def load(folder: str | os.PathLike) -> Classifier:
         head.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("head.")}, strict=True)
     except RuntimeError as e:
         raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} ({' '.join(str(e).split())[:200]}); refusing to load") from None
-    lb = backbones.LoadedBackbone(spec, model.eval(), cfg["preprocess"], b["weights_source"], b["weights_digest"], model.num_features)
+    lb = backbones.LoadedBackbone(spec, model.eval(), cfg["preprocess"], b["weights_source"], b["weights_digest"], backbones.embedding_dim(model))
     info = {k: v for k, v in cfg.items() if k not in ("format", "backbone", "preprocess", "classes", "model_sha256")}
     clf = Classifier(lb, head, cfg["classes"], info)
     clf.path = folder
