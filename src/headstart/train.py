@@ -23,7 +23,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from . import backbones, evaluate, features
+from . import backbones, evaluate, features, report
 from .config import TrainConfig
 from .data import HeadstartError, scan, summarize, train_val_split
 from .predict import Classifier, make_head
@@ -257,3 +257,4 @@ def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], sum
     for name, m in metrics.items():
         evaluate.write(m, out, prefix="" if name == "val" else f"{name}_")
     atomic_write_text(out / "data_summary.txt", summary + "\n")
+    report.build_report(out)  # report.html, rebuilt from the files just written
