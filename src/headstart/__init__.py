@@ -5,10 +5,12 @@
     clf.evaluate()                                        # metrics recorded at training time
     clf.predict(["new.jpg"])                              # top-k classes with probabilities
     clf = headstart.load("runs/photos")
+    headstart.compare("photos/", ["efficientnet_lite0", "efficientnet_lite1"], out="runs/cmp")  # leaderboard
 """
 
 from .backbones import REGISTRY, lookup
 from .backbones import load as load_backbone
+from .compare import compare
 from .config import TrainConfig
 from .data import HeadstartError, scan
 from .predict import Classifier, Prediction, load, predict_imagenet
@@ -20,6 +22,7 @@ __all__ = [
     "HeadstartError",
     "Prediction",
     "TrainConfig",
+    "compare",
     "load",
     "load_backbone",
     "lookup",
