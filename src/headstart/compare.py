@@ -66,7 +66,7 @@ def compare(
             log.warning("compare: skipping %s: %s", name, e)
             rows.append({"backbone": name, "status": "skipped: no weights", "reason": str(e)})
             continue
-        rows.append(_row(name, clf, run, earlier.get(name), progress))
+        rows.append(_row(name, clf, run, earlier.get(name)))
     rows = rank(rows)
     write_leaderboard(rows, out)
     from .report import build_report
@@ -83,7 +83,7 @@ def run_folder(name: str) -> str:
 def _validate(names: Sequence[str], overrides: dict[str, Any], finetune: bool) -> list[str]:
     """Fail before the first (long) run: no names, unknown names, or options train would not accept."""
     if isinstance(names, str):
-        names = [n for n in names.split(",")]
+        names = names.split(",")
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise HeadstartError("compare needs at least one backbone: --backbones efficientnet_lite0,efficientnet_lite1")
@@ -100,7 +100,7 @@ def _validate(names: Sequence[str], overrides: dict[str, Any], finetune: bool) -
     return names
 
 
-def _row(name: str, clf: Classifier, run: Path, earlier: dict[str, Any] | None, progress: bool) -> dict[str, Any]:
+def _row(name: str, clf: Classifier, run: Path, earlier: dict[str, Any] | None) -> dict[str, Any]:
     info = clf.info
     val, test = info["metrics"].get("val", {}), info["metrics"].get("test", {})
     timing = info["timing"]
@@ -210,12 +210,18 @@ TABLE = [  # (heading, key, format)
     ("accuracy", "accuracy", "{:.1%}"),
     ("balanced", "balanced_accuracy", "{:.1%}"),
     ("macro-F1", "macro_f1", "{:.3f}"),
+    ("test acc.", "test_accuracy", "{:.1%}"),
     ("params", "params", "{:,.0f}"),
     ("input", "input_size", "{} px"),
     ("extract img/s", "extract_img_s", "{:.1f}"),
     ("predict ms", "predict_ms", "{:.0f}"),
     ("train s", "train_s", "{:.1f}"),
 ]
+
+
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The table's columns, less test accuracy when no run had a test split."""
+    return [c for c in TABLE if c[1] != "test_accuracy" or any(r.get("test_accuracy") is not None for r in rows)]
 
 
 def cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -225,8 +231,9 @@ def cell(row: dict[str, Any], key: str, fmt: str) -> str:
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     """The leaderboard as aligned text for a terminal, or as a Markdown table; skipped rows say why."""
-    head = [h for h, _, _ in TABLE] + ["status"]
-    body = [[cell(r, k, f) for _, k, f in TABLE] + [r["status"]] for r in rows]
+    cols = columns(rows)
+    head = [h for h, _, _ in cols] + ["status"]
+    body = [[cell(r, k, f) for _, k, f in cols] + [r["status"]] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h not in ("backbone", "status") else "---" for h in head) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in b) + " |" for b in body]

@@ -138,7 +138,7 @@ def build_report(folder: str | Path, *, error_overlay: ErrorOverlay | None = Non
 
 
 def _compare_sections(folder: Path, overlay: ErrorOverlay | None) -> tuple[str, list[str]]:
-    from .compare import TABLE, cell
+    from .compare import cell, columns
 
     rows = _read_json(folder / "leaderboard.json")["rows"]
     done = [r for r in rows if r.get("status") == "ok"]
@@ -146,11 +146,12 @@ def _compare_sections(folder: Path, overlay: ErrorOverlay | None) -> tuple[str, 
     root = "?"
     if best and (folder / best["run"] / "config.json").is_file():
         root = Path(_read_json(folder / best["run"] / "config.json")["data"]["root"]).name
-    head = "".join(f"<th>{escape(h)}</th>" for h, _, _ in TABLE) + "<th>status</th>"
+    cols = columns(rows)
+    head = "".join(f"<th>{escape(h)}</th>" for h, _, _ in cols) + "<th>status</th>"
     body_rows = []
     for r in rows:
         cells = []
-        for _, k, f in TABLE:
+        for _, k, f in cols:
             v = escape(cell(r, k, f))
             if k == "backbone" and r.get("run") and (folder / r["run"] / "report.html").is_file():
                 v = f'<a href="{escape(r["run"])}/report.html">{v}</a>'
@@ -190,17 +191,13 @@ def _run_sections(run: Path, cfg: dict[str, Any], overlay: ErrorOverlay | None, 
         f"<p class=lede>Backbone <b>{escape(b.get('name', '?'))}</b> (timm <code>{escape(b.get('timm_name', '?'))}</code>, "
         f"weights from {escape(b.get('weights_source', '?'))}), head <b>{escape(head.get('kind', '?'))}</b>, "
         f"data <code>{escape(data.get('root', '?'))}</code>.</p>")
-    splits = [(n, _read_json(run / f"{'' if n == 'val' else n + '_'}metrics.json")) for n in ("val", "test")
-              if (run / f"{'' if n == 'val' else n + '_'}metrics.json").is_file()]
+    splits = [(n, _read_json(_split_file(run, n, "metrics.json"))) for n in ("val", "test") if _split_file(run, n, "metrics.json").is_file()]
     splits = [(n, m) for n, m in splits if m.get("n")]
-    # headline numbers
     cards = []
     for n, m in splits:
-        for label, key in (("accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro-F1", "macro_f1")):
-            v = m.get(key)
-            cards.append(f'<div class=card><div class=num>{v:.1%}</div><div class=lab>{n} {label}</div></div>' if key != "macro_f1"
-                         else f'<div class=card><div class=num>{v:.3f}</div><div class=lab>{n} {label}</div></div>')
-        cards.append(f'<div class=card><div class=num>{m["n"]}</div><div class=lab>{n} images</div></div>')
+        for label, value in (("accuracy", f"{m['accuracy']:.1%}"), ("balanced accuracy", f"{m['balanced_accuracy']:.1%}"),
+                             ("macro-F1", f"{m['macro_f1']:.3f}"), ("images", str(m["n"]))):
+            cards.append(f"<div class=card><div class=num>{value}</div><div class=lab>{n} {label}</div></div>")
     out += [f"<{h}>Metrics</{h}>", f"<div class=cards>{''.join(cards) or '<p>no evaluated split</p>'}</div>"]
     out += [f"<{h}>Data</{h}>", _counts_table(data)]
     skipped = data.get("skipped", [])
@@ -212,12 +209,17 @@ def _run_sections(run: Path, cfg: dict[str, Any], overlay: ErrorOverlay | None, 
     out += [f"<{h}>Training</{h}>", _training(run, cfg, timing)]
     for n, m in splits:
         out += [f"<{h}>Per class ({n})</{h}>", _per_class(m)]
-        png = run / f"{'' if n == 'val' else n + '_'}confusion_matrix.png"
+        png = _split_file(run, n, "confusion_matrix.png")
         if not png.is_file():
             plot_confusion(np.asarray(m["confusion_matrix"]), m["classes"], png)
         out += [f"<{h}>Confusion matrix ({n})</{h}>", _img(png.read_bytes(), f"confusion matrix ({n})", "plot cm")]
         out += [f"<{h}>Worst errors ({n})</{h}>", _gallery(run, m.get("worst_errors", []), overlay)]
     return out
+
+
+def _split_file(run: Path, split: str, name: str) -> Path:
+    """evaluate.write's naming: validation files unprefixed, the others prefixed by their split."""
+    return run / (name if split == "val" else f"{split}_{name}")
 
 
 def _counts_table(data: dict[str, Any]) -> str:
