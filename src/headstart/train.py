@@ -8,6 +8,7 @@ final evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -15,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -169,13 +170,29 @@ def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) 
 
 def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) -> tuple[HeadFit, list[dict[str, Any]]]:
     """Choose a head by cross-validation, then fit it on the whole training split."""
-    kind, params, epochs, table = select_head(x, y, n_classes, cfg)
-    weights = class_weights(y, n_classes, cfg.class_weights)
-    if kind == "mlp":
-        fit = fit_mlp(x, y, n_classes, cfg, weights, epochs=max(epochs, 1) if table else 30)
-    else:
-        fit = fit_linear(x, y, n_classes, params["C"], weights, cfg.seed)
+    with single_thread():
+        kind, params, epochs, table = select_head(x, y, n_classes, cfg)
+        weights = class_weights(y, n_classes, cfg.class_weights)
+        if kind == "mlp":
+            fit = fit_mlp(x, y, n_classes, cfg, weights, epochs=max(epochs, 1) if table else 30)
+        else:
+            fit = fit_linear(x, y, n_classes, params["C"], weights, cfg.seed)
     return fit, table
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Head-sized matrices gain nothing from threads, and on a busy CPU thread hand-offs cost 10x or more
+    (measured: the clothing head took 280 s with 2 threads on 2 shared cores; see BENCHMARKS.md)."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------ train
