@@ -183,7 +183,7 @@ def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) -> 
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Head-sized matrices gain nothing from threads, and on a busy CPU thread hand-offs cost 10x or more
-    (measured: the clothing head took 280 s with 2 threads on 2 shared cores; see BENCHMARKS.md)."""
+    (measured on 2 busy shared cores: the clothing head's cross-validation took 280 s with 2 threads)."""
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
