@@ -6,10 +6,12 @@
     clf.predict(["new.jpg"])                              # top-k classes with probabilities
     clf = headstart.load("runs/photos")
     headstart.export_onnx("runs/photos")                 # model.onnx, checked against PyTorch
+    headstart.compare("photos/", ["efficientnet_lite0", "efficientnet_lite1"], out="runs/cmp")  # leaderboard
 """
 
 from .backbones import REGISTRY, lookup
 from .backbones import load as load_backbone
+from .compare import compare
 from .config import TrainConfig
 from .data import HeadstartError, scan
 from .export import export_onnx
@@ -22,6 +24,7 @@ __all__ = [
     "HeadstartError",
     "Prediction",
     "TrainConfig",
+    "compare",
     "load",
     "export_onnx",
     "load_backbone",

@@ -214,6 +214,48 @@ def demo(out: Path, quiet: bool) -> None:
     click.echo((out / "classification_report.txt").read_text(), nl=False)
 
 
+@main.command()
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--backbones", "names", required=True, help="Comma-separated names, e.g. efficientnet_lite0,efficientnet_lite1,mobilenetv2.")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for the leaderboard and one run per backbone (default: runs/<data>-compare).")
+@click.option("--finetune", is_flag=True, help="Fine-tune each backbone too, not only train its head.")
+@click.option("--require-pretrained", is_flag=True, help="Stop with an error when a backbone has no pretrained weights here (default: list it as skipped).")
+@click.option("--head", type=click.Choice(["auto", "mlp", "linear"]), default=_DEFAULTS.head, show_default=True)
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=_DEFAULTS.precision, show_default=True)
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode processes (-1: automatic).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and the leaderboard.")
+@click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
+def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool, **opts: Any) -> None:
+    """Train each backbone on the same split of DATA and rank them (leaderboard, plot, report.html)."""
+    from .compare import compare as run
+    from .compare import format_table
+
+    _setup_logging(quiet or as_json)
+    out = out or _free_run_dir(Path("runs") / f"{data.resolve().name}-compare")
+    opts["cache_dir"] = str(opts["cache_dir"]) if opts["cache_dir"] else None
+    rows = run(data, names.split(","), out, progress=not (quiet or as_json) and sys.stderr.isatty(), **opts)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(format_table(rows), nl=False)
+    for r in rows:
+        if r["status"] != "ok":
+            click.echo(f"{r['backbone']}: {r['status']} — {r.get('reason', '')}")
+    click.echo(f"saved to {out}  (leaderboard.csv, accuracy_vs_latency.png, report.html)")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report(run: Path) -> None:
+    """(Re)build RUN/report.html from a run folder (train) or a comparison folder (compare)."""
+    from .report import build_report
+
+    click.echo(f"written {build_report(run)}")
+
+
 @main.command("backbones")
 @click.option("--json", "as_json", is_flag=True)
 def list_backbones(as_json: bool) -> None:

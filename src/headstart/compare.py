@@ -1,0 +1,246 @@
+"""Which pretrained network suits my data? Train each backbone on the same split and rank them.
+
+Every backbone gets an ordinary ``train`` run in ``out/<backbone>/`` (same data, same seed, hence the same
+split); the cached features make a re-run cost seconds. The leaderboard adds the numbers people choose a model
+by besides accuracy: size, input resolution, extraction throughput, single-photo latency and training time.
+A backbone whose weights are not available here is listed as skipped, with the reason, instead of stopping
+the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import TrainConfig
+from .backbones import lookup
+from .data import HeadstartError
+from .files import atomic_write_text
+from .predict import Classifier
+from .train import train
+
+log = logging.getLogger("headstart")
+
+COLUMNS = [
+    "backbone", "rank", "status", "accuracy", "balanced_accuracy", "macro_f1", "test_accuracy", "params", "input_size",
+    "extract_img_s", "extract_note", "predict_ms", "train_s", "head", "weights", "run", "reason",
+]
+LATENCY_REPEATS = 5  # timed single-photo predictions, after one warm-up; the median is reported
+SAMPLE_IMAGES = 16  # images timed for throughput when this run found every embedding in the cache
+NO_WEIGHTS = "no pretrained weights"  # how backbones.load's offline error begins
+
+
+def compare(
+    data: str | Path,
+    backbones: Sequence[str],
+    out: str | Path,
+    finetune: bool = False,
+    require_pretrained: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """Train every backbone on ``data``; write ``leaderboard.{csv,json,md}``, the plot and ``report.html``
+    into ``out``. Returns the leaderboard rows, best first, skipped backbones last.
+
+    ``overrides`` are ``TrainConfig`` fields shared by all runs (seed, head, cache_dir, ...).
+    """
+    out = Path(out)
+    names = _validate(backbones, overrides, finetune)
+    earlier = _earlier_rows(out)
+    rows = []
+    for name in names:
+        log.info("compare: %s", name)
+        kwargs = dict(overrides, backbone=name) | ({"finetune": True} if finetune else {})
+        run = out / run_folder(name)
+        try:
+            clf = train(data, out=run, progress=progress, **kwargs)
+        except HeadstartError as e:
+            if require_pretrained or not str(e).startswith(NO_WEIGHTS):
+                raise
+            log.warning("compare: skipping %s: %s", name, e)
+            rows.append({"backbone": name, "status": "skipped: no weights", "reason": str(e)})
+            continue
+        rows.append(_row(name, clf, run, earlier.get(name)))
+    rows = rank(rows)
+    write_leaderboard(rows, out)
+    from .report import build_report
+
+    build_report(out)
+    return rows
+
+
+def run_folder(name: str) -> str:
+    """A backbone name as a folder name (timm names may hold characters a file system dislikes)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _validate(names: Sequence[str], overrides: dict[str, Any], finetune: bool) -> list[str]:
+    """Fail before the first (long) run: no names, unknown names, or options train would not accept."""
+    if isinstance(names, str):
+        names = names.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise HeadstartError("compare needs at least one backbone: --backbones efficientnet_lite0,efficientnet_lite1")
+    if len(set(names)) != len(names):
+        raise HeadstartError(f"a backbone is listed twice in {', '.join(names)}")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known) + (["finetune"] if finetune and "finetune" not in known else [])
+    if "backbone" in overrides:
+        unknown.append("backbone (give the list as backbones=)")
+    if unknown:
+        raise HeadstartError(f"compare: unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for n in names:
+        lookup(n)
+    return names
+
+
+def _row(name: str, clf: Classifier, run: Path, earlier: dict[str, Any] | None) -> dict[str, Any]:
+    info = clf.info
+    val, test = info["metrics"].get("val", {}), info["metrics"].get("test", {})
+    timing = info["timing"]
+    photos = _val_photos(run)
+    latency = predict_latency(clf, photos[0]) if photos else None
+    img_s, note = _throughput(clf, timing, earlier, photos)
+    params = sum(p.numel() for p in clf.backbone.model.parameters()) + sum(p.numel() for p in clf.head.parameters())
+    return {
+        "backbone": name,
+        "status": "ok",
+        "accuracy": val.get("accuracy"),
+        "balanced_accuracy": val.get("balanced_accuracy"),
+        "macro_f1": val.get("macro_f1"),
+        "test_accuracy": test.get("accuracy"),
+        "params": int(params),
+        "input_size": int(clf.backbone.data_config["input_size"][-1]),
+        "extract_img_s": img_s,
+        "extract_note": note,
+        "predict_ms": latency,
+        "train_s": timing.get("total_s"),
+        "head": info["head"]["kind"],
+        "weights": clf.backbone.source,
+        "run": run.name,
+    }
+
+
+def _val_photos(run: Path) -> list[str]:
+    """Validation photos that decoded, in the run's own order: a fixed sample for the timings."""
+    import csv
+
+    try:
+        with open(run / "predictions.csv", newline="") as f:
+            return [r["path"] for r in csv.DictReader(f)]
+    except OSError:
+        return []
+
+
+def predict_latency(clf: Classifier, photo: str | Path, repeats: int = LATENCY_REPEATS) -> float:
+    """Median milliseconds for ``clf.predict([photo])``: decode, preprocess, backbone, head, as a user calls it."""
+    clf.predict([photo])  # warm-up: first-call allocations and kernel selection are not latency
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        clf.predict([photo])
+        times.append(time.perf_counter() - t)
+    return round(statistics.median(times) * 1000, 2)
+
+
+def _throughput(clf: Classifier, timing: dict[str, Any], earlier: dict[str, Any] | None, photos: list[str]) -> tuple[float | None, str]:
+    """Extraction images/s, measured honestly: a run that found its embeddings in the cache did no extraction.
+
+    Taken from this run when it computed most embeddings; else from the earlier leaderboard in the same folder
+    (measured when that run computed them); else timed on a fixed sample of validation photos, uncached.
+    """
+    computed, seconds = timing.get("embeddings_computed", 0), timing.get("extract_s", 0.0)
+    total = sum(sum(c.values()) for c in clf.info["data"]["counts"].values())
+    if computed >= max(SAMPLE_IMAGES, total // 2) and seconds > 0:
+        return round(computed / seconds, 2), f"this run ({computed} images)"
+    if earlier and earlier.get("extract_img_s") and earlier.get("input_size") == clf.backbone.data_config["input_size"][-1]:
+        note = str(earlier.get("extract_note", ""))
+        return earlier["extract_img_s"], note if note.startswith("earlier") else "earlier " + note.removeprefix("this ")
+    sample = photos[:SAMPLE_IMAGES]
+    if not sample:
+        return None, "not measured"
+    t = time.perf_counter()
+    f = clf.features(sample, use_cache=False, batch_size=len(sample))
+    return round(int(f.ok.sum()) / (time.perf_counter() - t), 2), f"sample ({len(sample)} images, uncached)"
+
+
+def _earlier_rows(out: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return {r["backbone"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best validation accuracy first (ties: macro-F1, then the faster model); skipped backbones last."""
+    done = sorted((r for r in rows if r["status"] == "ok"),
+                  key=lambda r: (-(r["accuracy"] or 0), -(r["macro_f1"] or 0), r["predict_ms"] or float("inf")))
+    for i, r in enumerate(done, 1):
+        r["rank"] = i
+    return done + [r for r in rows if r["status"] != "ok"]
+
+
+def write_leaderboard(rows: list[dict[str, Any]], out: Path) -> None:
+    """``leaderboard.csv`` (backbone first), ``.json`` and ``.md``, plus the accuracy-vs-latency plot."""
+    import csv
+    import io
+
+    from .report import plot_leaderboard
+
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "leaderboard.csv", buf.getvalue())
+    atomic_write_text(out / "leaderboard.json", json.dumps({"columns": COLUMNS, "rows": rows}, indent=2))
+    atomic_write_text(out / "leaderboard.md", format_table(rows, markdown=True))
+    plot_leaderboard(rows, out / "accuracy_vs_latency.png")
+
+
+TABLE = [  # (heading, key, format)
+    ("#", "rank", "{}"),
+    ("backbone", "backbone", "{}"),
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("balanced", "balanced_accuracy", "{:.1%}"),
+    ("macro-F1", "macro_f1", "{:.3f}"),
+    ("test acc.", "test_accuracy", "{:.1%}"),
+    ("params", "params", "{:,.0f}"),
+    ("input", "input_size", "{} px"),
+    ("extract img/s", "extract_img_s", "{:.1f}"),
+    ("predict ms", "predict_ms", "{:.0f}"),
+    ("train s", "train_s", "{:.1f}"),
+]
+
+
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The table's columns, less test accuracy when no run had a test split."""
+    return [c for c in TABLE if c[1] != "test_accuracy" or any(r.get("test_accuracy") is not None for r in rows)]
+
+
+def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    v = row.get(key)
+    return "" if v is None else fmt.format(v)
+
+
+def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The leaderboard as aligned text for a terminal, or as a Markdown table; skipped rows say why."""
+    cols = columns(rows)
+    head = [h for h, _, _ in cols] + ["status"]
+    body = [[cell(r, k, f) for _, k, f in cols] + [r["status"]] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h not in ("backbone", "status") else "---" for h in head) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in b) + " |" for b in body]
+        skipped = [r for r in rows if r["status"] != "ok"]
+        lines += [""] + [f"- **{r['backbone']}** {r['status']}: {r.get('reason', '')}" for r in skipped] if skipped else []
+        return "\n".join(lines) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    left = {1, len(head) - 1}  # backbone and status read better left-aligned
+    return "\n".join("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+                     for cells in [head, *body]) + "\n"

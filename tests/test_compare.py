@@ -1,0 +1,145 @@
+"""`compare` as a user runs it: several backbones on the same real photos, one leaderboard, skipped backbones
+listed with the reason instead of a crash."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import headstart
+from conftest import HYMENOPTERA
+from headstart.cli import main
+from headstart.compare import compare, rank
+from headstart.data import HeadstartError
+
+PER_CLASS = 20
+
+
+def make_subset(root: Path) -> Path:
+    """A small real ants/bees set: the first 20 photos per class and split, as symlinks (no copies)."""
+    for split in ("train", "val"):
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            photos = sorted(p for p in (HYMENOPTERA / split / cls).iterdir() if p.suffix == ".jpg")[:PER_CLASS]
+            for p in photos:
+                (root / split / cls / p.name).symlink_to(p)
+    return root
+
+
+@pytest.fixture(scope="module")
+def subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_subset(tmp_path_factory.mktemp("subset") / "ants_bees")
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """resnet50 has no packaged weights: with the hub unreachable it has none at all (and no network is touched)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(headstart.backbones, "_reachable", lambda *a, **k: False)
+        mp.delenv("HF_ENDPOINT", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def cmp(subset: Path, offline, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    out = tmp_path_factory.mktemp("cmp") / "cmp"
+    # the skipped backbone sits in the middle of the list: the leaderboard must still put it last
+    rows = compare(subset, ["efficientnet_lite1", "resnet50", "efficientnet_lite0"], out, progress=False, head="linear")
+    return rows, out
+
+
+def test_leaderboard_files_and_skipped_backbone(cmp):
+    rows, out = cmp
+    with open(out / "leaderboard.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0][0] == "backbone"
+    assert [r[0] for r in table[1:]] == [r["backbone"] for r in rows]
+    by_name = {r["backbone"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
+    assert set(by_name) == {"efficientnet_lite0", "efficientnet_lite1", "resnet50"}
+    skipped = by_name["resnet50"]
+    assert skipped["status"] == "skipped: no weights"
+    assert "no pretrained weights" in skipped["reason"] and "--weights" in skipped["reason"]
+    md = (out / "leaderboard.md").read_text()
+    assert "| resnet50 |" in md and "skipped: no weights" in md
+    for name in ("efficientnet_lite0", "efficientnet_lite1"):
+        r = by_name[name]
+        assert r["status"] == "ok" and 0.7 <= r["accuracy"] <= 1 and r["params"] > 3_000_000
+        assert r["predict_ms"] > 0 and r["extract_img_s"] > 0 and r["train_s"] > 0
+        assert (out / r["run"] / "config.json").is_file() and (out / r["run"] / "report.html").is_file()
+    assert by_name["efficientnet_lite0"]["input_size"] == 224 and by_name["efficientnet_lite1"]["input_size"] == 240
+    assert not (out / "resnet50").exists()
+    from PIL import Image
+
+    assert Image.open(out / "accuracy_vs_latency.png").size[0] > 300
+
+
+def test_leaderboard_ranks_by_accuracy_skipped_last(cmp):
+    rows, _ = cmp
+    done = [r for r in rows if r["status"] == "ok"]
+    assert [r["rank"] for r in done] == [1, 2]
+    assert done[0]["accuracy"] >= done[1]["accuracy"]
+    assert rows[-1]["backbone"] == "resnet50" and "rank" not in rows[-1]
+
+
+def test_rank_orders_by_accuracy_then_f1_then_speed():
+    rows = [
+        {"backbone": "slow", "status": "ok", "accuracy": 0.9, "macro_f1": 0.9, "predict_ms": 90},
+        {"backbone": "none", "status": "skipped: no weights"},
+        {"backbone": "best", "status": "ok", "accuracy": 0.95, "macro_f1": 0.9, "predict_ms": 99},
+        {"backbone": "fast", "status": "ok", "accuracy": 0.9, "macro_f1": 0.9, "predict_ms": 10},
+    ]
+    assert [r["backbone"] for r in rank(rows)] == ["best", "fast", "slow", "none"]
+
+
+def test_compare_report_is_self_contained(cmp):
+    rows, out = cmp
+    page = (out / "report.html").read_text()
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
+    assert refs and not [r for r in refs if re.match(r"(https?:)?//", r)]
+    assert "<script" not in page and "<link" not in page
+    for r in rows:
+        assert f">{r['backbone']}<" in page
+    assert "skipped: no weights" in page
+    assert page.count("data:image/png;base64,") >= 2  # the accuracy-vs-latency plot and the confusion matrix
+    best = json.loads((out / rows[0]["run"] / "metrics.json").read_text())
+    assert page.count("data:image/jpeg;base64,") == len(best["worst_errors"]) > 0  # worst-error thumbnails
+
+
+def test_warm_rerun_reuses_measured_throughput(cmp, subset, tmp_path):
+    rows, out = cmp
+    first = {r["backbone"]: r for r in rows}["efficientnet_lite1"]
+    assert first["extract_note"].startswith("this run")  # lite1's features were computed by the fixture's run
+    again = tmp_path / "again"
+    again.mkdir()
+    shutil.copy(out / "leaderboard.json", again / "leaderboard.json")
+    (row,) = compare(subset, ["efficientnet_lite1"], again, progress=False, head="linear")
+    assert json.loads((again / row["run"] / "config.json").read_text())["timing"]["embeddings_computed"] == 0
+    assert row["extract_img_s"] == first["extract_img_s"] and row["extract_note"].startswith("earlier run")
+    assert row["accuracy"] == pytest.approx(first["accuracy"])  # same split, same features, same head
+
+
+def test_require_pretrained_stops_with_the_reason(subset, offline, tmp_path):
+    with pytest.raises(HeadstartError, match="no pretrained weights for backbone 'resnet50'"):
+        compare(subset, ["resnet50"], tmp_path / "c", require_pretrained=True, progress=False)
+
+
+def test_unknown_backbone_or_option_fails_before_training(subset, tmp_path):
+    with pytest.raises(HeadstartError, match="unknown backbone 'efficientnet_lite9'"):
+        compare(subset, ["efficientnet_lite0", "efficientnet_lite9"], tmp_path / "c")
+    with pytest.raises(HeadstartError, match="unknown training option.*epochz"):
+        compare(subset, ["efficientnet_lite0"], tmp_path / "c", epochz=3)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_compare_prints_the_table(subset, offline, tmp_path):
+    r = CliRunner().invoke(main, ["compare", str(subset), "--backbones", "resnet50", "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert "skipped: no weights" in r.output and (tmp_path / "c" / "leaderboard.csv").is_file()
+    r = CliRunner().invoke(main, ["compare", str(subset), "--backbones", "resnet50", "--require-pretrained", "--out", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "no pretrained weights" in r.output

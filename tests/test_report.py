@@ -1,0 +1,94 @@
+"""report.html: written by every train, self-contained, rebuilt from the run folder alone."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from headstart import report
+from headstart.cli import main
+from headstart.data import HeadstartError
+
+
+def external_refs(page: str) -> list[str]:
+    refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
+    return [r for r in refs if re.match(r"(https?:)?//", r)]
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A run folder without its (large) model file: the report needs only the readable files."""
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("model.safetensors", "report.html"))
+    return dest
+
+
+def test_train_writes_a_self_contained_report(ants_run):
+    clf, out = ants_run
+    page = (out / "report.html").read_text()
+    assert not external_refs(page) and "<script" not in page and "<link" not in page
+    assert "data:image/png;base64," in page  # the confusion matrix, embedded
+    errors = json.loads((out / "metrics.json").read_text())["worst_errors"]
+    assert page.count("data:image/jpeg;base64,") == len(errors) > 0  # one thumbnail per worst error
+    assert errors[0]["true"] in page and f"{errors[0]['confidence']:.0%}" in page
+    assert ">ants</td><td>124</td><td>70</td>" in page  # images per class and split
+    assert f"{clf.info['metrics']['val']['accuracy']:.1%}" in page
+    assert "precision" in page and "recall" in page  # the per-class table
+
+
+def test_report_command_rebuilds_from_the_run_folder_alone(ants_run, tmp_path, monkeypatch):
+    run = copy_run(ants_run[1], tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["report", "run"])
+    assert r.exit_code == 0, r.output
+    first = (run / "report.html").read_text()
+
+    def gone(*a, **k):  # the photos have moved away since training
+        raise ValueError("file not found")
+
+    monkeypatch.setattr(report, "open_rgb", gone)
+    report.build_report(run)
+    again = (run / "report.html").read_text()
+    n = len(json.loads((run / "metrics.json").read_text())["worst_errors"])
+    assert again.count("data:image/jpeg;base64,") == first.count("data:image/jpeg;base64,") == n  # kept thumbnails
+
+
+def test_training_curves_with_stages_and_without_history(ants_run, tmp_path):
+    run = copy_run(ants_run[1], tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["history"] = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.8 + e / 100} for e in range(1, 6)]
+    cfg["history"] += [{"stage": "fine-tune", "epoch": e, "train_loss": 0.1 / e, "val_loss": 0.2, "val_accuracy": 0.9} for e in range(1, 4)]
+    (run / "config.json").write_text(json.dumps(cfg))
+    page = report.build_report(run).read_text()
+    assert Image.open(run / "training_curves.png").size[0] > 400
+    assert "No per-epoch curve" not in page
+    assert report.plot_history([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_error_overlay_hook_adds_a_picture_per_error(ants_run, tmp_path):
+    run = copy_run(ants_run[1], tmp_path / "run")
+    n = len(json.loads((run / "metrics.json").read_text())["worst_errors"])
+    seen = []
+
+    def heat(photo: Path) -> Image.Image:
+        seen.append(photo)
+        return Image.new("RGB", (300, 200), (255, 0, 0))
+
+    page = report.build_report(run, error_overlay=heat).read_text()
+    assert len(seen) == n and all(p.is_file() for p in seen)
+    assert page.count("data:image/jpeg;base64,") == 2 * n
+
+    def broken(photo: Path) -> Image.Image:
+        raise RuntimeError("no gradients here")
+
+    page = report.build_report(run, error_overlay=broken).read_text()  # an optional picture never costs the report
+    assert page.count("data:image/jpeg;base64,") == n
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(HeadstartError, match="neither a run folder"):
+        report.build_report(tmp_path)
