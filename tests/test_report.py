@@ -33,7 +33,7 @@ def test_train_writes_a_self_contained_report(ants_run):
     assert not external_refs(page) and "<script" not in page and "<link" not in page
     assert "data:image/png;base64," in page  # the confusion matrix, embedded
     errors = json.loads((out / "metrics.json").read_text())["worst_errors"]
-    assert page.count("data:image/jpeg;base64,") == len(errors) > 0  # one thumbnail per worst error
+    assert page.count("data:image/jpeg;base64,") == 2 * len(errors) > 0  # each worst error: thumbnail + Grad-CAM
     assert errors[0]["true"] in page and f"{errors[0]['confidence']:.0%}" in page
     assert ">ants</td><td>124</td><td>70</td>" in page  # images per class and split
     assert f"{clf.info['metrics']['val']['accuracy']:.1%}" in page

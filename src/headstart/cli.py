@@ -251,9 +251,17 @@ def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(run: Path) -> None:
     """(Re)build RUN/report.html from a run folder (train) or a comparison folder (compare)."""
+    import functools
+
+    from .explain import gradcam_thumbnail
+    from .predict import load
     from .report import build_report
 
-    click.echo(f"written {build_report(run)}")
+    try:  # a run folder with its model gets Grad-CAM beside each worst error, as after training
+        overlay = functools.partial(gradcam_thumbnail, load(run), size=160)
+    except HeadstartError:
+        overlay = None
+    click.echo(f"written {build_report(run, error_overlay=overlay)}")
 
 
 @main.command("backbones")

@@ -361,13 +361,6 @@ def _count(labels: list[int], classes: list[str]) -> dict[str, int]:
     return {k: int(v) for k, v in zip(classes, c)}
 
 
-def _gradcam_overlay(clf: Classifier):
-    """Grad-CAM beside each worst error in the report: where the network looked when it went wrong."""
-    from .explain import gradcam_thumbnail
-
-    return lambda path: gradcam_thumbnail(clf, path, size=160)
-
-
 def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], summary: str) -> None:
     """The bundle plus every readable output of the run, each file written atomically."""
     from .report import plot_history
@@ -382,4 +375,7 @@ def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], sum
         atomic_write_text(out / "history.csv", evaluate._csv([keys] + [[row.get(k, "") for k in keys] for row in history]))
         atomic_write_text(out / "history.json", json.dumps(history, indent=1))
         plot_history(history, out / "history.png")
-    report.build_report(out, error_overlay=_gradcam_overlay(clf))  # report.html, rebuilt from the files just written
+    from .explain import gradcam_thumbnail
+
+    # report.html from the files just written, with Grad-CAM beside each worst error: where the network looked
+    report.build_report(out, error_overlay=functools.partial(gradcam_thumbnail, clf, size=160))
