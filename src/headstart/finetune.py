@@ -179,9 +179,14 @@ def fit(
     patience = cfg.scratch_patience if scratch else cfg.ft_patience
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     epoch = start - 1
+    if start == 1:  # epoch 0: the starting point is a candidate too, so fine-tuning can only keep or improve it
+        val_loss, val_acc = evaluate_loss(net, val_ds, cfg.ft_batch_size, precision, workers, layout)
+        result.history.append({"stage": stage, "epoch": 0, "val_loss": val_loss, "val_accuracy": val_acc})
+        result.best_val_loss, result.best_epoch = val_loss, 0
+        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     try:
         for epoch in range(start, epochs + 1):
-            if epoch - result.best_epoch > patience and result.best_epoch:
+            if epoch - result.best_epoch > patience:
                 break
             t0 = time.perf_counter()
             augment.seed(_epoch_seed(cfg.seed, epoch))

@@ -297,7 +297,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
             if ckdir is not None and out is not None:  # done: the bundle supersedes the checkpoint
                 (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
         timing[f"{stage}_s"] = round(time.perf_counter() - t2, 3)
-        info_stages[stage] = {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch, "epochs_run": len(res.history), **_headline(metrics)}
+        info_stages[stage] = {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch, "epochs_run": sum(r["epoch"] > 0 for r in res.history), **_headline(metrics)}
 
     timing["total_s"] = round(time.perf_counter() - t0, 3)
     info: dict[str, Any] = {
