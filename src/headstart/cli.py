@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from . import backbones
+from . import backbones, distributed
 from .config import TrainConfig
 from .data import HeadstartError
 
@@ -20,7 +21,8 @@ log = logging.getLogger("headstart")
 
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("headstart: %(message)s"))
+    rank = f"[rank {distributed.rank()}]" if distributed.rank() else ""
+    handler.setFormatter(logging.Formatter(f"headstart{rank}: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
@@ -68,17 +70,26 @@ ENGINES = ["pytorch", "onnxruntime"]
 @click.option("--train-bn", is_flag=True, help="Let BatchNorm statistics move while fine-tuning (off: the safe default).")
 @click.option("--augment", default=_DEFAULTS.augment, show_default=True, help="none, classic, rrc, randaugment, erasing (combine with +).")
 @click.option("--aug-views", type=int, default=0, help="Cache K augmented views per training image for the head stage.")
+@click.option("--ft-batch-size", type=int, default=_DEFAULTS.ft_batch_size, show_default=True,
+              help="Fine-tuning images per step and process (under torchrun the global batch is this × processes).")
 @click.option("--resume", "resume_run", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Continue the interrupted run in this folder.")
+@click.option("--nproc", type=int, default=0, help="Run as N processes on this machine (through torchrun; one per GPU).")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and the final summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def train(data: Path, out: Path | None, quiet: bool, as_json: bool, resume_run: Path | None, **opts: Any) -> None:
+def train(data: Path, out: Path | None, quiet: bool, as_json: bool, resume_run: Path | None, nproc: int, **opts: Any) -> None:
     """Train a classifier on DATA (one sub-folder per class, or train/ + val/ split folders)."""
     from .train import train as run
 
+    if nproc:
+        _relaunch_under_torchrun(nproc)
+    distributed.init()
     _setup_logging(quiet or as_json)
-    out = resume_run or out or _free_run_dir(Path("runs") / data.resolve().name)
+    out = distributed.broadcast(resume_run or out or _free_run_dir(Path("runs") / data.resolve().name))  # one folder for all ranks
     opts["cache_dir"] = str(opts["cache_dir"]) if opts["cache_dir"] else None
     clf = run(data, out=out, progress=not (quiet or as_json) and sys.stderr.isatty(), resume=resume_run is not None, **opts)
+    distributed.shutdown()
+    if not distributed.is_main():
+        return
     summary = {"run": str(out), "backbone": clf.backbone.spec.name, "head": clf.info["head"], "metrics": clf.info["metrics"],
                "skipped": len(clf.info["data"]["skipped"]), "timing": clf.info["timing"]}
     if as_json:
@@ -96,6 +107,28 @@ def _print_summary(clf: Any, out: Path) -> None:
     t = clf.info["timing"]
     click.echo(f"{t['embeddings_computed']} embeddings computed, {t['total_s']:.1f} s in all; head: {clf.info['head']['kind']}")
     click.echo(f"saved to {out}  (predict: headstart predict {out} PHOTO.jpg)")
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """`headstart train … --nproc N` = `torchrun --standalone --nproc-per-node N -m headstart train …` (same options)."""
+    if distributed.launched():
+        raise HeadstartError("--nproc starts torchrun itself: drop it when launching with torchrun")
+    if nproc < 1:
+        raise HeadstartError(f"--nproc must be at least 1, not {nproc}")
+    ctx = click.get_current_context()
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params[param.name]
+        if param.name == "nproc" or value is None or value is False or value == param.default:
+            continue
+        if isinstance(param, click.Argument):
+            args.insert(0, str(value))
+        else:
+            args += [param.opts[0]] if getattr(param, "is_flag", False) else [param.opts[0], str(value)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "headstart", "train", *args]
+    if not (ctx.params["quiet"] or ctx.params["as_json"]):
+        click.echo("headstart: " + " ".join(cmd), err=True)
+    sys.exit(subprocess.call(cmd))
 
 
 def _free_run_dir(base: Path) -> Path:

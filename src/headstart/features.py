@@ -5,7 +5,8 @@ preprocessing + precision, so renaming or moving photos costs nothing and a chan
 Entries are written atomically (temporary file + rename): a killed run leaves no half-written entry, and two
 runs sharing a cache can only ever write the same bytes to the same name.
 
-``extract`` is a plain function of (list of images → embeddings), so it can be sharded across processes.
+``extract`` is a plain function of (list of images → embeddings); ``extract_sharded`` splits it across the
+processes of a torchrun job and gathers the pieces.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import augment, config
+from . import augment, config, distributed
 from .backbones import LoadedBackbone
 from .data import Skipped, open_rgb
 from .files import atomic_path, sha256_file
@@ -74,20 +75,21 @@ def prepare(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def autocast(precision: str) -> Iterator[None]:
+def autocast(precision: str, device_type: str = "cpu") -> Iterator[None]:
     if precision == "bf16":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             yield
     else:
         yield
 
 
 def embed(model: torch.nn.Module, batch: torch.Tensor, precision: str) -> torch.Tensor:
-    """Globally pooled backbone features (timm's pre-logits), as float32."""
-    with torch.inference_mode(), autocast(precision):
-        x = batch.contiguous(memory_format=torch.channels_last)
+    """Globally pooled backbone features (timm's pre-logits), as float32 on the CPU."""
+    dev = next(model.parameters()).device
+    with torch.inference_mode(), autocast(precision, dev.type):
+        x = batch.to(dev).contiguous(memory_format=torch.channels_last)
         out = model.forward_head(model.forward_features(x), pre_logits=True)
-    return out.float()
+    return out.float().cpu()
 
 
 # -------------------------------------------------------------------------------------------- decoding
@@ -134,16 +136,18 @@ def _collate(items):
 
 
 def default_workers() -> int:
-    """Decode processes: one per core beyond the first (the forward pass keeps one busy)."""
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    """Decode processes: one per core beyond the first (the forward pass keeps one busy), the machine's cores
+    shared among the torchrun processes on it."""
+    return max(0, min(4, (os.cpu_count() or 1) // distributed.local_world() - 1))
 
 
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def cache_key(lb: LoadedBackbone, precision: str, view: tuple | None = None) -> str:
+def cache_key(lb: LoadedBackbone, precision: str, view: tuple | None = None, device: str = "cpu") -> str:
     """Everything that changes an embedding, and nothing else."""
     desc = {
+        **({"device": device} if device != "cpu" else {}),  # GPU kernels round differently; CPU keys unchanged
         "view": view,
         "timm": lb.spec.timm_name,
         "kwargs": lb.spec.kwargs,
@@ -211,7 +215,8 @@ def extract(
     start = time.perf_counter()
     precision = resolve_precision(precision)
     view_key = (augment_policy, view, seed) if augment_policy else None
-    cache = FeatureCache(config.cache_dir(cache_dir), cache_key(lb, precision, view_key)) if use_cache else None
+    dev = distributed.device()
+    cache = FeatureCache(config.cache_dir(cache_dir), cache_key(lb, precision, view_key, dev.type)) if use_cache else None
     n = len(paths)
     vectors: list[np.ndarray | None] = [None] * n
     digests: list[str | None] = [None] * n
@@ -226,7 +231,7 @@ def extract(
             todo.append(i)
 
     if todo:
-        model = prepare(lb.model)
+        model = prepare(lb.model).to(dev)
         workers = default_workers() if workers < 0 else workers
         if augment_policy:
             transform = augment.train_transform(lb.data_config, augment_policy)
@@ -252,11 +257,38 @@ def extract(
                         cache.put(digests[i], vec)
             bar.update(len(idx) + len(bad))
         bar.close()
+        lb.model.to("cpu")  # the rest of the pipeline (head, bundle) expects the backbone on the CPU
 
     ok = np.array([v is not None for v in vectors], dtype=bool)
     x = np.stack([v for v in vectors if v is not None]).astype(np.float32) if ok.any() else np.zeros((0, lb.num_features), np.float32)
     skipped = [Skipped(_show(paths[i], root), reasons.get(i, "cannot decode")) for i in np.flatnonzero(~ok)]
     return Features(x, ok, skipped, computed=len(todo) - len(reasons), seconds=time.perf_counter() - start)
+
+
+def extract_sharded(paths: Sequence[Path], lb: LoadedBackbone, **kw: Any) -> Features:
+    """``extract`` across the processes of a torchrun job, with the result of a single process on every rank.
+
+    Rank r computes (and caches) ``paths[r::world]``: disjoint, deterministic, and balanced even when some images
+    are cached already, because photos added later are spread over every class folder. The shards travel back
+    through ``all_gather``, so machines need not share a cache folder. Progress is shown by rank 0 for its shard.
+    """
+    r, w = distributed.rank(), distributed.world()
+    if w == 1:
+        return extract(paths, lb, **kw)
+    mine = extract(list(paths)[r::w], lb, **{**kw, "progress": kw.get("progress", True) and r == 0})
+    n = len(paths)
+    ok = np.zeros(n, dtype=bool)
+    rows: dict[int, np.ndarray] = {}
+    skipped: dict[int, Skipped] = {}
+    computed, seconds = 0, 0.0
+    for k, part in enumerate(distributed.all_gather(mine)):
+        idx = np.arange(k, n, w)
+        ok[idx] = part.ok
+        rows.update(zip(idx[part.ok].tolist(), part.x))
+        skipped.update(zip(idx[~part.ok].tolist(), part.skipped))
+        computed, seconds = computed + part.computed, max(seconds, part.seconds)
+    x = np.stack([rows[i] for i in np.flatnonzero(ok)]) if ok.any() else np.zeros((0, lb.num_features), np.float32)
+    return Features(x, ok, [skipped[i] for i in sorted(skipped)], computed=computed, seconds=seconds)
 
 
 def _show(path: Path, root: Path | None) -> str:

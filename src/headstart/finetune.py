@@ -4,8 +4,13 @@ After the new head has learned on frozen features, the top blocks of the backbon
 on gently: the head at ``ft_lr``, the backbone at a tenth of that, BatchNorm statistics frozen (the classic bug is
 frozen weights with moving BN statistics), early stopping on validation loss, the best epoch's weights kept.
 
-Every epoch ends with an atomic checkpoint (safetensors + JSON, nothing pickled). Augmentation order, shuffling and
-dropout are seeded per epoch, so a resumed run continues exactly as an uninterrupted one would have.
+Every epoch ends with an atomic checkpoint (safetensors + JSON, nothing pickled). Shuffling and dropout are seeded
+per epoch and each image's augmentation per (epoch, image), so a resumed run continues exactly as an uninterrupted
+one would have.
+
+Under torchrun the net is wrapped in DistributedDataParallel: the shuffled order is cut by a DistributedSampler
+so that each step's global batch (``ft_batch_size`` per rank × ranks) holds exactly the images a single process
+with that batch size would use, each augmented the same way; only rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from . import augment, features
+from . import augment, distributed, features
 from .config import TrainConfig
 from .data import HeadstartError, Split, open_rgb
 from .files import atomic_path
@@ -91,15 +97,22 @@ def freeze_batchnorm(model: nn.Module) -> None:
 
 
 class _Augmented(torch.utils.data.Dataset):
+    """Decoded, transformed images; with ``seed`` set, image i's random augmentation depends on (seed, i) only,
+    not on which loader worker or which rank draws it."""
+
     def __init__(self, split: Split, transform, min_size: int):
         self.split, self.transform, self.min_size = split, transform, min_size
+        self.seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(open_rgb(self.split.paths[i], self.min_size)), self.split.labels[i]
+            img = open_rgb(self.split.paths[i], self.min_size)
+            if self.seed is not None:
+                augment.seed(self.seed * 1_000_003 + i)
+            return self.transform(img), self.split.labels[i]
         except ValueError:
             return None  # reported once at feature extraction; dropped here
 
@@ -157,7 +170,8 @@ def fit(
     opt = torch.optim.AdamW(groups, weight_decay=cfg.ft_weight_decay)
     precision = features.resolve_precision(cfg.precision)
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    net.to(memory_format=layout)
+    dev = distributed.device()
+    net.to(dev, memory_format=layout)
     n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
     log.info("%s: %d trainable parameters (%s), head lr %g, backbone lr %g, BN %s, augmentation %s, %s",
              stage, n_train, ", ".join(unfrozen[-4:]) + (" …" if len(unfrozen) > 4 else ""), head_lr,
@@ -167,14 +181,23 @@ def fit(
     best_state: dict[str, torch.Tensor] | None = None
     start = 1
     ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
-    if resume and ckpt and ckpt.is_file():
+    if resume and ckpt and distributed.broadcast(ckpt.is_file()):  # rank 0 decides, so every rank starts alike
+        if not ckpt.is_file():
+            raise HeadstartError(f"rank {distributed.rank()} cannot read '{ckpt}': to resume on several machines, "
+                                 "put the run folder on storage every machine mounts at the same path")
         start, best_state = _restore(ckpt, net, opt, result, cfg, stage)
         log.info("%s: resuming after epoch %d (best so far: epoch %d)", stage, start - 1, result.best_epoch)
+    rank, world = distributed.rank(), distributed.world()
+    model: nn.Module = net
+    if distributed.active():  # averages gradients over ranks; the frozen part takes no part in it
+        model = DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None, find_unused_parameters=False)
 
     min_size = features.decode_size(data_config)
     workers = features.default_workers() if cfg.workers < 0 else cfg.workers
     train_ds = _Augmented(train, augment.train_transform(data_config, cfg.augment), min_size)
     val_ds = _Augmented(val, features.eval_transform(data_config), min_size)
+    # The single-process order too: randperm(seed·100003 + epoch), cut into rank-interleaved per-rank batches.
+    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=_epoch_seed(cfg.seed, 0))
     epochs = cfg.scratch_epochs if scratch else cfg.ft_epochs
     patience = cfg.scratch_patience if scratch else cfg.ft_patience
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -189,30 +212,34 @@ def fit(
             if epoch - result.best_epoch > patience:
                 break
             t0 = time.perf_counter()
-            augment.seed(_epoch_seed(cfg.seed, epoch))
-            loader = DataLoader(train_ds, batch_size=cfg.ft_batch_size, shuffle=True, num_workers=workers,
+            augment.seed(_epoch_seed(cfg.seed, epoch))  # dropout
+            train_ds.seed = _epoch_seed(cfg.seed, epoch)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(train_ds, batch_size=cfg.ft_batch_size, sampler=sampler, num_workers=workers,
                                 collate_fn=_collate, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)),
                                 persistent_workers=False)
-            net.train()
+            model.train()
             if not (scratch or cfg.train_bn):
                 freeze_batchnorm(net)
             seen, total, correct = 0, 0.0, 0
-            bar = tqdm(total=len(train_ds), desc=f"{stage} epoch {epoch}/{epochs}", unit="img", disable=not progress, leave=False)
+            bar = tqdm(total=len(train_ds), desc=f"{stage} epoch {epoch}/{epochs}", unit="img",
+                       disable=not (progress and rank == 0), leave=False)
             for batch in loader:
-                if batch is None:
+                if batch is None:  # the whole batch unreadable (train() passes only images that decoded)
                     continue
-                x, y = batch
+                x, y = batch[0].to(dev), batch[1].to(dev)
                 opt.zero_grad(set_to_none=True)
-                with features.autocast(precision):
-                    logits = net(x.contiguous(memory_format=layout))
+                with features.autocast(precision, dev.type):
+                    logits = model(x.contiguous(memory_format=layout))
                 loss = loss_fn(logits.float(), y)
                 loss.backward()
                 opt.step()
                 seen += len(y)
                 total += loss.item() * len(y)
                 correct += int((logits.argmax(1) == y).sum())
-                bar.update(len(y))
+                bar.update(len(y) * world)  # the ranks advance together: global images
             bar.close()
+            total, correct, seen = _sum_over_ranks(total, correct, seen)
             val_loss, val_acc = evaluate_loss(net, val_ds, cfg.ft_batch_size, precision, workers, layout)
             row = {"stage": stage, "epoch": epoch, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                    "val_loss": val_loss, "val_accuracy": val_acc, "seconds": round(time.perf_counter() - t0, 2)}
@@ -222,14 +249,14 @@ def fit(
             if val_loss < result.best_val_loss - 1e-4:
                 result.best_val_loss, result.best_epoch = val_loss, epoch
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            if ckpt:
+            if ckpt and rank == 0:
                 _save(ckpt, net, opt, result, best_state, epoch, cfg, stage)
     except KeyboardInterrupt:
         where = f"; the checkpoint of epoch {epoch - 1} is kept — resume with: {resume_hint}" if ckpt and resume_hint else ""
         raise Interrupted(f"{stage} interrupted during epoch {epoch}{where}") from None
     if best_state is not None:
         net.load_state_dict(best_state)
-    net.eval()
+    net.to("cpu").eval()
     for p in net.parameters():
         p.requires_grad_(False)
     return result
@@ -237,18 +264,30 @@ def fit(
 
 def evaluate_loss(net: nn.Module, ds: torch.utils.data.Dataset, batch_size: int, precision: str, workers: int,
                   layout: torch.memory_format = torch.channels_last) -> tuple[float, float]:
+    """Mean loss and accuracy over ``ds``; under torchrun each rank takes every world-th image (no padding) and
+    the sums are combined in rank order, so every rank gets the same numbers and takes the same early-stopping
+    decision."""
     net.eval()
+    dev = next(net.parameters()).device
+    shard = Subset(ds, range(distributed.rank(), len(ds), distributed.world()))
     total, correct, seen = 0.0, 0, 0
-    for batch in DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate):
+    for batch in DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=_collate):
         if batch is None:
             continue
-        x, y = batch
-        with torch.inference_mode(), features.autocast(precision):
+        x, y = batch[0].to(dev), batch[1].to(dev)
+        with torch.inference_mode(), features.autocast(precision, dev.type):
             logits = net(x.contiguous(memory_format=layout)).float()
         total += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
+    total, correct, seen = _sum_over_ranks(total, correct, seen)
     return total / max(seen, 1), correct / max(seen, 1)
+
+
+def _sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Per-rank sums → global sums, added in rank order (the same float result on every rank)."""
+    parts = distributed.all_gather(values)
+    return tuple(sum(p[i] for p in parts) for i in range(len(values)))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

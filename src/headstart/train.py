@@ -27,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from . import backbones, evaluate, features, finetune, report
+from . import backbones, distributed, evaluate, features, finetune, report
 from .config import TrainConfig
 from .data import HeadstartError, Split, scan, summarize, train_val_split
 from .files import atomic_write_text
@@ -218,7 +218,12 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
 
     ``overrides`` are any ``TrainConfig`` field, e.g. ``train("photos/", backbone="mobilenetv2", finetune=True)``.
     ``resume=True`` continues an interrupted run in ``out`` with the settings it was started with.
+
+    Under torchrun, every rank runs this same function: extraction is sharded, fine-tuning is data-parallel, each
+    rank fits the same deterministic head on the same gathered features, and only rank 0 writes into ``out``.
     """
+    distributed.init()
+    main = distributed.is_main()
     cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
     if resume:
         cfg = _resume_config(out, cfg)
@@ -228,7 +233,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     if len(va) == 0:
         raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
     log.info("data: %s (%s layout), %d classes", ds.root, ds.layout, len(ds.classes))
-    if out is not None:
+    if out is not None and main:
         atomic_write_text(Path(out) / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
 
     lb = backbones.load(cfg.backbone, cfg.weights, seed=cfg.seed)
@@ -236,7 +241,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     lb.model.reset_classifier(0)  # the bundle keeps the feature extractor only
     precision = features.resolve_precision(cfg.precision)
     splits = {"train": tr, "val": va} | ({"test": te} if te is not None and len(te) else {})
-    extract = functools.partial(features.extract, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, precision=precision,
+    extract = functools.partial(features.extract_sharded, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, precision=precision,
                                 workers=cfg.workers, progress=progress, root=ds.root)
     timing: dict[str, float] = {"extract_s": 0.0, "embeddings_computed": 0}
     skipped = list(ds.skipped)
@@ -285,6 +290,8 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
             info_stages["feature_extraction"] = _headline(metrics)
             log.info("feature extraction: val accuracy %.1f%%; now fine-tuning", 100 * metrics["val"]["accuracy"])
         t2 = time.perf_counter()
+        if feats:  # only images that decoded: under DDP every rank must take the same number of steps
+            tr = tr.subset(np.flatnonzero(feats["train"].ok).tolist())
         net = finetune.Net(lb.model, fit.head)
         with _checkpoint_dir(out) as ckdir:
             res = finetune.fit(net, tr, va, lb.data_config, cfg, stage=stage, checkpoint_dir=ckdir, resume=resume, progress=progress,
@@ -294,7 +301,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
                                      source=f"{lb.source}, {stage} here")
             feats = {name: run_extract(split) for name, split in splits.items() if name != "train"}
             metrics = _evaluate_splits(net.head, feats, splits, ds.classes)
-            if ckdir is not None and out is not None:  # done: the bundle supersedes the checkpoint
+            if ckdir is not None and out is not None and main:  # done: the bundle supersedes the checkpoint
                 (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
         timing[f"{stage}_s"] = round(time.perf_counter() - t2, 3)
         info_stages[stage] = {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch, "epochs_run": sum(r["epoch"] > 0 for r in res.history), **_headline(metrics)}
@@ -313,8 +320,9 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         "timing": {k: round(v, 3) for k, v in timing.items()},
     }
     clf = Classifier(lb, fit.head, ds.classes, info)
-    if out is not None:
+    if out is not None and main:
         save_run(clf, Path(out), metrics, summarize(ds.classes, splits, skipped))
+    distributed.barrier()  # every rank returns once the run folder is complete
     return clf
 
 
@@ -336,13 +344,17 @@ def _headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 @contextlib.contextmanager
 def _checkpoint_dir(out: str | Path | None) -> Iterator[Path | None]:
-    """The run folder's checkpoint/ when there is a run folder; otherwise a temporary one."""
+    """The run folder's checkpoint/ when there is a run folder (made and removed by rank 0 only, which alone
+    writes there; the other ranks only read it when resuming); otherwise a temporary one."""
     if out is not None:
         path = Path(out) / "checkpoint"
-        path.mkdir(parents=True, exist_ok=True)
+        main = distributed.is_main()
+        if main:
+            path.mkdir(parents=True, exist_ok=True)
         yield path
-        with contextlib.suppress(OSError):
-            path.rmdir()
+        if main:
+            with contextlib.suppress(OSError):
+                path.rmdir()
     else:
         with tempfile.TemporaryDirectory(prefix="headstart-ckpt-") as tmp:
             yield Path(tmp)
