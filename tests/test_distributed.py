@@ -93,8 +93,8 @@ def test_ddp_fine_tuning_matches_one_process_and_only_rank_0_writes(tmp_path):
         assert abs(a["stages"][stage]["val"]["accuracy"] - b["stages"][stage]["val"]["accuracy"]) * n <= 1 + 1e-9, stage
     # the head stage sees the same gathered features: the same head, the same numbers
     assert a["stages"]["feature_extraction"]["val"]["log_loss"] == pytest.approx(b["stages"]["feature_extraction"]["val"]["log_loss"], abs=2e-3)
-    assert [r["epoch"] for r in a["history"] if r["stage"] == "finetune"] == [1, 2]
-    assert [r["epoch"] for r in b["history"] if r["stage"] == "finetune"] == [1, 2]
+    assert [r["epoch"] for r in a["history"] if r["stage"] == "finetune"] == [0, 1, 2]  # epoch 0: the starting point
+    assert [r["epoch"] for r in b["history"] if r["stage"] == "finetune"] == [0, 1, 2]
 
     # exactly the files of a single-process run, nothing more (no rank-1 leftovers, no checkpoint, no temp files)
     def files(d: Path) -> list[str]:

@@ -233,11 +233,11 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     if len(va) == 0:
         raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
     log.info("data: %s (%s layout), %d classes", ds.root, ds.layout, len(ds.classes))
-    if out is not None and main:
-        atomic_write_text(Path(out) / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
 
     lb = backbones.load(cfg.backbone, cfg.weights, seed=cfg.seed)
     log.info("backbone: %s (timm %s), weights from %s", lb.spec.name, lb.spec.timm_name, lb.source)
+    if out is not None and main:  # written once the backbone exists: a refused run leaves no folder behind
+        atomic_write_text(Path(out) / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
     lb.model.reset_classifier(0)  # the bundle keeps the feature extractor only
     precision = features.resolve_precision(cfg.precision)
     splits = {"train": tr, "val": va} | ({"test": te} if te is not None and len(te) else {})
