@@ -21,9 +21,12 @@ test: setup
 	$(PY) -m pytest -q
 
 # Every benchmark script, each rewriting its own sections of BENCHMARKS.md (the Keras side needs the bench extra).
+# Helper modules that are not scripts of their own are listed in BENCH_HELPERS.
+BENCH_HELPERS := benchmarks/common.py benchmarks/keras_recipe.py
+BENCH_SCRIPTS := $(sort $(filter-out $(BENCH_HELPERS),$(wildcard benchmarks/*.py)))
+
 bench: $(VENV)/.bench-installed
-	@set -e; for s in benchmarks/run.py benchmarks/compare_keras.py $(wildcard benchmarks/*_bench.py); do \
-		echo "== $$s"; $(PY) $$s; done
+	@set -e; for s in $(BENCH_SCRIPTS); do echo "== $$s"; $(PY) $$s; done
 
 $(VENV)/.bench-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[test,bench]"
