@@ -398,8 +398,8 @@ up to 1 000 photos, one run at 3 000.
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-A straight line through the {len(sizes)} wall times: **≈ {fixed:.1f} s + {1000 * slope:.1f} ms per photo**. Cost grows linearly;
-the fixed part (data scan, worker start-up, head selection on few rows) is why small folders cost more per photo.
+A straight line through the {len(sizes)} wall times: **≈ {fixed:.1f} s + {1000 * slope:.1f} ms per photo**, a rough fit while the
+machine is loaded; the fixed part (data scan, worker start-up, head selection) is why small folders cost more per photo.
 
 Where the time goes, each step timed alone (decode, resize, forward: 64 clothing photos, default EfficientNet-Lite0;
 ms per photo; shares of the default pipeline):
