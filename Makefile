@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Each sets everything up first.
+# The commands of the README: `make demo`, `make test` and `make bench`. Each sets everything up first.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,8 +20,17 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
-	$(PY) benchmarks/run.py
+# Every benchmark script, each rewriting its own sections of BENCHMARKS.md (the Keras side needs the bench extra).
+# Helper modules that are not scripts of their own are listed in BENCH_HELPERS.
+BENCH_HELPERS := benchmarks/common.py benchmarks/keras_recipe.py
+BENCH_SCRIPTS := $(sort $(filter-out $(BENCH_HELPERS),$(wildcard benchmarks/*.py)))
+
+bench: $(VENV)/.bench-installed
+	@set -e; for s in $(BENCH_SCRIPTS); do echo "== $$s"; $(PY) $$s; done
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
