@@ -214,7 +214,6 @@ def onnx_rate(model, x, threads: int) -> float:
 
 
 def bare_timm() -> None:
-    import timm
     import torch
 
     from headstart import backbones, features

@@ -55,7 +55,7 @@ def main() -> None:
     if not (run / export.ONNX_FILE).is_file():
         export.export_onnx(run)
     clf = headstart.load(run)
-    onnx_model = export.open_for(clf)
+    export.open_for(clf)  # refuses an export that no longer matches the run
     paths = headstart.scan(data).splits["val"].paths[:32]
     x, ok, _ = export._decode(paths, clf.backbone.data_config)
     assert ok.all() and len(x) == 32

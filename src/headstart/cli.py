@@ -234,7 +234,6 @@ def export(run: Path, fmt: str, out: Path | None, check_images: tuple[str, ...],
 def demo(out: Path, quiet: bool) -> None:
     """Train on the bundled demo photos (10 clothing types) and print the report."""
     from .demo import demo_data
-    from .evaluate import format_report
 
     _setup_logging(quiet)
     folder = demo_data()
