@@ -58,3 +58,42 @@ def test_tiny_and_odd_images_still_embed(tmp_path, lite0):
              save_image(tmp_path / "gray.png", mode="L")]
     f = features.extract(paths, lite0, use_cache=False, progress=False)
     assert f.ok.all() and np.isfinite(f.x).all()
+
+
+def test_onnxruntime_embeddings_equal_pytorch_fp32(tmp_path, lite0):
+    """The default CPU runtime must compute the embeddings PyTorch computes, not something close to them."""
+    paths = scan(HYMENOPTERA).splits["val"].paths[:24]
+    ort = features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, runtime="auto", progress=False)
+    ref = features.extract(paths, lite0, use_cache=False, runtime="pytorch", precision="fp32", progress=False)
+    assert ort.runtime == "onnxruntime" and ref.runtime == "pytorch"
+    np.testing.assert_allclose(ort.x, ref.x, atol=1e-4 * np.abs(ref.x).max())
+    assert list((tmp_path / "onnx").glob("*.onnx")), "the exported backbone is kept in the cache folder"
+
+
+def test_exported_backbone_is_reused_and_a_failed_export_falls_back_to_pytorch(tmp_path, lite0, monkeypatch, caplog):
+    from headstart import export
+
+    paths = scan(HYMENOPTERA).splits["val"].paths[:4]
+    features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False)
+
+    def broken(_lb):
+        raise export.ExportError("exporter exploded")
+
+    monkeypatch.setattr(export, "embedding_onnx", broken)
+    again = features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False)
+    assert again.runtime == "onnxruntime"  # read back from the cache folder: no second export
+    other = features.extract(paths, lite0, cache_dir=tmp_path / "elsewhere", progress=False)
+    assert other.runtime == "pytorch" and other.ok.all()
+    assert "exporter exploded" in caplog.text and "using PyTorch" in caplog.text
+    assert features.cache_key(lite0, "fp32", runtime="onnxruntime") != features.cache_key(lite0, "fp32")
+
+
+def test_runtime_choice():
+    assert features.resolve_runtime("auto", "auto", "cpu") == "onnxruntime"
+    assert features.resolve_runtime("auto", "bf16", "cpu") == "pytorch"  # bf16 asked for: only PyTorch has it
+    assert features.resolve_runtime("auto", "auto", "cuda") == "pytorch"
+    assert features.resolve_runtime("auto", "auto", "cpu", augmented=True) == "pytorch"
+    with pytest.raises(ValueError, match="runtime"):
+        features.resolve_runtime("tensorrt")
+    with pytest.raises(ValueError, match="fp32 on the CPU"):
+        features.resolve_runtime("onnxruntime", "bf16", "cpu")

@@ -62,3 +62,19 @@ def test_class_weights_only_when_imbalanced():
     assert class_weights(np.array([0] * 10 + [1] * 9), 2) is None
     w = class_weights(np.array([0] * 30 + [1] * 10), 2)
     assert w[1] == pytest.approx(3 * w[0])
+
+
+def test_cached_run_reads_the_head_selection_back(ants_run, monkeypatch):
+    """Cross-validation is deterministic in features and settings: a re-run must not repeat it, and must
+    end with the same head."""
+    import sys
+
+    def no_cv(*_a, **_k):
+        raise AssertionError("cross-validation ran again")
+
+    monkeypatch.setattr(sys.modules["headstart.train"], "select_head", no_cv)
+    clf = headstart.train(HYMENOPTERA, progress=False)
+    assert clf.info["head_selection"] == ants_run[0].info["head_selection"]
+    assert clf.info["head"] == ants_run[0].info["head"]
+    with pytest.raises(AssertionError, match="ran again"):  # other settings: a different selection, computed anew
+        headstart.train(HYMENOPTERA, progress=False, cv_folds=3)

@@ -31,9 +31,10 @@ class TrainConfig:
     val_fraction: float = 0.2  # only when the folder has no validation split
     cv_folds: int = 5
     class_weights: str = "auto"  # "auto" = balanced when classes are imbalanced, "none", "balanced"
-    precision: str = "auto"  # "auto" (bf16 where the CPU supports it), "bf16", "fp32"
+    precision: str = "auto"  # PyTorch's: "auto" (bf16 where the CPU supports it), "bf16", "fp32"
+    runtime: str = "auto"  # what runs the frozen backbone: "auto" (ONNX Runtime fp32 on a CPU), "onnxruntime", "pytorch"
     channels_last: bool = True  # the memory layout oneDNN's CPU convolutions are fastest with
-    workers: int = -1  # decode processes; -1 = one per spare core
+    workers: int = -1  # decode workers (threads for extraction, processes for fine-tuning); -1 = one per spare core
     seed: int = 0
     cache_dir: str | None = None
     top_k: int = 5

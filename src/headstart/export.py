@@ -4,8 +4,8 @@ The exported folder holds ``model.onnx`` and ``onnx_meta.json`` (class names, pr
 same facts are stored inside the ONNX file as ``metadata_props``, so the ``.onnx`` alone is enough for a
 consumer. Nothing is written unless ONNX Runtime reproduces PyTorch's fp32 probabilities on real photos.
 
-``onnx`` and ``onnxruntime`` are an optional extra (``pip install headstart[export]``): they are imported only
-here, so training never needs them.
+The same machinery builds the graph ``features`` runs for extraction (``embedding_onnx``): uint8 pixels →
+pooled embedding, checked against PyTorch before it is used.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import numpy as np
 import timm
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import backbones, features
 from .data import HeadstartError, Skipped, scan
@@ -42,12 +41,19 @@ ATOL = 1e-4  # largest accepted |p_onnx - p_torch| (fp32 both sides)
 CHECK_IMAGES = 8  # photos run through both engines at export time
 
 
+EMBED_RTOL = 1e-3  # largest accepted |e_onnx - e_torch| / max|e_torch| for the extraction graph
+
+
+class ExportError(HeadstartError):
+    """The ONNX graph could not be built, or ONNX Runtime does not reproduce PyTorch."""
+
+
 def _need_onnx():
     try:
         import onnx
         import onnxruntime
     except ImportError:
-        raise HeadstartError("ONNX export needs onnx and onnxruntime: pip install 'headstart[export]'") from None
+        raise ExportError("ONNX export needs onnx and onnxruntime (headstart dependencies): pip install onnx onnxruntime") from None
     return onnx, onnxruntime
 
 
@@ -71,13 +77,51 @@ def probabilities_module(clf: Classifier) -> Probabilities:
     from the input size; the input size is fixed here, so the traced pads are constants and the graph is static
     apart from the batch dimension.
     """
-    spec = clf.backbone.spec
-    with timm.layers.set_layer_config(exportable=True, no_jit=True):
-        model = backbones.create(spec, num_classes=int(getattr(clf.backbone.model, "num_classes", 0)))
-    model.load_state_dict(clf.backbone.model.state_dict(), strict=True)
-    model = static_same_padding(model.float().eval(), clf.backbone.data_config["input_size"])
     # eval() on the wrapper too: the exporter restores the top module's mode, and a new module starts in training.
-    return Probabilities(model, copy.deepcopy(clf.head).float()).eval().to(memory_format=torch.contiguous_format)
+    return Probabilities(exportable_copy(clf.backbone), copy.deepcopy(clf.head).float()).eval().to(memory_format=torch.contiguous_format)
+
+
+def exportable_copy(lb: backbones.LoadedBackbone) -> nn.Module:
+    """The backbone rebuilt with export-friendly layers, same weights, fp32, static padding."""
+    with timm.layers.set_layer_config(exportable=True, no_jit=True):
+        model = backbones.create(lb.spec, num_classes=int(getattr(lb.model, "num_classes", 0)))
+    model.load_state_dict(lb.model.state_dict(), strict=True)
+    return static_same_padding(model.float().eval(), lb.data_config["input_size"]).to(memory_format=torch.contiguous_format)
+
+
+class Embeddings(nn.Module):
+    """uint8 NHWC pixels → normalised NCHW → pooled embedding: the extraction graph ONNX Runtime runs."""
+
+    def __init__(self, backbone: nn.Module, data_config: dict[str, Any]):
+        super().__init__()
+        self.backbone, self.data_config = backbone, data_config
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = features.normalize(pixels, self.data_config)
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+
+def embedding_onnx(lb: backbones.LoadedBackbone) -> bytes:
+    """The backbone as an ONNX graph (input ``pixels``, uint8 N×H×W×3; output ``embedding``), after checking
+    that ONNX Runtime reproduces PyTorch fp32 on a few synthetic images. Raises ``ExportError`` otherwise."""
+    _, ort = _need_onnx()
+    h, w = (int(v) for v in lb.data_config["input_size"][-2:])
+    try:
+        module = Embeddings(exportable_copy(lb), lb.data_config).eval()
+        data = to_onnx(module, torch.zeros(2, h, w, 3, dtype=torch.uint8), "pixels", "embedding")
+        # smooth gradients plus noise: real-image-like statistics without reading any photo
+        g = np.random.default_rng(0)
+        ramp = np.linspace(0, 255, w, dtype=np.float32)[None, None, :, None]
+        check = np.clip(ramp * g.uniform(0.3, 1, (3, 1, 1, 3)) + g.normal(0, 25, (3, h, w, 3)), 0, 255).astype(np.uint8)
+        with torch.inference_mode():
+            want = module(torch.from_numpy(check)).numpy()
+        got = _session(ort, data).run(None, {"pixels": check})[0]
+    except Exception as e:  # noqa: BLE001 - any exporter/runtime failure means: use PyTorch instead
+        raise ExportError(f"export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    err = float(np.abs(got - want).max() / max(1e-6, float(np.abs(want).max())))
+    if not err <= EMBED_RTOL:
+        raise ExportError(f"ONNX Runtime differs from PyTorch by {err:.2g} of the embedding scale (> {EMBED_RTOL:g})")
+    return data
 
 
 def static_same_padding(model: nn.Module, input_size: Sequence[int]) -> nn.Module:
@@ -109,7 +153,7 @@ def static_same_padding(model: nn.Module, input_size: Sequence[int]) -> nn.Modul
     return model
 
 
-def to_onnx(module: nn.Module, input_size: Sequence[int]) -> bytes:
+def to_onnx(module: nn.Module, example: torch.Tensor, input_name: str = "image", output_name: str = "probabilities") -> bytes:
     """The traced ONNX graph, batch dimension dynamic.
 
     The TorchScript exporter (``dynamo=False``) is used on purpose: it exports these CNNs in under a second and
@@ -117,12 +161,11 @@ def to_onnx(module: nn.Module, input_size: Sequence[int]) -> bytes:
     emits opset 18+ only. It is deprecated (a warning, silenced here) but present in every torch this package
     allows (<2.15); the parity check below catches any mistranslation either way.
     """
-    example = torch.zeros(2, *input_size)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=OPSET, input_names=["image"],
-                          output_names=["probabilities"], dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}},
+        torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=OPSET, input_names=[input_name],
+                          output_names=[output_name], dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
                           do_constant_folding=True)
     return buf.getvalue()
 
@@ -165,7 +208,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike | None = None,
     bundle_sha = json.loads((Path(run) / CONFIG_FILE).read_text())["model_sha256"]
     module = probabilities_module(clf)
     pre = preprocess_info(clf.backbone.data_config)
-    model = onnx.load_model_from_string(to_onnx(module, pre["input_size"]))
+    model = onnx.load_model_from_string(to_onnx(module, torch.zeros(2, *pre["input_size"])))
     onnx.checker.check_model(model)
     meta = {
         "format": META_FORMAT,
@@ -228,11 +271,11 @@ def _session(ort, model: bytes | str | os.PathLike):
 
 
 def _decode(paths: Sequence[Path], data_config: dict[str, Any], batch_size: int = 32, workers: int = -1, root: Path | None = None):
-    """The same decode and timm eval transform the PyTorch path uses, as one float32 array (rows follow ``ok``)."""
+    """The same decode and timm eval preprocessing the PyTorch path uses, as one float32 NCHW array (rows follow ``ok``)."""
     arrays, ok, skipped = [], np.zeros(len(paths), bool), []
     for idx, batch, bad in _batches(paths, data_config, batch_size, workers):
         if batch is not None:
-            arrays.append(batch.numpy())
+            arrays.append(batch)
             ok[idx] = True
         skipped += [Skipped(features._show(paths[j], root), err) for j, err in bad]
     size = [int(v) for v in data_config["input_size"]]
@@ -241,9 +284,10 @@ def _decode(paths: Sequence[Path], data_config: dict[str, Any], batch_size: int 
 
 
 def _batches(paths: Sequence[Path], data_config: dict[str, Any], batch_size: int, workers: int):
-    workers = features.default_workers() if workers < 0 else workers
-    ds = features._Images(list(paths), features.eval_transform(data_config), features.decode_size(data_config))
-    yield from DataLoader(ds, batch_size=batch_size, num_workers=min(workers, max(0, len(paths) // batch_size)), collate_fn=features._collate)
+    """Normalised float32 NCHW batches: the deployed graph's input format."""
+    for idx, pixels, bad in features.decoded_batches(list(paths), data_config, batch_size, workers):
+        x = None if pixels is None else np.ascontiguousarray(features.normalize(torch.from_numpy(pixels), data_config).numpy())
+        yield idx, x, bad
 
 
 # --------------------------------------------------------------------------------------------- inference
@@ -278,7 +322,7 @@ class OnnxModel:
         rows, ok, skipped = [], np.zeros(len(paths), bool), []
         for idx, batch, bad in _batches(paths, self.data_config, batch_size, workers):
             if batch is not None:
-                rows.append(self.proba_array(batch.numpy()))
+                rows.append(self.proba_array(batch))
                 ok[idx] = True
             skipped += [Skipped(features._show(paths[j], root), err) for j, err in bad]
         x = np.concatenate(rows) if rows else np.zeros((0, len(self.classes)), np.float32)

@@ -7,14 +7,26 @@ runs sharing a cache can only ever write the same bytes to the same name.
 
 ``extract`` is a plain function of (list of images → embeddings); ``extract_sharded`` splits it across the
 processes of a torchrun job and gathers the pieces.
+
+Two runtimes can run the frozen backbone. On a CPU the default is ONNX Runtime in fp32: measured here it runs
+EfficientNet-Lite0 at 4× PyTorch's fp32 eager speed and faster than PyTorch's bf16 (which needs AVX-512 BF16/AMX),
+with fp32's numbers. The backbone is exported once per weights digest, checked against PyTorch and kept in the
+cache folder. PyTorch runs it on a GPU, for augmented views, with ``precision="bf16"`` and wherever the export fails.
+Photos are decoded by a thread pool while the backbone runs (both release the GIL) and travel as uint8 pixels;
+normalisation happens on the whole batch, inside the ONNX graph or on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import logging
 import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,13 +34,19 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import timm
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import augment, config, distributed
 from .backbones import LoadedBackbone
 from .data import Skipped, open_rgb
 from .files import atomic_path, sha256_file
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "onnxruntime", "pytorch")
+# ONNX Runtime is fastest here with small batches (they stay in cache): Lite0, 2 threads, img/s at batch
+# 1/8/16/32/64 = 136/145/132/118/115. PyTorch keeps the configured batch size.
+ORT_BATCH = 8
 
 
 @dataclass
@@ -40,6 +58,7 @@ class Features:
     skipped: list[Skipped] = field(default_factory=list)
     computed: int = 0  # embeddings computed by the backbone in this call (the rest came from the cache)
     seconds: float = 0.0
+    runtime: str = "pytorch"  # what computed them: "onnxruntime" (fp32) or "pytorch"
 
 
 # ------------------------------------------------------------------------------------------ fast forward
@@ -83,13 +102,28 @@ def autocast(precision: str, device_type: str = "cpu") -> Iterator[None]:
         yield
 
 
-def embed(model: torch.nn.Module, batch: torch.Tensor, precision: str) -> torch.Tensor:
-    """Globally pooled backbone features (timm's pre-logits), as float32 on the CPU."""
+def embed(model: torch.nn.Module, batch: torch.Tensor | np.ndarray, precision: str, data_config: dict[str, Any] | None = None) -> torch.Tensor:
+    """Globally pooled backbone features (timm's pre-logits), as float32 on the CPU.
+
+    ``batch`` is either normalised float NCHW, or uint8 NHWC pixels (then ``data_config`` gives mean/std):
+    normalised here, on the model's device, which makes it channels_last without a copy.
+    """
     dev = next(model.parameters()).device
     with torch.inference_mode(), autocast(precision, dev.type):
-        x = batch.to(dev).contiguous(memory_format=torch.channels_last)
+        if isinstance(batch, np.ndarray):
+            x = normalize(torch.from_numpy(batch).to(dev), data_config)
+        else:
+            x = batch.to(dev)
+        x = x.contiguous(memory_format=torch.channels_last)
         out = model.forward_head(model.forward_features(x), pre_logits=True)
     return out.float().cpu()
+
+
+def normalize(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
+    """uint8 NHWC → float NCHW, exactly what timm's ToTensor + Normalize make of each image."""
+    mean = torch.tensor(data_config["mean"], device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"], device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
 # -------------------------------------------------------------------------------------------- decoding
@@ -107,47 +141,87 @@ def decode_size(data_config: dict[str, Any]) -> int:
     return int(np.ceil(size / data_config.get("crop_pct", 1.0)))
 
 
-class _Images(torch.utils.data.Dataset):
-    """Decodes in loader workers, in parallel with the forward pass; errors travel back as strings."""
+def pixel_transform(data_config: dict[str, Any]):
+    """timm's eval preprocessing up to, not including, ToTensor/Normalize: PIL image → uint8 HWC array.
 
-    def __init__(self, paths: Sequence[Path], transform, min_size: int, seeds: Sequence[int] | None = None):
-        self.paths, self.transform, self.min_size, self.seeds = list(paths), transform, min_size, seeds
+    Batches travel as uint8 (a quarter of float32's bytes) and are normalised in one vectorised step.
+    """
+    steps = [t for t in eval_transform(data_config).transforms if type(t).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
+    size = tuple(int(v) for v in data_config["input_size"][-2:])
 
-    def __len__(self) -> int:
-        return len(self.paths)
+    def to_pixels(img):
+        for t in steps:
+            img = t(img)
+        a = np.asarray(img, dtype=np.uint8)
+        if a.shape != (*size, 3):  # a timm transform this code does not know about: fail loudly, not silently
+            raise RuntimeError(f"preprocessing gave {a.shape}, expected {(*size, 3)}")
+        return a
 
-    def __getitem__(self, i: int):
-        try:
-            img = open_rgb(self.paths[i], self.min_size)
-            if self.seeds is not None:  # an augmented view: the same image, view and seed give the same pixels
-                augment.seed(self.seeds[i])
-            return i, self.transform(img), ""
-        except ValueError as e:
-            return i, None, str(e)
-        except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop the run
-            return i, None, f"cannot decode ({type(e).__name__}: {e})"
-
-
-def _collate(items):
-    good = [(i, t) for i, t, err in items if t is not None]
-    bad = [(i, err) for i, t, err in items if t is None]
-    batch = torch.stack([t for _, t in good]) if good else None
-    return [i for i, _ in good], batch, bad
+    return to_pixels
 
 
 def default_workers() -> int:
-    """Decode processes: one per core beyond the first (the forward pass keeps one busy), the machine's cores
-    shared among the torchrun processes on it."""
+    """Decode workers: one per core beyond the first (the forward pass keeps one busy), the machine's cores
+    shared among the torchrun processes on it. Threads for extraction, processes for fine-tuning."""
     return max(0, min(4, (os.cpu_count() or 1) // distributed.local_world() - 1))
+
+
+def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_size: int, workers: int = -1,
+                    transform=None, seeds: Sequence[int] | None = None) -> Iterator[tuple[list[int], Any, list[tuple[int, str]]]]:
+    """``(indices, batch, bad)`` in order: ``batch`` is uint8 NHWC pixels (or, with a ``transform``, its stacked
+    tensors; ``None`` when no image of the batch decoded); ``bad`` pairs an index with the reason it was skipped.
+
+    ``workers`` threads decode up to two batches ahead of the consumer. Pillow and the backbone both release the
+    GIL, so threads overlap them without the start-up and pickling costs of worker processes. An augmented view
+    seeds the global RNGs per image, so seeding and transforming hold a lock: same image, view and seed → same pixels.
+    """
+    workers = default_workers() if workers < 0 else workers
+    min_size = decode_size(data_config)
+    to_pixels = transform or pixel_transform(data_config)
+    lock = threading.Lock()
+
+    def one(i: int):
+        try:
+            img = open_rgb(paths[i], min_size)
+            if seeds is None:
+                return to_pixels(img), ""
+            with lock:
+                augment.seed(seeds[i])
+                return to_pixels(img), ""
+        except ValueError as e:
+            return None, str(e)
+        except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop the run
+            return None, f"cannot decode ({type(e).__name__}: {e})"
+
+    def batch(idx: list[int]):
+        items = [(i, *one(i)) for i in idx]
+        good = [(i, x) for i, x, _ in items if x is not None]
+        xs = [x for _, x in good]
+        stacked = (np.stack(xs) if isinstance(xs[0], np.ndarray) else torch.stack(xs)) if xs else None
+        return [i for i, _ in good], stacked, [(i, err) for i, x, err in items if x is None]
+
+    chunks = [list(range(k, min(k + batch_size, len(paths)))) for k in range(0, len(paths), batch_size)]
+    if workers == 0:
+        yield from map(batch, chunks)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        ahead: deque = deque()
+        for c in chunks:
+            ahead.append(pool.submit(batch, c))
+            if len(ahead) > workers + 1:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def cache_key(lb: LoadedBackbone, precision: str, view: tuple | None = None, device: str = "cpu") -> str:
+def cache_key(lb: LoadedBackbone, precision: str, view: tuple | None = None, device: str = "cpu", runtime: str = "pytorch") -> str:
     """Everything that changes an embedding, and nothing else."""
     desc = {
         **({"device": device} if device != "cpu" else {}),  # GPU kernels round differently; CPU keys unchanged
+        **({"runtime": runtime} if runtime != "pytorch" else {}),
         "view": view,
         "timm": lb.spec.timm_name,
         "kwargs": lb.spec.kwargs,
@@ -204,6 +278,7 @@ def extract(
     augment_policy: str | None = None,
     view: int = 0,
     seed: int = 0,
+    runtime: str = "auto",
 ) -> Features:
     """Embeddings of ``paths`` (cached ones read back, the rest computed in batches and cached).
 
@@ -213,10 +288,14 @@ def extract(
     import time
 
     start = time.perf_counter()
-    precision = resolve_precision(precision)
-    view_key = (augment_policy, view, seed) if augment_policy else None
     dev = distributed.device()
-    cache = FeatureCache(config.cache_dir(cache_dir), cache_key(lb, precision, view_key, dev.type)) if use_cache else None
+    runtime = resolve_runtime(runtime, precision, dev.type, augmented=bool(augment_policy))
+    session = ort_session(lb, cache_dir) if runtime == "onnxruntime" else None
+    if runtime == "onnxruntime" and session is None:
+        runtime = "pytorch"  # the export failed its check (logged): PyTorch computes the same embeddings
+    precision = "fp32" if runtime == "onnxruntime" else resolve_precision(precision)
+    view_key = (augment_policy, view, seed) if augment_policy else None
+    cache = FeatureCache(config.cache_dir(cache_dir), cache_key(lb, precision, view_key, dev.type, runtime)) if use_cache else None
     n = len(paths)
     vectors: list[np.ndarray | None] = [None] * n
     digests: list[str | None] = [None] * n
@@ -231,26 +310,21 @@ def extract(
             todo.append(i)
 
     if todo:
-        model = prepare(lb.model).to(dev)
-        workers = default_workers() if workers < 0 else workers
+        if session is not None:
+            forward, batch_size = (lambda b: session.run(None, {"pixels": b})[0]), min(batch_size, ORT_BATCH)
+        else:
+            model = prepare(lb.model).to(dev)
+            forward = lambda b: embed(model, b, precision, lb.data_config).numpy()  # noqa: E731
+        transform = seeds = None
         if augment_policy:
             transform = augment.train_transform(lb.data_config, augment_policy)
             seeds = [(int(digests[i][:15], 16) if digests[i] else i) + 7919 * view + 104_729 * seed for i in todo]
-        else:
-            transform, seeds = eval_transform(lb.data_config), None
-        loader = DataLoader(
-            _Images([paths[i] for i in todo], transform, decode_size(lb.data_config), seeds),
-            batch_size=batch_size,
-            num_workers=min(workers, max(0, len(todo) // batch_size)),
-            collate_fn=_collate,
-        )
         bar = tqdm(total=len(todo), desc=f"features {lb.spec.name}", unit="img", disable=not progress, leave=False)
-        for idx, batch, bad in loader:
+        for idx, batch, bad in decoded_batches([paths[i] for i in todo], lb.data_config, batch_size, workers, transform, seeds):
             for j, err in bad:
                 reasons[todo[j]] = err
             if batch is not None:
-                out = embed(model, batch, precision).numpy()
-                for j, vec in zip(idx, out):
+                for j, vec in zip(idx, forward(batch)):
                     i = todo[j]
                     vectors[i] = vec
                     if cache and digests[i]:
@@ -262,7 +336,60 @@ def extract(
     ok = np.array([v is not None for v in vectors], dtype=bool)
     x = np.stack([v for v in vectors if v is not None]).astype(np.float32) if ok.any() else np.zeros((0, lb.num_features), np.float32)
     skipped = [Skipped(_show(paths[i], root), reasons.get(i, "cannot decode")) for i in np.flatnonzero(~ok)]
-    return Features(x, ok, skipped, computed=len(todo) - len(reasons), seconds=time.perf_counter() - start)
+    return Features(x, ok, skipped, computed=len(todo) - len(reasons), seconds=time.perf_counter() - start, runtime=runtime)
+
+
+# ------------------------------------------------------------------------------------------ ONNX Runtime
+
+
+def resolve_runtime(runtime: str = "auto", precision: str = "auto", device_type: str = "cpu", augmented: bool = False) -> str:
+    """What runs the backbone. ``auto``: ONNX Runtime (fp32) on a CPU, PyTorch on a GPU, for augmented views
+    (their random transforms produce float tensors) and when bf16 is asked for explicitly."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == "pytorch" or augmented:
+        return "pytorch"
+    usable = device_type == "cpu" and precision != "bf16"
+    if runtime == "onnxruntime" and not usable:
+        raise ValueError("the onnxruntime runtime runs fp32 on the CPU: use precision auto/fp32 without a GPU, or runtime pytorch")
+    return "onnxruntime" if usable else "pytorch"
+
+
+def ort_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
+    """An ONNX Runtime session computing this backbone's embeddings from uint8 NHWC pixels, or None when the
+    backbone does not export faithfully (the reason is logged once).
+
+    The graph is exported and checked against PyTorch once per weights digest and preprocessing, then read back
+    from ``<cache>/onnx/``; a cache folder that cannot be written only costs the export again next time.
+    """
+    path = config.cache_dir(cache_dir) / "onnx" / f"{cache_key(lb, 'fp32', runtime='onnxruntime')}.onnx"
+    if not path.is_file():
+        from .export import ExportError, embedding_onnx
+
+        try:
+            data = embedding_onnx(lb)
+        except ExportError as e:
+            log.warning("ONNX Runtime cannot run %s (%s); using PyTorch", lb.spec.name, e)
+            return None
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+        except OSError as e:
+            log.warning("cannot keep the exported backbone in %s (%s); it will be exported again next run", path.parent, e)
+            return _session(data, torch.get_num_threads())
+    return _session(str(path), torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=4)
+def _session(model: str | bytes, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only
+    opts.intra_op_num_threads = threads
+    # No busy-waiting between batches: the decode threads need that core. Measured: 80 → 110 img/s end to end.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def extract_sharded(paths: Sequence[Path], lb: LoadedBackbone, **kw: Any) -> Features:

@@ -75,8 +75,9 @@ class Classifier:
     # ---------------------------------------------------------------------------------------- inference
 
     def features(self, paths: Sequence[str | os.PathLike], *, use_cache: bool = True, progress: bool = False, root: Path | None = None, **kw: Any) -> features.Features:
+        settings = self.info.get("train_config", {})  # as asked at training time: the same runtime choice is made again
         return features.extract([Path(p) for p in paths], self.backbone, use_cache=use_cache, progress=progress, root=root,
-                                precision=self.info.get("precision", "auto"), **kw)
+                                precision=settings.get("precision", "auto"), runtime=settings.get("runtime", "auto"), **kw)
 
     def proba_from_features(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +28,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
-from . import backbones, distributed, evaluate, features, finetune, report
+from . import backbones, config, distributed, evaluate, features, finetune, report
 from .config import TrainConfig
 from .data import HeadstartError, Split, scan, summarize, train_val_split
 from .files import atomic_write_text
@@ -184,7 +185,7 @@ def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, 
 def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[HeadFit, list[dict[str, Any]]]:
     """Choose a head by cross-validation, then fit it on the whole training split (and its augmented views)."""
     with single_thread():
-        kind, params, epochs, table = select_head(x, y, n_classes, cfg, views)
+        kind, params, epochs, table = cached_selection(x, y, n_classes, cfg, views)
         weights = class_weights(y, n_classes, cfg.class_weights)
         x, y = _with_views(x, y, np.arange(len(y)), views or [])
         if kind == "mlp":
@@ -192,6 +193,30 @@ def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, vie
         else:
             fit = fit_linear(x, y, n_classes, params["C"], weights, cfg.seed)
     return fit, table
+
+
+# Everything the cross-validation's outcome depends on, besides the features and labels themselves.
+_SELECTION_FIELDS = ("head", "hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience", "head_batch_size", "cv_folds",
+                     "class_weights", "seed")
+
+
+def cached_selection(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None):
+    """``select_head``, remembered in the cache folder: it is deterministic in the features, labels and settings,
+    so a re-run on cached features skips the cross-validation (most of a cached run's own time)."""
+    h = hashlib.sha256(json.dumps([n_classes, CANDIDATES, {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, torch.__version__]).encode())
+    for a in (x, y, *(views or [])):
+        h.update(np.ascontiguousarray(a).tobytes())
+    path = config.cache_dir(cfg.cache_dir) / "heads" / f"{h.hexdigest()[:24]}.json"
+    try:
+        kind, params, epochs, table = json.loads(path.read_text())
+        log.info("head: cross-validation read back from %s", path)
+        return kind, params, epochs, table
+    except (OSError, ValueError, TypeError):
+        pass
+    result = select_head(x, y, n_classes, cfg, views)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the cross-validation next time
+        atomic_write_text(path, json.dumps(result))
+    return result
 
 
 @contextlib.contextmanager
@@ -241,8 +266,8 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     lb.model.reset_classifier(0)  # the bundle keeps the feature extractor only
     precision = features.resolve_precision(cfg.precision)
     splits = {"train": tr, "val": va} | ({"test": te} if te is not None and len(te) else {})
-    extract = functools.partial(features.extract_sharded, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, precision=precision,
-                                workers=cfg.workers, progress=progress, root=ds.root)
+    extract = functools.partial(features.extract_sharded, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, precision=cfg.precision,
+                                runtime=cfg.runtime, workers=cfg.workers, progress=progress, root=ds.root)
     timing: dict[str, float] = {"extract_s": 0.0, "embeddings_computed": 0}
     skipped = list(ds.skipped)
     for s in skipped:
@@ -311,6 +336,8 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         "head": {"kind": fit.kind, "dim": lb.num_features, "hidden": cfg.hidden, "dropout": cfg.dropout, **fit.params, "epochs": fit.epochs},
         "head_selection": table,
         "precision": precision,
+        "features": {"runtime": feats["val"].runtime if feats else "pytorch",
+                     "precision": "fp32" if feats and feats["val"].runtime == "onnxruntime" else precision},
         "train_config": cfg.to_dict(),
         "stages": info_stages,
         "data": {"root": str(ds.root), "layout": ds.layout, "classes": ds.classes,
