@@ -106,7 +106,7 @@ def fit_mlp(
     gen = torch.Generator().manual_seed(cfg.seed)
     head = make_head("mlp", x.shape[1], n_classes, cfg.hidden, cfg.dropout)
     _standardize(head, x)
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     w = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=w)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).long()
