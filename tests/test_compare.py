@@ -143,3 +143,22 @@ def test_cli_compare_prints_the_table(subset, offline, tmp_path):
     assert "skipped: no weights" in r.output and (tmp_path / "c" / "leaderboard.csv").is_file()
     r = CliRunner().invoke(main, ["compare", str(subset), "--backbones", "resnet50", "--require-pretrained", "--out", str(tmp_path / "d")])
     assert r.exit_code == 2 and "no pretrained weights" in r.output
+
+
+def test_rerun_reuses_finished_runs_until_a_photo_changes(tmp_path, offline):
+    """Re-running compare must not retrain what did not change, and must retrain what did (by content)."""
+    data = make_subset(tmp_path / "data")
+    out = tmp_path / "cmp"
+    first = {r["backbone"]: r for r in compare(data, ["efficientnet_lite0"], out, progress=False, head="linear")}
+    again = {r["backbone"]: r for r in compare(data, ["efficientnet_lite0"], out, progress=False, head="linear")}
+    assert again["efficientnet_lite0"].get("reused") and not first["efficientnet_lite0"].get("reused")
+    assert again["efficientnet_lite0"]["accuracy"] == first["efficientnet_lite0"]["accuracy"]
+    other = {r["backbone"]: r for r in compare(data, ["efficientnet_lite0"], out, progress=False, head="mlp")}
+    assert not other["efficientnet_lite0"].get("reused")  # other settings: trained again
+    photo = next((data / "train" / "ants").iterdir())
+    target = photo.resolve()
+    photo.unlink()
+    shutil.copy(HYMENOPTERA / "train" / "bees" / sorted(p.name for p in (HYMENOPTERA / "train" / "bees").iterdir())[0], photo)
+    assert photo.read_bytes() != target.read_bytes()
+    changed = {r["backbone"]: r for r in compare(data, ["efficientnet_lite0"], out, progress=False, head="mlp")}
+    assert not changed["efficientnet_lite0"].get("reused")  # same file name, other content: trained again

@@ -59,7 +59,7 @@ def compare(
         kwargs = dict(overrides, backbone=name) | ({"finetune": True} if finetune else {})
         run = out / run_folder(name)
         try:
-            clf = train(data, out=run, progress=progress, **kwargs)
+            clf = train(data, out=run, progress=progress, reuse=True, **kwargs)
         except HeadstartError as e:
             if require_pretrained or not str(e).startswith(NO_WEIGHTS):
                 raise
@@ -124,6 +124,7 @@ def _row(name: str, clf: Classifier, run: Path, earlier: dict[str, Any] | None) 
         "head": info["head"]["kind"],
         "weights": clf.backbone.source,
         "run": run.name,
+        **({"reused": True} if info.get("reused") else {}),
     }
 
 

@@ -238,11 +238,13 @@ def single_thread() -> Iterator[None]:
 
 
 def train(data: str | Path, out: str | Path | None = None, config: TrainConfig | None = None, progress: bool = True,
-          resume: bool = False, **overrides: Any) -> Classifier:
+          resume: bool = False, reuse: bool = False, **overrides: Any) -> Classifier:
     """Folder of labelled photos → trained, evaluated classifier (saved to ``out`` when given).
 
     ``overrides`` are any ``TrainConfig`` field, e.g. ``train("photos/", backbone="mobilenetv2", finetune=True)``.
     ``resume=True`` continues an interrupted run in ``out`` with the settings it was started with.
+    ``reuse=True`` returns the finished run already in ``out`` when it was trained on the same photos (content),
+    settings and backbone weights: ``compare`` re-runs cost nothing for the backbones that did not change.
 
     Under torchrun, every rank runs this same function: extraction is sharded, fine-tuning is data-parallel, each
     rank fits the same deterministic head on the same gathered features, and only rank 0 writes into ``out``.
@@ -266,6 +268,10 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     lb.model.reset_classifier(0)  # the bundle keeps the feature extractor only
     precision = features.resolve_precision(cfg.precision)
     splits = {"train": tr, "val": va} | ({"test": te} if te is not None and len(te) else {})
+    inputs = _inputs_digest(cfg, splits, ds.root, lb.digest) if reuse and out is not None else None
+    if inputs is not None and (done := _finished_run(Path(out), inputs)) is not None:
+        log.info("reused the finished run in %s (same photos, settings and weights)", out)
+        return done
     extract = functools.partial(features.extract_sharded, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, precision=cfg.precision,
                                 runtime=cfg.runtime, workers=cfg.workers, progress=progress, root=ds.root)
     timing: dict[str, float] = {"extract_s": 0.0, "embeddings_computed": 0}
@@ -345,11 +351,39 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         "metrics": _headline(metrics),
         "history": history,
         "timing": {k: round(v, 3) for k, v in timing.items()},
+        **({"inputs_digest": inputs} if inputs else {}),
     }
     clf = Classifier(lb, fit.head, ds.classes, info)
     if out is not None and main:
         save_run(clf, Path(out), metrics, summarize(ds.classes, splits, skipped))
     distributed.barrier()  # every rank returns once the run folder is complete
+    return clf
+
+
+def _inputs_digest(cfg: TrainConfig, splits: dict[str, Split], root: Path, weights_digest: str) -> str:
+    """Everything a run's result depends on: settings (less where files go and how many decode workers),
+    the starting weights, and every photo's split, label and content."""
+    from . import __version__
+
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("workers", "cache_dir")}
+    h = hashlib.sha256(json.dumps([__version__, settings, weights_digest], sort_keys=True, default=str).encode())
+    for name in sorted(splits):
+        for path, label in sorted(zip(map(str, splits[name].paths), splits[name].labels)):
+            h.update(f"{name}\0{Path(path).relative_to(root)}\0{label}\0{features.file_digest(Path(path))}\n".encode())
+    return h.hexdigest()
+
+
+def _finished_run(out: Path, inputs: str) -> Classifier | None:
+    """The complete, intact run in ``out`` made from exactly these inputs, or None."""
+    from .predict import CONFIG_FILE, load
+
+    try:
+        if json.loads((out / CONFIG_FILE).read_text()).get("inputs_digest") != inputs:
+            return None
+        clf = load(out)
+    except (OSError, ValueError, HeadstartError):
+        return None
+    clf.info["reused"] = True  # in memory only: the run folder stays exactly as it was written
     return clf
 
 
