@@ -78,7 +78,7 @@ def main() -> None:
     for threads in sorted({1, default_threads}):
         engines[("PyTorch fp32", threads)] = lambda b, t=threads: torch_forward(b, "fp32", t)
         if precision != "fp32":
-            engines[(f"PyTorch {precision} (the run's default here)", threads)] = lambda b, t=threads: torch_forward(b, precision, t)
+            engines[(f"PyTorch {precision}", threads)] = lambda b, t=threads: torch_forward(b, precision, t)
         engines[("ONNX Runtime fp32", threads)] = ort_session(threads)
     for fn in engines.values():  # warm-up: oneDNN primitive caches, ORT's first-run allocations
         fn(x[:1]), fn(x)
