@@ -97,3 +97,14 @@ def test_runtime_choice():
         features.resolve_runtime("tensorrt")
     with pytest.raises(ValueError, match="fp32 on the CPU"):
         features.resolve_runtime("onnxruntime", "bf16", "cpu")
+
+
+def test_unwritable_cache_folder_still_uses_onnxruntime(tmp_path, lite0, caplog):
+    """A cache folder that cannot be written (here: a file stands where it should be) only costs the export next
+    time: the run goes on, in ONNX Runtime, and says why."""
+    blocked = tmp_path / "cache"
+    blocked.write_text("not a folder")
+    paths = scan(HYMENOPTERA).splits["val"].paths[:2]
+    f = features.extract(paths, lite0, cache_dir=blocked, use_cache=False, progress=False)
+    assert f.runtime == "onnxruntime" and f.ok.all()
+    assert "cannot keep the exported backbone" in caplog.text

@@ -50,6 +50,21 @@ _DEFAULTS = TrainConfig()
 ENGINES = ["pytorch", "onnxruntime"]
 
 
+def _compute_options(f: Any) -> Any:
+    """How the backbone computes: the same options for train and compare."""
+    options = [
+        click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=_DEFAULTS.precision, show_default=True,
+                     help="PyTorch's precision (fine-tuning; extraction with --runtime pytorch)."),
+        click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "pytorch"]), default=_DEFAULTS.runtime, show_default=True,
+                     help="What runs the frozen backbone for features: auto = ONNX Runtime fp32 on a CPU, PyTorch on a GPU."),
+        click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True),
+        click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode workers (-1: automatic)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command()
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default: runs/<data folder name>).")
@@ -58,12 +73,7 @@ ENGINES = ["pytorch", "onnxruntime"]
 @click.option("--head", type=click.Choice(["auto", "mlp", "linear"]), default=_DEFAULTS.head, show_default=True)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True, help="Used only when the folder has no val/ split.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=_DEFAULTS.precision, show_default=True,
-              help="PyTorch's precision (fine-tuning; extraction with --runtime pytorch).")
-@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "pytorch"]), default=_DEFAULTS.runtime, show_default=True,
-              help="What runs the frozen backbone for features: auto = ONNX Runtime fp32 on a CPU, PyTorch on a GPU.")
-@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
-@click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode workers (-1: automatic).")
+@_compute_options
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
 @click.option("--finetune", is_flag=True, help="After the head, unfreeze the top of the backbone and keep training gently.")
 @click.option("--unfreeze", type=int, default=_DEFAULTS.unfreeze, show_default=True, help="Top blocks to unfreeze when fine-tuning.")
@@ -257,12 +267,7 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option("--require-pretrained", is_flag=True, help="Stop with an error when a backbone has no pretrained weights here (default: list it as skipped).")
 @click.option("--head", type=click.Choice(["auto", "mlp", "linear"]), default=_DEFAULTS.head, show_default=True)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=_DEFAULTS.precision, show_default=True,
-              help="PyTorch's precision (fine-tuning; extraction with --runtime pytorch).")
-@click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "pytorch"]), default=_DEFAULTS.runtime, show_default=True,
-              help="What runs the frozen backbone for features: auto = ONNX Runtime fp32 on a CPU, PyTorch on a GPU.")
-@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
-@click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode workers (-1: automatic).")
+@_compute_options
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and the leaderboard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
