@@ -5,7 +5,7 @@
 Three runs: (1) empty cache, new folder; (2) the same command again into the same folder, as a user re-runs it
 (finished runs whose photos, settings and weights are unchanged are reused); (3) the pretrained backbones into a
 new folder with the feature cache warm (every embedding read back, every head refit, every report rewritten).
-Writes the section "## Compare: cold vs warm cache" of BENCHMARKS.md (other sections are left as they are).
+Writes the "compare" section of BENCHMARKS.md (other sections are left as they are).
 The target: the warm re-run is at least 10x faster than the first run.
 """
 
@@ -14,21 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import machine
+from common import machine, write_section
 
 from headstart.backbones import lookup
 from headstart.compare import compare, format_table
 from headstart.config import shared_dir
 
 HEADING = "## Compare: cold vs warm cache"
-BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def timed_compare(data: Path, names: list[str], out: Path, cache: Path) -> tuple[float, list[dict], int, int, tuple[float, ...]]:
@@ -77,14 +75,6 @@ def section(data: Path, names: list[str], cold: tuple, warm: tuple, refit: tuple
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = BENCHMARKS) -> None:
-    """Replace this benchmark's section (up to the next '## ' heading), or append it; other sections stay."""
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=shared_dir() / "datasets" / "clothing")
@@ -106,7 +96,7 @@ def main() -> None:
     text = section(args.data, names, cold, warm, refit, pretrained, load0)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section("compare", text)
 
 
 if __name__ == "__main__":

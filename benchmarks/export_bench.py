@@ -5,15 +5,13 @@
 Without RUN, trains the default backbone on the shared ants/bees photos (features cached) and exports it.
 Photos are decoded and transformed once up front: the numbers are the model's forward pass, which is what
 the engine choice changes. The engines are timed in alternation, repetition by repetition, so a busy
-machine slows both alike. Writes the "## PyTorch vs ONNX Runtime" section of BENCHMARKS.md.
+machine slows both alike. Writes the "onnx" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -24,9 +22,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from common import machine, write_section
+
 import headstart
 from headstart import export, features
-from headstart.config import repo_root, shared_dir
+from headstart.config import shared_dir
 
 HEADING = "## PyTorch vs ONNX Runtime"
 
@@ -45,7 +45,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", nargs="?", type=Path)
     ap.add_argument("--reps", type=int, default=5, help="repetitions per measurement (median reported)")
-    ap.add_argument("--out", type=Path, default=repo_root() / "BENCHMARKS.md")
     args = ap.parse_args()
     data = shared_dir() / "datasets" / "hymenoptera"
     run = args.run
@@ -97,14 +96,12 @@ def main() -> None:
         lat = statistics.median(single[(name, threads)]) * 1e3
         thr = 32 / statistics.median(batch[(name, threads)])
         rows.append(f"| {name} | {threads} | {lat:.1f} | {thr:.1f} |")
-    cpu = _cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     section = "\n".join([
         HEADING,
         "",
         f"`python benchmarks/export_bench.py` — backbone `{clf.backbone.spec.name}`, {x.shape[-1]} px, head `{clf.info['head']['kind']}`; "
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, onnxruntime {ort.__version__}, "
-        f"Python {platform.python_version()}. Forward pass only (photos decoded beforehand), median of {args.reps} alternating "
+        f"{machine()}; onnxruntime {ort.__version__}. Forward pass only (photos decoded beforehand), median of {args.reps} alternating "
         f"repetitions; 1-minute load average at the end: {load:.1f} (the machine is shared, so absolute numbers are noisy; the "
         "engines ran interleaved in the same run and are comparable with each other).",
         "",
@@ -118,26 +115,8 @@ def main() -> None:
         "export refuses a graph whose probabilities differ from PyTorch fp32 by more than 1e-4.",
         "",
     ])
-    _write_section(args.out, section)
+    write_section("onnx", section)
     print(section)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _write_section(path: Path, section: str) -> None:
-    """Replace this script's section (up to the next '## ' heading), or append it; other sections are kept."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,18 @@ print(int(m.predict(x[None], verbose=0)[0].argmax()))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
+
+
+def test_rewriting_one_benchmark_section_keeps_every_other(tmp_path: Path, monkeypatch) -> None:
+    """A section writer once swallowed the next section's opening marker, so that section was appended twice."""
+    import common
+
+    doc = tmp_path / "BENCHMARKS.md"
+    monkeypatch.setattr(common, "BENCHMARKS", doc)
+    for name in ("onnx", "compare", "keras"):
+        common.write_section(name, f"## {name}\n\nold {name}\n")
+    common.write_section("compare", "## compare\n\nnew compare\n")
+    text = doc.read_text()
+    assert "new compare" in text and "old compare" not in text
+    assert all(text.count(f"<!-- {n} -->") == 1 and f"old {n}" in text for n in ("onnx", "keras"))
+    assert text.index("onnx") < text.index("new compare") < text.index("old keras")  # order kept
