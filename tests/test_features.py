@@ -108,3 +108,15 @@ def test_unwritable_cache_folder_still_uses_onnxruntime(tmp_path, lite0, caplog)
     f = features.extract(paths, lite0, cache_dir=blocked, use_cache=False, progress=False)
     assert f.runtime == "onnxruntime" and f.ok.all()
     assert "cannot keep the exported backbone" in caplog.text
+
+
+def test_decode_threads_change_nothing_not_even_augmented_views(lite0):
+    """Threads decode in parallel; an augmented view seeds global RNGs, so the result must still not depend on
+    how many threads there are (or on which batch an image falls in)."""
+    paths = scan(HYMENOPTERA).splits["train"].paths[:10]
+    plain = [features.extract(paths, lite0, use_cache=False, workers=w, batch_size=b, progress=False).x for w, b in ((0, 8), (3, 3))]
+    np.testing.assert_array_equal(plain[0], plain[1])
+    views = [features.extract(paths, lite0, use_cache=False, workers=w, batch_size=b, augment_policy="classic", view=1, progress=False).x
+             for w, b in ((0, 8), (3, 3))]
+    np.testing.assert_allclose(views[0], views[1], rtol=0, atol=1e-5 * np.abs(views[0]).max())
+    assert not np.allclose(views[0], plain[0])  # and the view really is augmented
