@@ -80,12 +80,26 @@ def test_exported_backbone_is_reused_and_a_failed_export_falls_back_to_pytorch(t
         raise export.ExportError("exporter exploded")
 
     monkeypatch.setattr(export, "embedding_onnx", broken)
+    monkeypatch.setattr(features, "_REFUSED", {})  # this test's refusal must not outlive it
     again = features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False)
     assert again.runtime == "onnxruntime"  # read back from the cache folder: no second export
     other = features.extract(paths, lite0, cache_dir=tmp_path / "elsewhere", progress=False)
     assert other.runtime == "pytorch" and other.ok.all()
     assert "exporter exploded" in caplog.text and "using PyTorch" in caplog.text
+    features.extract(paths, lite0, cache_dir=tmp_path / "elsewhere", progress=False)
+    assert caplog.text.count("exporter exploded") == 1  # refused once, said once
     assert features.cache_key(lite0, "fp32", runtime="onnxruntime") != features.cache_key(lite0, "fp32")
+
+
+def test_damaged_exported_backbone_is_exported_again(tmp_path, lite0, caplog):
+    paths = scan(HYMENOPTERA).splits["val"].paths[:3]
+    want = features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False).x
+    (onnx_file,) = (tmp_path / "onnx").glob("*.onnx")
+    onnx_file.write_bytes(b"half a graph")
+    got = features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False)
+    assert got.runtime == "onnxruntime" and "exporting it again" in caplog.text
+    np.testing.assert_array_equal(got.x, want)
+    assert onnx_file.stat().st_size > 1_000_000  # repaired in place
 
 
 def test_runtime_choice():

@@ -355,33 +355,48 @@ def resolve_runtime(runtime: str = "auto", precision: str = "auto", device_type:
     return "onnxruntime" if usable else "pytorch"
 
 
+_REFUSED: dict[str, str] = {}  # graph key → why its export was refused: tried, and said, once per process
+
+
 def ort_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
     """An ONNX Runtime session computing this backbone's embeddings from uint8 NHWC pixels, or None when the
     backbone does not export faithfully (the reason is logged once).
 
     The graph is exported and checked against PyTorch once per weights digest and preprocessing, then read back
-    from ``<cache>/onnx/``; a cache folder that cannot be written only costs the export again next time.
+    from ``<cache>/onnx/``. A damaged file there is exported again; a cache folder that cannot be written only
+    costs the export again next time.
     """
-    path = config.cache_dir(cache_dir) / "onnx" / f"{cache_key(lb, 'fp32', runtime='onnxruntime')}.onnx"
-    if not path.is_file():
-        from .export import ExportError, embedding_onnx
+    key = cache_key(lb, "fp32", runtime="onnxruntime")
+    if key in _REFUSED:
+        return None
+    path = config.cache_dir(cache_dir) / "onnx" / f"{key}.onnx"
+    threads = torch.get_num_threads()
+    if path.is_file():
+        try:
+            st = path.stat()  # in the session cache's key: a file replaced on disk is opened anew
+            return _session(str(path), threads, (st.st_mtime_ns, st.st_size))
+        except Exception as e:  # noqa: BLE001 - whatever ORT says of a damaged file, the cure is a fresh export
+            log.warning("the exported backbone %s cannot be read (%s); exporting it again", path, str(e).splitlines()[0][:200])
+    from .export import ExportError, embedding_onnx
 
-        try:
-            data = embedding_onnx(lb)
-        except ExportError as e:
-            log.warning("ONNX Runtime cannot run %s (%s); using PyTorch", lb.spec.name, e)
-            return None
-        try:
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(data)
-        except OSError as e:
-            log.warning("cannot keep the exported backbone in %s (%s); it will be exported again next run", path.parent, e)
-            return _session(data, torch.get_num_threads())
-    return _session(str(path), torch.get_num_threads())
+    try:
+        data = embedding_onnx(lb)
+    except ExportError as e:
+        _REFUSED[key] = str(e)
+        log.warning("ONNX Runtime cannot run %s (%s); using PyTorch", lb.spec.name, e)
+        return None
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+    except OSError as e:
+        log.warning("cannot keep the exported backbone in %s (%s); it will be exported again next run", path.parent, e)
+        return _session(data, threads)
+    st = path.stat()
+    return _session(str(path), threads, (st.st_mtime_ns, st.st_size))
 
 
 @functools.lru_cache(maxsize=4)
-def _session(model: str | bytes, threads: int):
+def _session(model: str | bytes, threads: int, _stamp: tuple = ()):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
