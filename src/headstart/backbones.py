@@ -21,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from .config import DEFAULT_BACKBONE
 from .data import HeadstartError
 
 StateDict = dict[str, torch.Tensor]
@@ -85,7 +86,7 @@ REGISTRY: dict[str, Backbone] = {
         Backbone("scratch", "scratch", "small CNN from random init (3 conv blocks), the no-transfer baseline", pretrained=False),
     ]
 }
-DEFAULT = "efficientnet_lite0"
+DEFAULT = DEFAULT_BACKBONE  # the fact lives in config, with the other defaults
 
 
 def _norm(name: str) -> str:
