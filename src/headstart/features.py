@@ -120,7 +120,7 @@ def embed(model: torch.nn.Module, batch: torch.Tensor | np.ndarray, precision: s
 
 
 def normalize(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
-    """uint8 NHWC → float NCHW, exactly what timm's ToTensor + Normalize make of each image."""
+    """uint8 NHWC → float NCHW: what timm's ToTensor + Normalize make of each image (to float rounding)."""
     mean = torch.tensor(data_config["mean"], device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(data_config["std"], device=pixels.device).view(1, 3, 1, 1)
     return (pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std
@@ -171,7 +171,7 @@ def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_si
     """``(indices, batch, bad)`` in order: ``batch`` is uint8 NHWC pixels (or, with a ``transform``, its stacked
     tensors; ``None`` when no image of the batch decoded); ``bad`` pairs an index with the reason it was skipped.
 
-    ``workers`` threads decode up to two batches ahead of the consumer. Pillow and the backbone both release the
+    ``workers`` threads decode up to ``workers + 1`` batches ahead of the consumer. Pillow and the backbone both release the
     GIL, so threads overlap them without the start-up and pickling costs of worker processes. An augmented view
     seeds the global RNGs per image, so seeding and transforming hold a lock: same image, view and seed → same pixels.
     """
