@@ -312,7 +312,9 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         history += [{"stage": "head", **row} for row in fit.history]
         metrics = _evaluate_splits(fit.head, feats, splits, ds.classes)
     else:
-        fit = HeadFit(make_head("linear", lb.num_features, len(ds.classes)), "linear", {})
+        with torch.random.fork_rng():  # the scratch net's head starts from the seed too, not from whatever RNG state
+            torch.manual_seed(cfg.seed)
+            fit = HeadFit(make_head("linear", lb.num_features, len(ds.classes)), "linear", {})
 
     stage = "scratch" if not lb.spec.pretrained else "finetune" if cfg.finetune else None
     info_stages: dict[str, Any] = {}
