@@ -32,7 +32,7 @@ ds = scan(sys.argv[1])
 paths = ds.splits["train"].paths + ds.splits["val"].paths
 f = features.extract_sharded(paths, backbones.load(), progress=False)
 if distributed.is_main():
-    np.savez(sys.argv[2], x=f.x, ok=f.ok, computed=f.computed, world=distributed.world())
+    np.savez(sys.argv[2], x=f.x, ok=f.ok, computed=f.computed, world=distributed.world(), runtime=f.runtime)
 distributed.shutdown()
 """
 
@@ -64,6 +64,7 @@ def test_sharded_extraction_equals_a_single_process(tmp_path):
     single = features.extract(paths, backbones.load(), progress=False)  # the session cache: a single process
     assert got["ok"].tolist() == single.ok.tolist() and got["ok"].all()
     assert int(got["computed"]) == len(paths)  # every photo computed once, by one rank or the other
+    assert str(got["runtime"]) == single.runtime == "onnxruntime"  # what the ranks ran is reported, as a single process does
     np.testing.assert_allclose(got["x"], single.x, rtol=0, atol=1e-2 * np.abs(single.x).max())  # ~1 bf16 step
     assert np.abs(got["x"] - single.x).mean() < 1e-3 * np.abs(single.x).mean() + 1e-6
     # both ranks wrote their shard's entries into the one cache folder: one entry per distinct photo

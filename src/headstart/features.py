@@ -430,7 +430,7 @@ def extract_sharded(paths: Sequence[Path], lb: LoadedBackbone, **kw: Any) -> Fea
         skipped.update(zip(idx[~part.ok].tolist(), part.skipped))
         computed, seconds = computed + part.computed, max(seconds, part.seconds)
     x = np.stack([rows[i] for i in np.flatnonzero(ok)]) if ok.any() else np.zeros((0, lb.num_features), np.float32)
-    return Features(x, ok, [skipped[i] for i in sorted(skipped)], computed=computed, seconds=seconds)
+    return Features(x, ok, [skipped[i] for i in sorted(skipped)], computed=computed, seconds=seconds, runtime=mine.runtime)
 
 
 def _show(path: Path, root: Path | None) -> str:
