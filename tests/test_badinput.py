@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import HYMENOPTERA, save_image
+from conftest import HYMENOPTERA
 from headstart.data import IMAGE_EXTENSIONS, HeadstartError, open_rgb, scan, train_val_split
 
 ANT = HYMENOPTERA / "train/ants/1030023514_aad5c608f9.jpg"  # 500×333 RGB JPEG

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ def test_evaluate_refuses_unknown_classes(ants_run, tmp_path):
         headstart.load(ants_run[1]).evaluate(tmp_path)
 
 
-def _edited_copy(run, tmp_path, edit) -> "Path":
+def _edited_copy(run, tmp_path, edit) -> Path:
     import shutil
 
     copy = tmp_path / "edited"
