@@ -54,7 +54,7 @@ def test_frozen_batchnorm_statistics_do_not_move(small, tmp_path):
     from headstart.config import TrainConfig
     from headstart.data import scan, train_val_split
     from headstart.finetune import Net, fit
-    from headstart.predict import make_head
+    from headstart.heads import make_head
 
     lb = backbones.load("efficientnet_lite0")
     lb.model.reset_classifier(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -47,6 +48,43 @@ def test_clothing_reaches_82_percent(tmp_path):
     assert clf.info["metrics"]["val"]["accuracy"] >= 0.82
     assert clf.info["metrics"]["test"]["n"] == 214  # the test/ split is evaluated too
     assert (tmp_path / "clothing" / "test_metrics.json").is_file()
+
+
+def test_cached_rerun_imports_no_torch_and_writes_the_same_run(ants_run, tmp_path):
+    """A re-run the cache answers in full (features, head fit, Grad-CAM pictures, the backbone's facts and
+    weights) never imports torch, timm or torchvision: that is what makes it 2 s instead of 8. Its run folder is
+    the first run's, byte for byte, and the classifier it returns still predicts (building the network then)."""
+    import subprocess
+    import sys
+
+    clf, first = ants_run
+    photo = sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[0]
+    code = ("import sys, headstart\n"
+            "clf = headstart.train(sys.argv[1], out=sys.argv[2], progress=False)\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n"
+            "print(clf.predict([sys.argv[3]])[0].top[0])\n")
+    again = tmp_path / "again"
+    done = subprocess.run([sys.executable, "-c", code, str(HYMENOPTERA), str(again), str(photo)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported, top = done.stdout.strip().splitlines()[-2:]
+    assert imported == "[]"
+    label, p = clf.predict([photo])[0].top[0]
+    assert top.startswith(f"('{label}', {str(p)[:6]}")
+    for name in ("model.safetensors", "metrics.json", "predictions.csv", "worst_errors.csv", "confusion_matrix.png"):
+        assert (again / name).read_bytes() == (first / name).read_bytes(), name
+    strip = lambda html: re.sub(r"<p class=note>Timing:.*?</p>|\d{4}-\d\d-\d\d \d\d:\d\d", "", html)  # noqa: E731 - timings, date
+    assert strip((again / "report.html").read_text()) == strip((first / "report.html").read_text())
+
+
+def test_damaged_cached_backbone_weights_are_rebuilt(ants_run, tmp_path):
+    """The cached copy of the backbone's weights goes into bundles: a damaged one is never used."""
+    from headstart.config import cache_dir
+
+    clf, first = ants_run
+    for f in (cache_dir() / "backbones").glob("*.safetensors"):
+        f.write_bytes(b"\0" * 64)
+    headstart.train(HYMENOPTERA, out=tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
 
 
 def test_mlp_head_learns_separable_features():

@@ -14,7 +14,6 @@ from .backbones import load as load_backbone
 from .compare import compare
 from .config import TrainConfig
 from .data import HeadstartError, scan
-from .export import export_onnx
 from .predict import Classifier, Prediction, load, predict_imagenet
 from .train import train
 
@@ -34,3 +33,12 @@ __all__ = [
     "train",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``export_onnx`` on first use: the export module imports torch, which a cached re-run never needs."""
+    if name == "export_onnx":
+        from .export import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module 'headstart' has no attribute {name!r}")

@@ -8,23 +8,26 @@ safetensors or ``torch.load(weights_only=True)``: nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlparse
 
-import timm
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch and timm are imported where a network is built: they cost seconds
+    from torch import nn
 
+from . import config
 from .config import DEFAULT_BACKBONE
 from .data import HeadstartError
+from .files import atomic_path, atomic_write_text, sha256_file
 
-StateDict = dict[str, torch.Tensor]
+StateDict = dict[str, Any]  # parameter name → torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ def lookup(name: str) -> Backbone:
     key = _ALIASES.get(_norm(name))
     if key:
         return REGISTRY[key]
+    import timm
+
     if timm.is_model(name):
         return Backbone(name=name, timm_name=name, about="timm model")
     close = [k for k in REGISTRY if _norm(name)[:4] in _norm(k)] + timm.list_models(f"*{name[:8]}*")[:5]
@@ -112,62 +117,41 @@ def lookup(name: str) -> Backbone:
     )
 
 
-@dataclass
 class LoadedBackbone:
-    spec: Backbone
-    model: nn.Module  # the full timm model, ImageNet classifier included when the weights have one
-    data_config: dict[str, Any]  # timm's resolved preprocessing: input_size, interpolation, crop, mean, std
-    source: str  # where the weights came from, for people
-    digest: str  # sha256 of the weights as loaded, for cache keys and bundles
-    num_features: int
+    """A backbone with its weights: what it is (spec, preprocessing, digest, widths) and, built when first asked
+    for, the network itself. A re-run that finds everything in the cache never builds it."""
 
+    def __init__(self, spec: Backbone, model: nn.Module | None, data_config: dict[str, Any], source: str, digest: str,
+                 num_features: int, num_classes: int = 0, *, build: Callable[[], nn.Module] | None = None,
+                 state_file: Path | None = None):
+        self.spec, self.data_config, self.source, self.digest = spec, data_config, source, digest
+        self.num_features, self.num_classes = num_features, num_classes
+        self._model, self._build, self._state_file = model, build, state_file
 
-class ScratchCNN(nn.Module):
-    """The classic small CNN (three conv → BN → ReLU → max-pool blocks, global pooling), to show what transfer buys.
+    @property
+    def model(self) -> nn.Module:
+        """The timm model (ImageNet classifier included when the weights have one and it was not removed)."""
+        if self._model is None:
+            self._model = self._build()
+        return self._model
 
-    It speaks timm's feature interface (forward_features / forward_head / num_features) so the rest of headstart
-    treats it like any backbone.
-    """
+    def state_arrays(self) -> dict[str, Any]:
+        """The network's tensors as numpy arrays, for the bundle: read back from the cache when not built."""
+        if self._model is None and self._state_file is not None:
+            from safetensors.numpy import load_file
 
-    pretrained_cfg = {
-        "input_size": (3, 128, 128), "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center",
-        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "classifier": "classifier",
-    }
-
-    def __init__(self, num_classes: int = 0, widths: tuple[int, ...] = (32, 64, 128)):
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c in widths:
-            layers.append(nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True), nn.MaxPool2d(2)))
-            c_in = c
-        self.blocks = nn.Sequential(*layers)
-        self.num_features = c_in
-        self.num_classes = num_classes
-        self.classifier: nn.Module = nn.Linear(c_in, num_classes) if num_classes else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return {"blocks": r"^blocks\.(\d+)"}
+            return load_file(str(self._state_file))
+        return {k: v.detach().cpu().contiguous().numpy().copy() for k, v in self.model.state_dict().items()}
 
 
 def create(spec: Backbone, num_classes: int = 0) -> nn.Module:
     """The architecture, without weights."""
     if spec.name == "scratch":
+        from .scratch import ScratchCNN
+
         return ScratchCNN(num_classes)
+    import timm
+
     kwargs = dict(spec.kwargs)
     if spec.cfg_overlay:
         kwargs["pretrained_cfg_overlay"] = dict(spec.cfg_overlay)
@@ -175,25 +159,34 @@ def create(spec: Backbone, num_classes: int = 0) -> nn.Module:
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
+    import timm.data
+
+    from .scratch import ScratchCNN
+
     cfg = timm.data.resolve_data_config(dict(model.pretrained_cfg), model=model) if isinstance(model, ScratchCNN) else timm.data.resolve_data_config({}, model=model)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
-def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0) -> LoadedBackbone:
+def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0, headless: bool = False) -> LoadedBackbone:
     """Build a backbone with real weights, offline first. ``weights="random"`` gives random init (tests, scratch),
-    seeded by ``seed``."""
+    seeded by ``seed``; ``headless`` drops the ImageNet classifier (what training keeps)."""
     spec = lookup(name)
     if weights is not None and str(weights) == "random" or not spec.pretrained:
         sd, source = None, "random initialisation"
     elif weights is not None:
         sd, source = read_state_dict(Path(weights)), f"file {weights}"
     elif spec.package:
-        path = package_weights(spec)
-        if path is None:
-            raise _no_weights(spec, f"the package '{spec.package}' is not installed (pip install {spec.package})")
-        sd, source = read_state_dict(path), f"package {spec.package}"
+        sd, source = read_state_dict(_package_file(spec)), f"package {spec.package}"
     else:
         sd, source = _hub_state_dict(spec)
+    model, digest = _build(spec, sd, source, seed, headless)
+    return LoadedBackbone(spec, model, data_config(model), source, digest, embedding_dim(model), int(getattr(model, "num_classes", 0)))
+
+
+def _build(spec: Backbone, sd: StateDict | None, source: str, seed: int, headless: bool) -> tuple[nn.Module, str]:
+    """The network with ``sd`` loaded (or seeded random init), in eval mode, and the digest of its weights."""
+    import torch
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = create(spec, num_classes=1000)
@@ -209,8 +202,67 @@ def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: in
         digest = state_digest(sd)
     else:
         digest = state_digest(model.state_dict())  # random init differs per seed: never share its cache
-    model.eval()
-    return LoadedBackbone(spec, model, data_config(model), source, digest, embedding_dim(model))
+    if headless:
+        model.reset_classifier(0)
+    return model.eval(), digest
+
+
+def _package_file(spec: Backbone) -> Path:
+    path = package_weights(spec)
+    if path is None:
+        raise _no_weights(spec, f"the package '{spec.package}' is not installed (pip install {spec.package})")
+    return path
+
+
+def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0,
+                      cache_dir: str | os.PathLike | None = None) -> LoadedBackbone:
+    """``load(..., headless=True)``, remembered in ``<cache>/backbones/``: for weights in a local file (``--weights``
+    or a package), what the backbone is and its headless weights are kept, keyed by the file's path, size and
+    time and the library versions. A re-run then knows the backbone without building it, and builds it only
+    if something must run through it: importing torch and timm alone costs more than a cached run's work.
+    """
+    spec = lookup(name)
+    if not spec.pretrained or weights is not None and str(weights) == "random":
+        return load(name, weights, seed, headless=True)
+    if weights is not None:
+        path, source = Path(weights), f"file {weights}"
+    elif spec.package:
+        path, source = _package_file(spec), f"package {spec.package}"
+    else:  # the hub: where its file lives is timm's knowledge, so timm is imported anyway
+        return load(name, weights, seed, headless=True)
+    try:
+        st = path.stat()
+    except OSError:
+        return load(name, weights, seed, headless=True)  # says the file is missing
+    versions = [importlib.metadata.version(p) for p in ("timm", "torch")]
+    from . import __version__
+
+    desc = [spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, str(path.resolve()), st.st_size, st.st_mtime_ns, versions, __version__]
+    key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    folder = config.cache_dir(cache_dir) / "backbones"
+    facts_file, state_file = folder / f"{key}.json", folder / f"{key}.safetensors"
+
+    def build() -> nn.Module:
+        return _build(spec, read_state_dict(path), source, seed, headless=True)[0]
+
+    try:
+        facts = json.loads(facts_file.read_text())
+        if sha256_file(state_file) == facts["state_sha256"]:
+            return LoadedBackbone(spec, None, facts["data_config"], source, facts["digest"], facts["num_features"], 0,
+                                  build=build, state_file=state_file)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    lb = load(name, weights, seed, headless=True)
+    try:
+        from safetensors.numpy import save_file
+
+        with atomic_path(state_file) as tmp:
+            save_file(lb.state_arrays(), str(tmp))
+        facts = {"data_config": lb.data_config, "digest": lb.digest, "num_features": lb.num_features, "state_sha256": sha256_file(state_file)}
+        atomic_write_text(facts_file, json.dumps(facts))
+    except OSError:  # a read-only cache only costs building the backbone next time
+        pass
+    return lb
 
 
 def embedding_dim(model: nn.Module) -> int:
@@ -234,6 +286,8 @@ def _load_strict(model: nn.Module, sd: StateDict, spec: Backbone, source: str) -
 
 def read_state_dict(path: Path) -> StateDict:
     """A weight file as tensors, never executing code: safetensors, or a torch state dict (weights only)."""
+    import torch
+
     if not path.is_file():
         raise HeadstartError(f"weight file '{path}' not found")
     try:
@@ -258,6 +312,8 @@ def read_state_dict(path: Path) -> StateDict:
 
 def state_digest(sd: StateDict) -> str:
     """sha256 over names, shapes and bytes: identical weights give identical digests, whatever the file format."""
+    import torch
+
     h = hashlib.sha256()
     for k in sorted(sd):
         if k.endswith("num_batches_tracked"):  # a counter, not a weight
@@ -329,12 +385,15 @@ def _hub_state_dict(spec: Backbone) -> tuple[StateDict, str]:
         raise _no_weights(spec, "timm lists no pretrained weights for it")
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _reachable(host):
         raise _no_weights(spec, f"not in the local hub cache, and {host} cannot be reached (offline)")
-    kwargs = dict(spec.kwargs)
-    model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
+    import timm
+
+    model = timm.create_model(spec.timm_name, pretrained=True, **dict(spec.kwargs))
     return model.state_dict(), f"hub {hub_id or url}"
 
 
 def _pretrained_cfg(spec: Backbone) -> dict[str, Any]:
+    import timm.models
+
     cfg = timm.models.get_pretrained_cfg(spec.timm_name)
     return cfg.to_dict() if cfg is not None else {}
 
@@ -380,7 +439,11 @@ def _no_weights(spec: Backbone, why: str) -> HeadstartError:
 
 def input_size(spec: Backbone) -> int | None:
     if not spec.pretrained:
+        from .scratch import ScratchCNN
+
         return ScratchCNN.pretrained_cfg["input_size"][-1]
+    import timm.models
+
     cfg = timm.models.get_pretrained_cfg(spec.timm_name)
     return cfg.input_size[-1] if cfg is not None else None
 

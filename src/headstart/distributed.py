@@ -7,16 +7,18 @@ rest of the code calls them unconditionally.
 
 Gathering goes through ``all_gather_object`` (pickled Python objects). That is simple and works on both backends;
 it is meant for embeddings of moderate size (a few hundred MB in all), since every rank receives every shard.
+
+torch is imported only inside torchrun (or when a device is asked for): a plain cached re-run never needs it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 
 def launched() -> bool:
@@ -28,7 +30,12 @@ def init() -> bool:
     """Join torchrun's process group when there is more than one process; True when distributed."""
     if active():
         return True
-    if not launched() or int(os.environ["WORLD_SIZE"]) < 2 or not dist.is_available():
+    if not launched() or int(os.environ["WORLD_SIZE"]) < 2:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
@@ -42,20 +49,30 @@ def init() -> bool:
 
 def shutdown() -> None:
     if active():
-        dist.destroy_process_group()
+        _dist().destroy_process_group()
 
 
 def active() -> bool:
+    """True once ``init()`` joined a process group (never outside torchrun, where torch stays unimported)."""
+    if not launched():
+        return False
+    dist = _dist()
     return dist.is_available() and dist.is_initialized()
+
+
+def _dist():
+    import torch.distributed
+
+    return torch.distributed
 
 
 def rank() -> int:
     """This process's global rank (0 outside torchrun); read from the environment before ``init()``."""
-    return dist.get_rank() if active() else int(os.environ.get("RANK", 0))
+    return _dist().get_rank() if active() else int(os.environ.get("RANK", 0))
 
 
 def world() -> int:
-    return dist.get_world_size() if active() else 1
+    return _dist().get_world_size() if active() else 1
 
 
 def local_rank() -> int:
@@ -76,14 +93,21 @@ def device() -> torch.device:
     """Where this process computes: its own GPU under torchrun when CUDA is available, otherwise the CPU.
 
     A plain ``headstart train`` keeps computing on the CPU, as it always has."""
+    import torch
+
     if launched() and torch.cuda.is_available():
         return torch.device("cuda", local_rank())
     return torch.device("cpu")
 
 
+def device_type() -> str:
+    """``device().type``, without importing torch where the answer cannot be a GPU (outside torchrun)."""
+    return device().type if launched() else "cpu"
+
+
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _dist().barrier()
 
 
 def all_gather(obj: Any) -> list[Any]:
@@ -91,7 +115,7 @@ def all_gather(obj: Any) -> list[Any]:
     if not active():
         return [obj]
     out: list[Any] = [None] * world()
-    dist.all_gather_object(out, obj)
+    _dist().all_gather_object(out, obj)
     return out
 
 
@@ -100,5 +124,5 @@ def broadcast(obj: Any, src: int = 0) -> Any:
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    _dist().broadcast_object_list(box, src=src)
     return box[0]

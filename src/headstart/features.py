@@ -29,17 +29,18 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
-import timm
-import torch
 from tqdm.auto import tqdm
 
-from . import augment, config, distributed
+from . import config, distributed
 from .backbones import LoadedBackbone
 from .data import Skipped, open_rgb
 from .files import atomic_path, sha256_file
+
+if TYPE_CHECKING:  # imported where the backbone runs: a fully cached extraction never needs them
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,12 @@ class Features:
 
 def bf16_supported() -> bool:
     """True when this CPU has native bf16 matrix instructions (AVX-512 BF16 / AMX); elsewhere bf16 is slower."""
+    if not _cpu_has_native_bf16():
+        return False
+    import torch
+
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_has_native_bf16()
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
@@ -90,12 +95,16 @@ def resolve_precision(precision: str = "auto") -> str:
 
 def prepare(model: torch.nn.Module) -> torch.nn.Module:
     """Eval mode, channels_last: the layout oneDNN's CPU convolutions are fastest with (about 2× here)."""
+    import torch
+
     return model.eval().to(memory_format=torch.channels_last)
 
 
 @contextlib.contextmanager
 def autocast(precision: str, device_type: str = "cpu") -> Iterator[None]:
     if precision == "bf16":
+        import torch
+
         with torch.autocast(device_type, dtype=torch.bfloat16):
             yield
     else:
@@ -108,6 +117,8 @@ def embed(model: torch.nn.Module, batch: torch.Tensor | np.ndarray, precision: s
     ``batch`` is either normalised float NCHW, or uint8 NHWC pixels (then ``data_config`` gives mean/std):
     normalised here, on the model's device, which makes it channels_last without a copy.
     """
+    import torch
+
     dev = next(model.parameters()).device
     with torch.inference_mode(), autocast(precision, dev.type):
         if isinstance(batch, np.ndarray):
@@ -121,6 +132,8 @@ def embed(model: torch.nn.Module, batch: torch.Tensor | np.ndarray, precision: s
 
 def normalize(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
     """uint8 NHWC → float NCHW: what timm's ToTensor + Normalize make of each image (to float rounding)."""
+    import torch
+
     mean = torch.tensor(data_config["mean"], device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(data_config["std"], device=pixels.device).view(1, 3, 1, 1)
     return (pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std
@@ -131,6 +144,8 @@ def normalize(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor
 
 def eval_transform(data_config: dict[str, Any]):
     """timm's own inference preprocessing for this model (resize, centre crop, normalise)."""
+    import timm.data
+
     cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
     return timm.data.create_transform(**cfg, is_training=False)
 
@@ -176,6 +191,8 @@ def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_si
     seeds the global RNGs per image, so seeding and transforming hold a lock: same image, view and seed → same pixels.
     """
     workers = default_workers() if workers < 0 else workers
+    if seeds is not None:
+        from . import augment
     min_size = decode_size(data_config)
     to_pixels = transform or pixel_transform(data_config)
     lock = threading.Lock()
@@ -197,7 +214,7 @@ def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_si
         items = [(i, *one(i)) for i in idx]
         good = [(i, x) for i, x, _ in items if x is not None]
         xs = [x for _, x in good]
-        stacked = (np.stack(xs) if isinstance(xs[0], np.ndarray) else torch.stack(xs)) if xs else None
+        stacked = (np.stack(xs) if isinstance(xs[0], np.ndarray) else _torch_stack(xs)) if xs else None
         return [i for i, _ in good], stacked, [(i, err) for i, x, err in items if x is None]
 
     chunks = [list(range(k, min(k + batch_size, len(paths)))) for k in range(0, len(paths), batch_size)]
@@ -212,6 +229,12 @@ def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_si
                 yield ahead.popleft().result()
         while ahead:
             yield ahead.popleft().result()
+
+
+def _torch_stack(tensors: list):
+    import torch
+
+    return torch.stack(tensors)
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -288,35 +311,40 @@ def extract(
     import time
 
     start = time.perf_counter()
-    dev = distributed.device()
-    runtime = resolve_runtime(runtime, precision, dev.type, augmented=bool(augment_policy))
-    session = ort_session(lb, cache_dir) if runtime == "onnxruntime" else None
-    if runtime == "onnxruntime" and session is None:
-        runtime = "pytorch"  # the export failed its check (logged): PyTorch computes the same embeddings
-    precision = "fp32" if runtime == "onnxruntime" else resolve_precision(precision)
+    device_type = distributed.device_type()
+    runtime = resolve_runtime(runtime, precision, device_type, augmented=bool(augment_policy))
+    if runtime == "onnxruntime" and cache_key(lb, "fp32", runtime=runtime) in _REFUSED:
+        runtime = "pytorch"
     view_key = (augment_policy, view, seed) if augment_policy else None
-    cache = FeatureCache(config.cache_dir(cache_dir), cache_key(lb, precision, view_key, dev.type, runtime)) if use_cache else None
-    n = len(paths)
-    vectors: list[np.ndarray | None] = [None] * n
-    digests: list[str | None] = [None] * n
+    digests = [file_digest(Path(p)) for p in paths] if use_cache else [None] * len(paths)
+
+    def lookup() -> tuple[FeatureCache | None, list[np.ndarray | None], list[int]]:
+        """The cache for this runtime, the vectors it holds for ``paths`` and the indices it lacks."""
+        prec = "fp32" if runtime == "onnxruntime" else resolve_precision(precision)
+        cache = FeatureCache(config.cache_dir(cache_dir), cache_key(lb, prec, view_key, device_type, runtime)) if use_cache else None
+        hits = [cache.get(d) if cache and d else None for d in digests]
+        hits = [h if h is not None and h.shape == (lb.num_features,) else None for h in hits]
+        return cache, hits, [i for i, h in enumerate(hits) if h is None]
+
+    # The cache is read before anything is built: a run it answers in full needs neither the backbone nor a runtime.
+    cache, vectors, todo = lookup()
+    session = ort_session(lb, cache_dir) if todo and runtime == "onnxruntime" else None
+    if todo and runtime == "onnxruntime" and session is None:
+        runtime = "pytorch"  # the export failed its check (logged): PyTorch computes the same embeddings
+        cache, vectors, todo = lookup()
     reasons: dict[int, str] = {}
-    todo: list[int] = []
-    for i, p in enumerate(paths):
-        digests[i] = d = file_digest(Path(p)) if cache else None
-        hit = cache.get(d) if cache and d else None
-        if hit is not None and hit.shape == (lb.num_features,):
-            vectors[i] = hit
-        else:
-            todo.append(i)
 
     if todo:
         if session is not None:
             forward, batch_size = (lambda b: session.run(None, {"pixels": b})[0]), min(batch_size, ORT_BATCH)
         else:
+            dev, prec = distributed.device(), resolve_precision(precision)
             model = prepare(lb.model).to(dev)
-            forward = lambda b: embed(model, b, precision, lb.data_config).numpy()  # noqa: E731
+            forward = lambda b: embed(model, b, prec, lb.data_config).numpy()  # noqa: E731
         transform = seeds = None
         if augment_policy:
+            from . import augment
+
             transform = augment.train_transform(lb.data_config, augment_policy)
             seeds = [(int(digests[i][:15], 16) if digests[i] else i) + 7919 * view + 104_729 * seed for i in todo]
         bar = tqdm(total=len(todo), desc=f"features {lb.spec.name}", unit="img", disable=not progress, leave=False)
@@ -331,7 +359,8 @@ def extract(
                         cache.put(digests[i], vec)
             bar.update(len(idx) + len(bad))
         bar.close()
-        lb.model.to("cpu")  # the rest of the pipeline (head, bundle) expects the backbone on the CPU
+        if session is None:
+            lb.model.to("cpu")  # the rest of the pipeline (head, bundle) expects the backbone on the CPU
 
     ok = np.array([v is not None for v in vectors], dtype=bool)
     x = np.stack([v for v in vectors if v is not None]).astype(np.float32) if ok.any() else np.zeros((0, lb.num_features), np.float32)
@@ -370,6 +399,8 @@ def ort_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
     if key in _REFUSED:
         return None
     path = config.cache_dir(cache_dir) / "onnx" / f"{key}.onnx"
+    import torch
+
     threads = torch.get_num_threads()
     if path.is_file():
         try:

@@ -10,43 +10,37 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.numpy import save_file
 
 from . import backbones, features
 from .data import HeadstartError, Skipped, scan
 from .files import atomic_path, atomic_write_text, sha256_file
 
+if TYPE_CHECKING:  # imported where a network runs; applying a head to cached features needs numpy only
+    from torch import nn
+
 BUNDLE_FORMAT = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
-
-class Standardize(nn.Module):
-    """Per-feature (x - mean) / std, stored in the head so a bundle needs nothing else."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+HeadState = dict[str, np.ndarray]  # the head's tensors, keyed like its torch module's state dict (heads.make_head)
 
 
-def make_head(kind: str, dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.5) -> nn.Sequential:
-    """The new classifier on pooled features: the classic Dense(hidden, ReLU) → dropout → softmax, or linear."""
-    if kind == "mlp":
-        return nn.Sequential(
-            Standardize(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
-        )
-    if kind == "linear":
-        return nn.Sequential(Standardize(dim), nn.Linear(dim, n_classes))
-    raise HeadstartError(f"unknown head '{kind}': use mlp or linear")
+def head_logits(state: HeadState, x: np.ndarray) -> np.ndarray:
+    """The head applied to pooled features: standardise → Linear (→ ReLU → Linear), dropout being off at inference."""
+    z = (np.asarray(x, np.float32) - state["0.mean"]) / state["0.std"]
+    z = z @ state["1.weight"].T + state["1.bias"]
+    if "4.weight" in state:
+        z = np.maximum(z, 0) @ state["4.weight"].T + state["4.bias"]
+    return z
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -66,11 +60,33 @@ class Prediction:
 
 
 class Classifier:
-    """A backbone (frozen or fine-tuned) plus a trained head, and everything needed to use them later."""
+    """A backbone (frozen or fine-tuned) plus a trained head, and everything needed to use them later.
 
-    def __init__(self, backbone: backbones.LoadedBackbone, head: nn.Sequential, classes: list[str], info: dict[str, Any]):
-        self.backbone, self.head, self.classes, self.info = backbone, head.eval(), list(classes), info
+    The head is given as a torch module or as its arrays (``info["head"]`` says its shape); the module is made
+    when first asked for, and from then on it is the head (fine-tuning or a test may change it in place).
+    """
+
+    def __init__(self, backbone: backbones.LoadedBackbone, head: nn.Module | HeadState, classes: list[str], info: dict[str, Any]):
+        self.backbone, self.classes, self.info = backbone, list(classes), info
+        self._head_module = head.eval() if not isinstance(head, dict) else None
+        self._head_state = head if isinstance(head, dict) else None
         self.path: Path | None = None
+
+    @property
+    def head(self) -> nn.Sequential:
+        if self._head_module is None:
+            from .heads import to_module
+
+            self._head_module = to_module(self.info["head"], len(self.classes), self._head_state)
+            self._head_state = None
+        return self._head_module
+
+    def head_state(self) -> HeadState:
+        if self._head_module is not None:
+            from .heads import to_arrays
+
+            return to_arrays(self._head_module)
+        return self._head_state
 
     # ---------------------------------------------------------------------------------------- inference
 
@@ -80,8 +96,7 @@ class Classifier:
                                 precision=settings.get("precision", "auto"), runtime=settings.get("runtime", "auto"), **kw)
 
     def proba_from_features(self, x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return torch.softmax(self.head(torch.from_numpy(np.asarray(x, np.float32))), dim=1).numpy()
+        return softmax(head_logits(self.head_state(), x))
 
     def proba(self, paths: Sequence[Path], *, engine: str = "pytorch", use_cache: bool = True, progress: bool = False,
               root: Path | None = None) -> tuple[np.ndarray, features.Features]:
@@ -128,10 +143,10 @@ class Classifier:
 
     # ------------------------------------------------------------------------------------------ bundle
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        sd = {f"backbone.{k}": v for k, v in self.backbone.model.state_dict().items()}
-        sd |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every tensor of the bundle as numpy arrays: built from the cache alone when the backbone never ran."""
+        sd = {f"backbone.{k}": v for k, v in self.backbone.state_arrays().items()}
+        return sd | {f"head.{k}": v for k, v in self.head_state().items()}
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the bundle atomically: weights first, then the config that names their digest."""
@@ -146,7 +161,7 @@ class Classifier:
                 "timm_name": self.backbone.spec.timm_name,
                 "kwargs": self.backbone.spec.kwargs,
                 "cfg_overlay": self.backbone.spec.cfg_overlay,
-                "num_classes": int(getattr(self.backbone.model, "num_classes", 0)),
+                "num_classes": self.backbone.num_classes,
                 "weights_source": self.backbone.source,
                 "weights_digest": self.backbone.digest,
             },
@@ -174,6 +189,10 @@ def load(folder: str | os.PathLike) -> Classifier:
         raise HeadstartError(f"'{folder}' was written by an incompatible headstart (format {cfg.get('format')})")
     if sha256_file(model_path) != cfg.get("model_sha256"):
         raise HeadstartError(f"'{model_path}' does not match the digest in {CONFIG_FILE}: the weights were changed or damaged; refusing to load")
+    from safetensors.torch import load_file
+
+    from .heads import make_head
+
     b = cfg["backbone"]
     spec = backbones.Backbone(b["name"], b["timm_name"], "from bundle", kwargs=b.get("kwargs", {}), cfg_overlay=b.get("cfg_overlay", {}))
     try:
@@ -188,7 +207,8 @@ def load(folder: str | os.PathLike) -> Classifier:
         head.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("head.")}, strict=True)
     except RuntimeError as e:
         raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} ({' '.join(str(e).split())[:200]}); refusing to load") from None
-    lb = backbones.LoadedBackbone(spec, model.eval(), cfg["preprocess"], b["weights_source"], b["weights_digest"], backbones.embedding_dim(model))
+    lb = backbones.LoadedBackbone(spec, model.eval(), cfg["preprocess"], b["weights_source"], b["weights_digest"],
+                                  backbones.embedding_dim(model), b.get("num_classes", 0))
     info = {k: v for k, v in cfg.items() if k not in ("format", "backbone", "preprocess", "classes", "model_sha256")}
     clf = Classifier(lb, head, cfg["classes"], info)
     clf.path = folder
@@ -197,6 +217,7 @@ def load(folder: str | os.PathLike) -> Classifier:
 
 def predict_imagenet(paths: Sequence[str | os.PathLike], backbone: str = backbones.DEFAULT, weights: str | None = None, top_k: int = 5, precision: str = "auto") -> list[Prediction]:
     """The raw pretrained network with its 1000 ImageNet classes: a quick check that the weights are right."""
+    import torch
     from timm.data import ImageNetInfo
 
     lb = backbones.load(backbone, weights)

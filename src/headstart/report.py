@@ -115,6 +115,30 @@ ErrorOverlay = Callable[[Path], Image.Image]
 THUMB = 200  # px, longest side of a gallery thumbnail
 
 
+def cached_overlay(overlay: ErrorOverlay, model_key: str, cache_dir: Path) -> ErrorOverlay:
+    """``overlay``, remembered as PNG in ``cache_dir/overlays/`` by ``model_key`` and the photo's content: a re-run
+    with the same model draws its report without running the network (for Grad-CAM: without importing torch)."""
+
+    def cached(photo: Path) -> Image.Image:
+        h = hashlib.sha256(model_key.encode())
+        h.update(Path(photo).read_bytes())
+        path = cache_dir / "overlays" / f"{h.hexdigest()[:32]}.png"
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError):
+            pass
+        img = to_rgb(overlay(photo))
+        try:
+            with atomic_path(path) as tmp:
+                img.save(tmp, format="PNG")
+        except OSError:  # a read-only cache only costs drawing it again
+            pass
+        return img
+
+    return cached
+
+
 def build_report(folder: str | Path, *, error_overlay: ErrorOverlay | None = None) -> Path:
     """Write ``folder/report.html``: one self-contained page (inline CSS, images as data URIs, no links out).
 

@@ -23,16 +23,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
-from torch import nn
 
-from . import backbones, config, distributed, evaluate, features, finetune, report
+from . import backbones, config, distributed, evaluate, features, report
 from .config import TrainConfig
 from .data import HeadstartError, Split, scan, summarize, train_val_split
-from .files import atomic_write_text
-from .predict import Classifier, make_head
+from .files import atomic_path, atomic_write_text
+from .predict import Classifier, HeadState, head_logits, softmax
+
+# torch, timm and scikit-learn's estimators are imported where they run: a re-run that the cache answers
+# (features, the head's fit, the Grad-CAM pictures) never imports torch, which alone takes longer than its work.
 
 log = logging.getLogger("headstart")
 
@@ -46,7 +45,7 @@ CANDIDATES: list[tuple[str, dict[str, float]]] = [
 
 @dataclass
 class HeadFit:
-    head: nn.Sequential
+    state: HeadState  # the head's tensors as arrays (see predict.head_logits)
     kind: str
     params: dict[str, float]
     epochs: int = 0
@@ -64,16 +63,16 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str = "auto") -> np.ndarr
     return len(y) / (n_classes * np.maximum(counts, 1))
 
 
-def _standardize(head: nn.Sequential, x: np.ndarray) -> None:
-    head[0].mean.copy_(torch.from_numpy(x.mean(0)))
-    head[0].std.copy_(torch.from_numpy(x.std(0) + 1e-6))
+def _standardizer(x: np.ndarray) -> HeadState:
+    return {"0.mean": x.mean(0).astype(np.float32), "0.std": (x.std(0) + 1e-6).astype(np.float32)}
 
 
 def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, weights: np.ndarray | None, seed: int) -> HeadFit:
-    """scikit-learn's logistic regression on standardised features, stored as a torch Linear layer."""
-    head = make_head("linear", x.shape[1], n_classes)
-    _standardize(head, x)
-    xs = (x - head[0].mean.numpy()) / head[0].std.numpy()
+    """scikit-learn's logistic regression on standardised features, stored as the linear head's arrays."""
+    from sklearn.linear_model import LogisticRegression
+
+    state = _standardizer(x)
+    xs = (x - state["0.mean"]) / state["0.std"]
     cw = {i: float(w) for i, w in enumerate(weights)} if weights is not None else None
     lr = LogisticRegression(C=C, max_iter=3000, class_weight=cw, random_state=seed).fit(xs, y)
     w = np.zeros((n_classes, x.shape[1]), np.float32)
@@ -84,10 +83,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, C: float, weights: 
         w[lr.classes_], b[lr.classes_] = lr.coef_, lr.intercept_
         missing = np.setdiff1d(np.arange(n_classes), lr.classes_)
         b[missing] = -1e4  # a class absent from this fold's training data is never predicted
-    with torch.no_grad():
-        head[1].weight.copy_(torch.from_numpy(w))
-        head[1].bias.copy_(torch.from_numpy(b))
-    return HeadFit(head.eval(), "linear", {"C": C})
+    return HeadFit(state | {"1.weight": w, "1.bias": b}, "linear", {"C": C})
 
 
 def fit_mlp(
@@ -102,10 +98,16 @@ def fit_mlp(
 ) -> HeadFit:
     """The classic head, Adam; with validation data, early stopping on its loss keeps the best epoch,
     otherwise it trains for exactly ``epochs``."""
+    import torch
+    from torch import nn
+
+    from .heads import make_head, to_arrays
+
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     head = make_head("mlp", x.shape[1], n_classes, cfg.hidden, cfg.dropout)
-    _standardize(head, x)
+    for name, value in _standardizer(x).items():
+        head.get_buffer(name).copy_(torch.from_numpy(value))
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     w = torch.tensor(weights, dtype=torch.float32) if weights is not None else None
     loss_fn = nn.CrossEntropyLoss(weight=w)
@@ -137,12 +139,11 @@ def fit_mlp(
         history.append(row)
     if best is not None:
         head.load_state_dict(best)
-    return HeadFit(head.eval(), "mlp", {"dropout": cfg.dropout, "hidden": cfg.hidden}, best_epoch or len(history), history)
+    return HeadFit(to_arrays(head.eval()), "mlp", {"dropout": cfg.dropout, "hidden": cfg.hidden}, best_epoch or len(history), history)
 
 
-def _proba(head: nn.Sequential, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return torch.softmax(head(torch.from_numpy(x)), 1).numpy()
+def _proba(state: HeadState, x: np.ndarray) -> np.ndarray:
+    return softmax(head_logits(state, x))
 
 
 def _with_views(x: np.ndarray, y: np.ndarray, idx: np.ndarray, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -154,6 +155,8 @@ def _with_views(x: np.ndarray, y: np.ndarray, idx: np.ndarray, views: list[np.nd
 
 def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[str, dict[str, float], int, list[dict[str, Any]]]:
     """Cross-validate the candidate heads on the training split; returns the winner and the table."""
+    from sklearn.model_selection import StratifiedKFold
+
     views = views or []
     candidates = [c for c in CANDIDATES if cfg.head in ("auto", c[0])]
     folds = min(cfg.cv_folds, int(np.bincount(y).min()))
@@ -173,7 +176,7 @@ def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, 
                 epochs.append(fit.epochs)
             else:
                 fit = fit_linear(xt, yt, n_classes, params["C"], weights, cfg.seed)
-            p = _proba(fit.head, x[te])
+            p = _proba(fit.state, x[te])
             acc.append(float((p.argmax(1) == y[te]).mean()))
             nll.append(float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()))
         table.append({"kind": kind, "params": params, "cv_accuracy": float(np.mean(acc)), "cv_log_loss": float(np.mean(nll)),
@@ -183,55 +186,77 @@ def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, 
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[HeadFit, list[dict[str, Any]]]:
-    """Choose a head by cross-validation, then fit it on the whole training split (and its augmented views)."""
-    with single_thread():
-        kind, params, epochs, table = cached_selection(x, y, n_classes, cfg, views)
+    """Choose a head by cross-validation, then fit it on the whole training split (and its augmented views).
+
+    Both are deterministic in the features, labels and settings, so the outcome is remembered in the cache folder
+    (``<cache>/heads/``): a re-run on cached features reads it back instead of repeating the cross-validation.
+    """
+    path = _fit_path(x, y, n_classes, cfg, views)
+    if (known := _read_fit(path)) is not None:
+        log.info("head: cross-validation and fit read back from %s", path.with_suffix(".json"))
+        return known
+    with single_thread(torch_too=cfg.head != "linear"):
+        kind, params, epochs, table = select_head(x, y, n_classes, cfg, views)
         weights = class_weights(y, n_classes, cfg.class_weights)
         x, y = _with_views(x, y, np.arange(len(y)), views or [])
         if kind == "mlp":
             fit = fit_mlp(x, y, n_classes, cfg, weights, epochs=max(epochs, 1) if table else 30)
         else:
             fit = fit_linear(x, y, n_classes, params["C"], weights, cfg.seed)
+    try:  # arrays first, then the record that names them: a reader finds both or neither
+        from safetensors.numpy import save_file
+
+        with atomic_path(path.with_suffix(".safetensors")) as tmp:
+            save_file(fit.state, str(tmp))
+        record = {"kind": fit.kind, "params": fit.params, "epochs": fit.epochs, "history": fit.history, "table": table}
+        atomic_write_text(path.with_suffix(".json"), json.dumps(record))
+    except OSError:  # a read-only cache only costs the cross-validation next time
+        pass
     return fit, table
 
 
-# Everything the cross-validation's outcome depends on, besides the features and labels themselves.
+# Everything the head's selection and fit depend on, besides the features and labels themselves.
 _SELECTION_FIELDS = ("head", "hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience", "head_batch_size", "cv_folds",
                      "class_weights", "seed")
 
 
-def cached_selection(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None):
-    """``select_head``, remembered in the cache folder: it is deterministic in the features, labels and settings,
-    so a re-run on cached features skips the cross-validation (most of a cached run's own time)."""
-    h = hashlib.sha256(json.dumps([n_classes, CANDIDATES, {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, torch.__version__]).encode())
+def _fit_path(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None) -> Path:
+    """``<cache>/heads/<key>`` (``.json`` + ``.safetensors``), the key covering inputs, settings and library versions."""
+    from importlib.metadata import version
+
+    libs = [version(p) for p in ("torch", "scikit-learn", "numpy")]
+    h = hashlib.sha256(json.dumps([n_classes, CANDIDATES, {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs, 2]).encode())
     for a in (x, y, *(views or [])):
         h.update(np.ascontiguousarray(a).tobytes())
-    path = config.cache_dir(cfg.cache_dir) / "heads" / f"{h.hexdigest()[:24]}.json"
+    return config.cache_dir(cfg.cache_dir) / "heads" / h.hexdigest()[:24]
+
+
+def _read_fit(path: Path) -> tuple[HeadFit, list[dict[str, Any]]] | None:
+    from safetensors.numpy import load_file
+
     try:
-        kind, params, epochs, table = json.loads(path.read_text())
-        log.info("head: cross-validation read back from %s", path)
-        return kind, params, epochs, table
-    except (OSError, ValueError, TypeError):
-        pass
-    result = select_head(x, y, n_classes, cfg, views)
-    with contextlib.suppress(OSError):  # a read-only cache only costs the cross-validation next time
-        atomic_write_text(path, json.dumps(result))
-    return result
+        r = json.loads(path.with_suffix(".json").read_text())
+        fit = HeadFit(load_file(str(path.with_suffix(".safetensors"))), r["kind"], r["params"], r["epochs"], r["history"])
+        return fit, r["table"]
+    except Exception:  # noqa: BLE001 - absent, partial or damaged: fit again
+        return None
 
 
 @contextlib.contextmanager
-def single_thread() -> Iterator[None]:
+def single_thread(torch_too: bool = True) -> Iterator[None]:
     """Head-sized matrices gain nothing from threads, and on a busy CPU thread hand-offs cost 10x or more
-    (measured on 2 busy shared cores: the clothing head's cross-validation took 280 s with 2 threads)."""
+    (measured on 2 busy shared cores: the clothing head's cross-validation took 280 s with 2 threads).
+    ``torch_too=False`` leaves torch alone (and unimported) when only scikit-learn runs."""
     from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(before)
+    with threadpool_limits(1), contextlib.ExitStack() as stack:
+        if torch_too:
+            import torch
+
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, before)
+        yield
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -261,12 +286,10 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
     log.info("data: %s (%s layout), %d classes", ds.root, ds.layout, len(ds.classes))
 
-    lb = backbones.load(cfg.backbone, cfg.weights, seed=cfg.seed)
+    lb = backbones.load_for_training(cfg.backbone, cfg.weights, seed=cfg.seed, cache_dir=cfg.cache_dir)  # headless: the bundle keeps the feature extractor only
     log.info("backbone: %s (timm %s), weights from %s", lb.spec.name, lb.spec.timm_name, lb.source)
     if out is not None and main:  # written once the backbone exists: a refused run leaves no folder behind
         atomic_write_text(Path(out) / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
-    lb.model.reset_classifier(0)  # the bundle keeps the feature extractor only
-    precision = features.resolve_precision(cfg.precision)
     splits = {"train": tr, "val": va} | ({"test": te} if te is not None and len(te) else {})
     inputs = _inputs_digest(cfg, splits, ds.root, lb.digest) if reuse and out is not None else None
     if inputs is not None and (done := _finished_run(Path(out), inputs)) is not None:
@@ -310,11 +333,10 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         timing["head_s"] = round(time.perf_counter() - t1, 3)
         log.info("head: %s %s, %s", fit.kind, fit.params, "chosen by cross-validation on train" if len(table) > 1 else "as asked")
         history += [{"stage": "head", **row} for row in fit.history]
-        metrics = _evaluate_splits(fit.head, feats, splits, ds.classes)
+        metrics = _evaluate_splits(fit.state, feats, splits, ds.classes)
     else:
-        with torch.random.fork_rng():  # the scratch net's head starts from the seed too, not from whatever RNG state
-            torch.manual_seed(cfg.seed)
-            fit = HeadFit(make_head("linear", lb.num_features, len(ds.classes)), "linear", {})
+        fit = HeadFit({}, "linear", {})  # the scratch net's head: made, seeded, below
+    head: Any = fit.state  # arrays, or the torch module once a stage has trained one
 
     stage = "scratch" if not lb.spec.pretrained else "finetune" if cfg.finetune else None
     info_stages: dict[str, Any] = {}
@@ -325,27 +347,38 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         t2 = time.perf_counter()
         if feats:  # only images that decoded: under DDP every rank must take the same number of steps
             tr = tr.subset(np.flatnonzero(feats["train"].ok).tolist())
-        net = finetune.Net(lb.model, fit.head)
+        import torch
+
+        from . import finetune
+        from .heads import make_head, to_arrays, to_module
+
+        if fit.state:
+            start = to_module({"kind": fit.kind, "dim": lb.num_features, "hidden": cfg.hidden, "dropout": cfg.dropout}, len(ds.classes), fit.state)
+        else:
+            with torch.random.fork_rng():  # the scratch net's head starts from the seed too, not from whatever RNG state
+                torch.manual_seed(cfg.seed)
+                start = make_head("linear", lb.num_features, len(ds.classes))
+        net = finetune.Net(lb.model, start)
         with _checkpoint_dir(out) as ckdir:
             res = finetune.fit(net, tr, va, lb.data_config, cfg, stage=stage, checkpoint_dir=ckdir, resume=resume, progress=progress,
                                resume_hint=f"headstart train {data} --resume {out}")
             history += res.history
-            lb = dataclasses.replace(lb, model=net.backbone, digest=backbones.state_digest(net.backbone.state_dict()),
-                                     source=f"{lb.source}, {stage} here")
+            lb = backbones.LoadedBackbone(lb.spec, net.backbone, lb.data_config, f"{lb.source}, {stage} here",
+                                          backbones.state_digest(net.backbone.state_dict()), lb.num_features, lb.num_classes)
             feats = {name: run_extract(split) for name, split in splits.items() if name != "train"}
-            metrics = _evaluate_splits(net.head, feats, splits, ds.classes)
+            head = net.head
+            metrics = _evaluate_splits(to_arrays(net.head), feats, splits, ds.classes)
             if ckdir is not None and out is not None and main:  # done: the bundle supersedes the checkpoint
                 (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
         timing[f"{stage}_s"] = round(time.perf_counter() - t2, 3)
         info_stages[stage] = {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch, "epochs_run": sum(r["epoch"] > 0 for r in res.history), **_headline(metrics)}
 
     timing["total_s"] = round(time.perf_counter() - t0, 3)
+    runtime = feats["val"].runtime if feats else "pytorch"
     info: dict[str, Any] = {
         "head": {"kind": fit.kind, "dim": lb.num_features, "hidden": cfg.hidden, "dropout": cfg.dropout, **fit.params, "epochs": fit.epochs},
         "head_selection": table,
-        "precision": precision,
-        "features": {"runtime": feats["val"].runtime if feats else "pytorch",
-                     "precision": "fp32" if feats and feats["val"].runtime == "onnxruntime" else precision},
+        "features": {"runtime": runtime, "precision": "fp32" if runtime == "onnxruntime" else features.resolve_precision(cfg.precision)},
         "train_config": cfg.to_dict(),
         "stages": info_stages,
         "data": {"root": str(ds.root), "layout": ds.layout, "classes": ds.classes,
@@ -355,7 +388,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         "timing": {k: round(v, 3) for k, v in timing.items()},
         **({"inputs_digest": inputs} if inputs else {}),
     }
-    clf = Classifier(lb, fit.head, ds.classes, info)
+    clf = Classifier(lb, head, ds.classes, info)
     if out is not None and main:
         save_run(clf, Path(out), metrics, summarize(ds.classes, splits, skipped))
     distributed.barrier()  # every rank returns once the run folder is complete
@@ -389,7 +422,7 @@ def _finished_run(out: Path, inputs: str) -> Classifier | None:
     return clf
 
 
-def _evaluate_splits(head: nn.Module, feats: dict[str, features.Features], splits: dict[str, Split], classes: list[str]) -> dict[str, dict[str, Any]]:
+def _evaluate_splits(head: HeadState, feats: dict[str, features.Features], splits: dict[str, Split], classes: list[str]) -> dict[str, dict[str, Any]]:
     out = {}
     for name in ("val", "test"):
         f = feats.get(name)
@@ -450,7 +483,15 @@ def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], sum
         atomic_write_text(out / "history.csv", evaluate._csv([keys] + [[row.get(k, "") for k in keys] for row in history]))
         atomic_write_text(out / "history.json", json.dumps(history, indent=1))
         plot_history(history, out / "history.png")
-    from .explain import gradcam_thumbnail
+    def gradcam(photo: Path):
+        from .explain import gradcam_thumbnail
 
-    # report.html from the files just written, with Grad-CAM beside each worst error: where the network looked
-    report.build_report(out, error_overlay=functools.partial(gradcam_thumbnail, clf, size=160))
+        return gradcam_thumbnail(clf, photo, size=160)
+
+    # report.html from the files just written, with Grad-CAM beside each worst error: where the network looked.
+    # The pictures are remembered per model and photo, so a re-run with the same model does not run the network.
+    h = hashlib.sha256(json.dumps(["gradcam", 160, clf.backbone.digest, clf.classes]).encode())
+    for k, v in sorted(clf.head_state().items()):
+        h.update(k.encode() + np.ascontiguousarray(v).tobytes())
+    overlay = report.cached_overlay(gradcam, h.hexdigest(), config.cache_dir(clf.info["train_config"].get("cache_dir")))
+    report.build_report(out, error_overlay=overlay)
