@@ -207,6 +207,10 @@ def fit(
         result.history.append({"stage": stage, "epoch": 0, "val_loss": val_loss, "val_accuracy": val_acc})
         result.best_val_loss, result.best_epoch = val_loss, 0
         best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    # oneDNN may sum a backward pass's per-thread partial gradients in any order; the deterministic mode fixes
+    # the order, so the same seed gives the same weights (and a resumed run the uninterrupted run's result).
+    was_deterministic = torch.backends.mkldnn.deterministic
+    torch.backends.mkldnn.deterministic = True
     try:
         for epoch in range(start, epochs + 1):
             if epoch - result.best_epoch > patience:
@@ -254,6 +258,8 @@ def fit(
     except KeyboardInterrupt:
         where = f"; the checkpoint of epoch {epoch - 1} is kept — resume with: {resume_hint}" if ckpt and resume_hint else ""
         raise Interrupted(f"{stage} interrupted during epoch {epoch}{where}") from None
+    finally:
+        torch.backends.mkldnn.deterministic = was_deterministic
     if best_state is not None:
         net.load_state_dict(best_state)
     net.to("cpu").eval()
