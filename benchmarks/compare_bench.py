@@ -4,7 +4,7 @@
 
 Three runs: (1) empty cache, new folder; (2) the same command again into the same folder, as a user re-runs it
 (finished runs whose photos, settings and weights are unchanged are reused); (3) the pretrained backbones into a
-new folder with the feature cache warm (every embedding read back, every head refit, every report rewritten).
+new folder with the feature cache warm (every embedding and head fit read back, every report rewritten).
 Writes the "compare" section of BENCHMARKS.md (other sections are left as they are).
 The target: the warm re-run is at least 10x faster than the first run.
 """
@@ -52,7 +52,7 @@ def section(data: Path, names: list[str], cold: tuple, warm: tuple, refit: tuple
         "starting weights are unchanged keeps its finished run (`train(..., reuse=True)`), so what remains is hashing",
         "the photos, loading each bundle, timing single-photo predictions and rewriting the leaderboard and report.",
         "The third row trains the pretrained backbones again into a new folder with the feature cache warm: every",
-        "embedding is read back, every head refit, every run folder and report written anew.",
+        "embedding and every head's fit is read back from the cache, every run folder and report written anew.",
         "",
         "| run | wall time | embeddings computed | runs reused | speed-up |",
         "|---|---:|---:|---:|---:|",
