@@ -158,18 +158,25 @@ def create(spec: Backbone, num_classes: int = 0) -> nn.Module:
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
-def data_config(model: nn.Module) -> dict[str, Any]:
+def data_config(model: nn.Module, input_size: int | None = None) -> dict[str, Any]:
+    """timm's preprocessing for ``model``; ``input_size`` overrides only the size, the way timm's own
+    ``--img-size`` does (resize ratio, crop, interpolation and mean/std stay the model's)."""
     import timm.data
 
     from .scratch import ScratchCNN
 
-    cfg = timm.data.resolve_data_config(dict(model.pretrained_cfg), model=model) if isinstance(model, ScratchCNN) else timm.data.resolve_data_config({}, model=model)
+    args = dict(model.pretrained_cfg) if isinstance(model, ScratchCNN) else {}
+    if input_size:
+        args["input_size"] = (3, int(input_size), int(input_size))
+    cfg = timm.data.resolve_data_config(args, model=model)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
-def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0, headless: bool = False) -> LoadedBackbone:
+def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0, headless: bool = False,
+         input_size: int | None = None) -> LoadedBackbone:
     """Build a backbone with real weights, offline first. ``weights="random"`` gives random init (tests, scratch),
-    seeded by ``seed``; ``headless`` drops the ImageNet classifier (what training keeps)."""
+    seeded by ``seed``; ``headless`` drops the ImageNet classifier (what training keeps); ``input_size`` the
+    pixels it sees (default: timm's data config)."""
     spec = lookup(name)
     if weights is not None and str(weights) == "random" or not spec.pretrained:
         sd, source = None, "random initialisation"
@@ -180,7 +187,7 @@ def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: in
     else:
         sd, source = _hub_state_dict(spec)
     model, digest = _build(spec, sd, source, seed, headless)
-    return LoadedBackbone(spec, model, data_config(model), source, digest, embedding_dim(model), int(getattr(model, "num_classes", 0)))
+    return LoadedBackbone(spec, model, data_config(model, input_size), source, digest, embedding_dim(model), int(getattr(model, "num_classes", 0)))
 
 
 def _build(spec: Backbone, sd: StateDict | None, source: str, seed: int, headless: bool) -> tuple[nn.Module, str]:
@@ -215,7 +222,7 @@ def _package_file(spec: Backbone) -> Path:
 
 
 def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0,
-                      cache_dir: str | os.PathLike | None = None) -> LoadedBackbone:
+                      cache_dir: str | os.PathLike | None = None, input_size: int | None = None) -> LoadedBackbone:
     """``load(..., headless=True)``, remembered in ``<cache>/backbones/``: for weights in a local file (``--weights``
     or a package), what the backbone is and its headless weights are kept, keyed by the file's path, size and
     time and the library versions. A re-run then knows the backbone without building it, and builds it only
@@ -223,21 +230,22 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
     """
     spec = lookup(name)
     if not spec.pretrained or weights is not None and str(weights) == "random":
-        return load(name, weights, seed, headless=True)
+        return load(name, weights, seed, headless=True, input_size=input_size)
     if weights is not None:
         path, source = Path(weights), f"file {weights}"
     elif spec.package:
         path, source = _package_file(spec), f"package {spec.package}"
     else:  # the hub: where its file lives is timm's knowledge, so timm is imported anyway
-        return load(name, weights, seed, headless=True)
+        return load(name, weights, seed, headless=True, input_size=input_size)
     try:
         st = path.stat()
     except OSError:
-        return load(name, weights, seed, headless=True)  # says the file is missing
+        return load(name, weights, seed, headless=True, input_size=input_size)  # says the file is missing
     versions = [importlib.metadata.version(p) for p in ("timm", "torch")]
     from . import __version__
 
-    desc = [spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, str(path.resolve()), st.st_size, st.st_mtime_ns, versions, __version__]
+    desc = [spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, str(path.resolve()), st.st_size, st.st_mtime_ns, versions, __version__,
+            *([input_size] if input_size else [])]
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
     folder = config.cache_dir(cache_dir) / "backbones"
     facts_file, state_file = folder / f"{key}.json", folder / f"{key}.safetensors"
@@ -252,7 +260,7 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
                                   build=build, state_file=state_file)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    lb = load(name, weights, seed, headless=True)
+    lb = load(name, weights, seed, headless=True, input_size=input_size)
     try:
         from safetensors.numpy import save_file
 

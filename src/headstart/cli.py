@@ -57,6 +57,9 @@ def _compute_options(f: Any) -> Any:
                      help="PyTorch's precision (fine-tuning; extraction with --runtime pytorch)."),
         click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "pytorch"]), default=_DEFAULTS.runtime, show_default=True,
                      help="What runs the frozen backbone for features: auto = ONNX Runtime fp32 on a CPU, PyTorch on a GPU."),
+        click.option("--input-size", type=click.IntRange(32, 1024), default=_DEFAULTS.input_size,
+                     help="Pixels (square) the backbone sees; default: its timm data config. Networks trained at 224 "
+                          "often do better at 256-288 (the FixRes effect; see README)."),
         click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True),
         click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode workers (-1: automatic)."),
     ]
