@@ -1,6 +1,6 @@
 """Regenerate the core and fine-tuning sections of BENCHMARKS.md.
 
-    python benchmarks/run.py [core] [finetune]      (no argument: both; `make bench` runs every benchmark script)
+    python benchmarks/run.py [core] [finetune] [input_size]   (no argument: all; `make bench` runs every benchmark script)
 
 Medians of 3 runs unless a line says otherwise. Run on an otherwise idle machine.
 """
@@ -193,7 +193,39 @@ Whole run with defaults (`headstart train DATA --finetune`, empty cache; extract
     print(body)
 
 
+def input_size() -> None:
+    """Accuracy and extraction speed of the default backbone at several input sizes (``--input-size``)."""
+    import headstart
+
+    sizes = [224, 256, 288, 320]
+    rows = []
+    for size in sizes:
+        cells = []
+        with tempfile.TemporaryDirectory() as cache:
+            for data in ("hymenoptera", "clothing"):
+                clf = headstart.train(shared() / "datasets" / data, cache_dir=cache, progress=False, input_size=size)
+                m, t = clf.info["metrics"], clf.info["timing"]
+                cells += [f"{100 * m['val']['accuracy']:.1f} %"] + ([f"{100 * m['test']['accuracy']:.1f} %"] if "test" in m else [])
+                if data == "hymenoptera":
+                    speed = t["embeddings_computed"] / t["extract_s"]
+        rows.append(f"| {size}{' (default)' if size == 224 else ''} | {' | '.join(cells)} | {speed:.0f} img/s |")
+    body = f"""## Input size: accuracy and extraction speed of the default backbone (`--input-size`)
+
+Machine: {machine()}. Command: `python benchmarks/run.py input_size`.
+
+`headstart.train(DATA, input_size=N)` with an empty cache: EfficientNet-Lite0 (trained at 224 px) run at N×N, the
+rest of timm's preprocessing unchanged, head chosen by cross-validation on train as usual. Extraction speed: the
+ants/bees run's (ONNX Runtime, decode included; the first batch also pays the export at that size).
+
+| input px | ants/bees val (153) | clothing val (225) | clothing test (214) | extraction |
+|---|---:|---:|---:|---:|
+{chr(10).join(rows)}
+"""
+    write_section("input_size", body)
+    print(body)
+
+
 if __name__ == "__main__":
-    wanted = sys.argv[1:] or ["core", "finetune"]
+    wanted = sys.argv[1:] or ["core", "finetune", "input_size"]
     for name in wanted:
-        {"core": core, "finetune": finetune}[name]()
+        {"core": core, "finetune": finetune, "input_size": input_size}[name]()
