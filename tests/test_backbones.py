@@ -92,3 +92,24 @@ def test_weights_digest_ignores_file_format(tmp_path):
     torch.save(sd, tmp_path / "a.pth")
     save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "a.safetensors")
     assert backbones.load("resnet10t", tmp_path / "a.pth").digest == backbones.load("resnet10t", tmp_path / "a.safetensors").digest
+
+
+def test_remembered_backbone_follows_the_file_content_not_its_name_size_or_time(tmp_path):
+    """load_for_training remembers a backbone by its weight file's content: another checkpoint of the same
+    architecture copied over it with the same size and time (cp -p, rsync -a) is another backbone."""
+    import os
+
+    path = tmp_path / "r10.pth"
+    sd = timm.create_model("resnet10t").state_dict()
+    torch.save(sd, path)
+    first = backbones.load_for_training("resnet10t", weights=path, cache_dir=tmp_path / "cache")
+    again = backbones.load_for_training("resnet10t", weights=path, cache_dir=tmp_path / "cache")
+    assert again._model is None and again.digest == first.digest  # remembered: nothing built
+    st = path.stat()
+    sd["conv1.0.weight"] = sd["conv1.0.weight"] * 2
+    torch.save(sd, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+    other = backbones.load_for_training("resnet10t", weights=path, cache_dir=tmp_path / "cache")
+    assert other.digest != first.digest
+    assert torch.equal(other.model.state_dict()["conv1.0.weight"], sd["conv1.0.weight"])

@@ -125,8 +125,13 @@ class LoadedBackbone:
                  num_features: int, num_classes: int = 0, *, build: Callable[[], nn.Module] | None = None,
                  state_file: Path | None = None):
         self.spec, self.data_config, self.source, self.digest = spec, data_config, source, digest
-        self.num_features, self.num_classes = num_features, num_classes
+        self.num_features, self._num_classes = num_features, num_classes
         self._model, self._build, self._state_file = model, build, state_file
+
+    @property
+    def num_classes(self) -> int:
+        """The ImageNet (or other) classifier's outputs; 0 when headless. Read from the network once built."""
+        return int(getattr(self._model, "num_classes", 0)) if self._model is not None else self._num_classes
 
     @property
     def model(self) -> nn.Module:
@@ -224,9 +229,9 @@ def _package_file(spec: Backbone) -> Path:
 def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0,
                       cache_dir: str | os.PathLike | None = None, input_size: int | None = None) -> LoadedBackbone:
     """``load(..., headless=True)``, remembered in ``<cache>/backbones/``: for weights in a local file (``--weights``
-    or a package), what the backbone is and its headless weights are kept, keyed by the file's path, size and
-    time and the library versions. A re-run then knows the backbone without building it, and builds it only
-    if something must run through it: importing torch and timm alone costs more than a cached run's work.
+    or a package), what the backbone is and its headless weights are kept, keyed by the file's content (sha256)
+    and the library versions. A re-run then knows the backbone without building it, and builds it only if
+    something must run through it: importing torch and timm alone costs more than a cached run's work.
     """
     spec = lookup(name)
     if not spec.pretrained or weights is not None and str(weights) == "random":
@@ -237,21 +242,23 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
         path, source = _package_file(spec), f"package {spec.package}"
     else:  # the hub: where its file lives is timm's knowledge, so timm is imported anyway
         return load(name, weights, seed, headless=True, input_size=input_size)
-    try:
-        st = path.stat()
+    try:  # content, not path and time: a file replaced by another of the same size and time is another file
+        content = sha256_file(path)
     except OSError:
         return load(name, weights, seed, headless=True, input_size=input_size)  # says the file is missing
     versions = [importlib.metadata.version(p) for p in ("timm", "torch")]
     from . import __version__
 
-    desc = [spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, str(path.resolve()), st.st_size, st.st_mtime_ns, versions, __version__,
-            *([input_size] if input_size else [])]
+    desc = [spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, content, versions, __version__, *([input_size] if input_size else [])]
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
     folder = config.cache_dir(cache_dir) / "backbones"
     facts_file, state_file = folder / f"{key}.json", folder / f"{key}.safetensors"
 
     def build() -> nn.Module:
-        return _build(spec, read_state_dict(path), source, seed, headless=True)[0]
+        model, digest = _build(spec, read_state_dict(path), source, seed, headless=True)
+        if digest != facts["digest"]:
+            raise HeadstartError(f"the weight file '{path}' changed during this run; run again")
+        return model
 
     try:
         facts = json.loads(facts_file.read_text())

@@ -209,8 +209,9 @@ def fit(
         best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     # oneDNN may sum a backward pass's per-thread partial gradients in any order; the deterministic mode fixes
     # the order, so the same seed gives the same weights (and a resumed run the uninterrupted run's result).
-    was_deterministic = torch.backends.mkldnn.deterministic
-    torch.backends.mkldnn.deterministic = True
+    was_deterministic = getattr(torch.backends.mkldnn, "deterministic", None)  # torch >= 2.5
+    if was_deterministic is not None:
+        torch.backends.mkldnn.deterministic = True
     try:
         for epoch in range(start, epochs + 1):
             if epoch - result.best_epoch > patience:
@@ -259,7 +260,8 @@ def fit(
         where = f"; the checkpoint of epoch {epoch - 1} is kept — resume with: {resume_hint}" if ckpt and resume_hint else ""
         raise Interrupted(f"{stage} interrupted during epoch {epoch}{where}") from None
     finally:
-        torch.backends.mkldnn.deterministic = was_deterministic
+        if was_deterministic is not None:
+            torch.backends.mkldnn.deterministic = was_deterministic
     if best_state is not None:
         net.load_state_dict(best_state)
     net.to("cpu").eval()

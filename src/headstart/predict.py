@@ -63,7 +63,8 @@ class Classifier:
     """A backbone (frozen or fine-tuned) plus a trained head, and everything needed to use them later.
 
     The head is given as a torch module or as its arrays (``info["head"]`` says its shape); the module is made
-    when first asked for, and from then on it is the head (fine-tuning or a test may change it in place).
+    when first asked for, and from then on it is the head (fine-tuning or a test may change it in place). The
+    arrays are kept, so a thread reading them while another builds the module still finds them.
     """
 
     def __init__(self, backbone: backbones.LoadedBackbone, head: nn.Module | HeadState, classes: list[str], info: dict[str, Any]):
@@ -78,7 +79,6 @@ class Classifier:
             from .heads import to_module
 
             self._head_module = to_module(self.info["head"], len(self.classes), self._head_state)
-            self._head_state = None
         return self._head_module
 
     def head_state(self) -> HeadState:

@@ -490,7 +490,8 @@ def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], sum
 
     # report.html from the files just written, with Grad-CAM beside each worst error: where the network looked.
     # The pictures are remembered per model and photo, so a re-run with the same model does not run the network.
-    h = hashlib.sha256(json.dumps(["gradcam", 160, clf.backbone.digest, clf.classes]).encode())
+    b = clf.backbone
+    h = hashlib.sha256(json.dumps(["gradcam", 1, 160, b.spec.timm_name, b.spec.kwargs, b.digest, b.data_config, clf.classes], default=str).encode())
     for k, v in sorted(clf.head_state().items()):
         h.update(k.encode() + np.ascontiguousarray(v).tobytes())
     overlay = report.cached_overlay(gradcam, h.hexdigest(), config.cache_dir(clf.info["train_config"].get("cache_dir")))
