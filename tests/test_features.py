@@ -91,6 +91,34 @@ def test_exported_backbone_is_reused_and_a_failed_export_falls_back_to_pytorch(t
     assert features.cache_key(lite0, "fp32", runtime="onnxruntime") != features.cache_key(lite0, "fp32")
 
 
+def test_a_refused_export_is_remembered_by_later_runs(tmp_path, lite0, monkeypatch, caplog):
+    """A backbone that does not export faithfully is not tried again by every later run (each try builds the
+    network and checks the graph); other library versions try again."""
+    from headstart import export
+
+    paths = scan(HYMENOPTERA).splits["val"].paths[:2]
+    monkeypatch.setattr(features, "_REFUSED", {})
+
+    def broken(_lb):
+        raise export.ExportError("exporter exploded")
+
+    monkeypatch.setattr(export, "embedding_onnx", broken)
+    assert features.extract(paths, lite0, cache_dir=tmp_path, progress=False).runtime == "pytorch"
+    monkeypatch.setattr(features, "_REFUSED", {})  # as a new process
+
+    def never(_lb):
+        raise AssertionError("the export was tried again")
+
+    monkeypatch.setattr(export, "embedding_onnx", never)
+    again = features.extract(paths, lite0, cache_dir=tmp_path, progress=False)
+    assert again.runtime == "pytorch" and again.computed == 0  # straight to PyTorch's cached embeddings
+    assert "found by an earlier run" in caplog.text
+    monkeypatch.setattr(features, "_REFUSED", {})
+    monkeypatch.setattr(features, "_export_libraries", lambda: ["other versions"])
+    with pytest.raises(AssertionError, match="tried again"):
+        features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False)
+
+
 def test_damaged_exported_backbone_is_exported_again(tmp_path, lite0, caplog):
     paths = scan(HYMENOPTERA).splits["val"].paths[:3]
     want = features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False).x

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import config, distributed
 from .backbones import LoadedBackbone
 from .data import Skipped, open_rgb
-from .files import atomic_path, sha256_file
+from .files import atomic_path, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:  # imported where the backbone runs: a fully cached extraction never needs them
     import torch
@@ -313,7 +313,7 @@ def extract(
     start = time.perf_counter()
     device_type = distributed.device_type()
     runtime = resolve_runtime(runtime, precision, device_type, augmented=bool(augment_policy))
-    if runtime == "onnxruntime" and cache_key(lb, "fp32", runtime=runtime) in _REFUSED:
+    if runtime == "onnxruntime" and export_refused(lb, cache_dir):
         runtime = "pytorch"
     view_key = (augment_policy, view, seed) if augment_policy else None
     digests = [file_digest(Path(p)) for p in paths] if use_cache else [None] * len(paths)
@@ -387,6 +387,33 @@ def resolve_runtime(runtime: str = "auto", precision: str = "auto", device_type:
 _REFUSED: dict[str, str] = {}  # graph key → why its export was refused: tried, and said, once per process
 
 
+def export_refused(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None) -> bool:
+    """True when this backbone's export was refused in this process, or by an earlier run with the same libraries
+    (``<cache>/onnx/<key>.refused.json``): a cached re-run goes straight to PyTorch instead of trying again."""
+    key = cache_key(lb, "fp32", runtime="onnxruntime")
+    if key in _REFUSED:
+        return True
+    path = config.cache_dir(cache_dir) / "onnx" / f"{key}.refused.json"
+    try:
+        known = json.loads(path.read_text())
+        if known["libraries"] == _export_libraries():
+            _REFUSED[key] = known["why"]
+            log.warning("ONNX Runtime cannot run %s (%s; found by an earlier run, delete %s to try again); using PyTorch",
+                        lb.spec.name, known["why"], path)
+            return True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return False
+
+
+def _export_libraries() -> list[str]:
+    from importlib.metadata import version
+
+    from . import __version__
+
+    return [__version__] + [version(p) for p in ("torch", "timm", "onnx", "onnxruntime")]
+
+
 def ort_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
     """An ONNX Runtime session computing this backbone's embeddings from uint8 NHWC pixels, or None when the
     backbone does not export faithfully (the reason is logged once).
@@ -396,7 +423,7 @@ def ort_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
     costs the export again next time.
     """
     key = cache_key(lb, "fp32", runtime="onnxruntime")
-    if key in _REFUSED:
+    if export_refused(lb, cache_dir):
         return None
     path = config.cache_dir(cache_dir) / "onnx" / f"{key}.onnx"
     import torch
@@ -415,6 +442,8 @@ def ort_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
     except ExportError as e:
         _REFUSED[key] = str(e)
         log.warning("ONNX Runtime cannot run %s (%s); using PyTorch", lb.spec.name, e)
+        with contextlib.suppress(OSError):  # remembered, so later runs do not try (and fail) again
+            atomic_write_text(path.with_suffix(".refused.json"), json.dumps({"why": str(e), "libraries": _export_libraries()}))
         return None
     try:
         with atomic_path(path) as tmp:
