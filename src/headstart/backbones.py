@@ -183,12 +183,11 @@ def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: in
     seeded by ``seed``; ``headless`` drops the ImageNet classifier (what training keeps); ``input_size`` the
     pixels it sees (default: timm's data config)."""
     spec = lookup(name)
-    if weights is not None and str(weights) == "random" or not spec.pretrained:
+    local = _local_weights(spec, weights)
+    if local is not None:
+        sd, source = read_state_dict(local[0]), local[1]
+    elif _random_init(spec, weights):
         sd, source = None, "random initialisation"
-    elif weights is not None:
-        sd, source = read_state_dict(Path(weights)), f"file {weights}"
-    elif spec.package:
-        sd, source = read_state_dict(_package_file(spec)), f"package {spec.package}"
     else:
         sd, source = _hub_state_dict(spec)
     model, digest = _build(spec, sd, source, seed, headless)
@@ -219,11 +218,23 @@ def _build(spec: Backbone, sd: StateDict | None, source: str, seed: int, headles
     return model.eval(), digest
 
 
-def _package_file(spec: Backbone) -> Path:
-    path = package_weights(spec)
-    if path is None:
-        raise _no_weights(spec, f"the package '{spec.package}' is not installed (pip install {spec.package})")
-    return path
+def _random_init(spec: Backbone, weights: str | os.PathLike | None) -> bool:
+    return weights is not None and str(weights) == "random" or not spec.pretrained
+
+
+def _local_weights(spec: Backbone, weights: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """The weight file to read and where it came from (``--weights``, else the package's); None for random init
+    or the hub."""
+    if _random_init(spec, weights):
+        return None
+    if weights is not None:
+        return Path(weights), f"file {weights}"
+    if spec.package:
+        path = package_weights(spec)
+        if path is None:
+            raise _no_weights(spec, f"the package '{spec.package}' is not installed (pip install {spec.package})")
+        return path, f"package {spec.package}"
+    return None
 
 
 def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0,
@@ -234,14 +245,10 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
     something must run through it: importing torch and timm alone costs more than a cached run's work.
     """
     spec = lookup(name)
-    if not spec.pretrained or weights is not None and str(weights) == "random":
+    local = _local_weights(spec, weights)
+    if local is None:  # random init, or the hub (where its file lives is timm's knowledge: timm is imported anyway)
         return load(name, weights, seed, headless=True, input_size=input_size)
-    if weights is not None:
-        path, source = Path(weights), f"file {weights}"
-    elif spec.package:
-        path, source = _package_file(spec), f"package {spec.package}"
-    else:  # the hub: where its file lives is timm's knowledge, so timm is imported anyway
-        return load(name, weights, seed, headless=True, input_size=input_size)
+    path, source = local
     try:  # content, not path and time: a file replaced by another of the same size and time is another file
         content = sha256_file(path)
     except OSError:

@@ -390,10 +390,10 @@ _REFUSED: dict[str, str] = {}  # graph key → why its export was refused: tried
 def export_refused(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None) -> bool:
     """True when this backbone's export was refused in this process, or by an earlier run with the same libraries
     (``<cache>/onnx/<key>.refused.json``): a cached re-run goes straight to PyTorch instead of trying again."""
-    key = cache_key(lb, "fp32", runtime="onnxruntime")
+    exported = _exported_file(lb, cache_dir)
+    key, path = exported.stem, exported.with_suffix(".refused.json")
     if key in _REFUSED:
         return True
-    path = config.cache_dir(cache_dir) / "onnx" / f"{key}.refused.json"
     try:
         known = json.loads(path.read_text())
         if known["libraries"] == _export_libraries():
@@ -404,6 +404,11 @@ def export_refused(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = Non
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return False
+
+
+def _exported_file(lb: LoadedBackbone, cache_dir: str | os.PathLike | None) -> Path:
+    """``<cache>/onnx/<key>.onnx``; beside it, ``<key>.refused.json`` when the export failed its check."""
+    return config.cache_dir(cache_dir) / "onnx" / f"{cache_key(lb, 'fp32', runtime='onnxruntime')}.onnx"
 
 
 def _export_libraries() -> list[str]:
@@ -422,10 +427,9 @@ def ort_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
     from ``<cache>/onnx/``. A damaged file there is exported again; a cache folder that cannot be written only
     costs the export again next time.
     """
-    key = cache_key(lb, "fp32", runtime="onnxruntime")
     if export_refused(lb, cache_dir):
         return None
-    path = config.cache_dir(cache_dir) / "onnx" / f"{key}.onnx"
+    path = _exported_file(lb, cache_dir)
     import torch
 
     threads = torch.get_num_threads()
@@ -440,7 +444,7 @@ def ort_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
     try:
         data = embedding_onnx(lb)
     except ExportError as e:
-        _REFUSED[key] = str(e)
+        _REFUSED[path.stem] = str(e)
         log.warning("ONNX Runtime cannot run %s (%s); using PyTorch", lb.spec.name, e)
         with contextlib.suppress(OSError):  # remembered, so later runs do not try (and fail) again
             atomic_write_text(path.with_suffix(".refused.json"), json.dumps({"why": str(e), "libraries": _export_libraries()}))

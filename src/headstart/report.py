@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .data import HeadstartError, open_rgb, to_rgb  # noqa: E402
-from .files import atomic_path, atomic_write_bytes, atomic_write_text  # noqa: E402
+from .files import atomic_path, atomic_write_bytes, atomic_write_text, sha256_file  # noqa: E402
 
 log = logging.getLogger("headstart")
 
@@ -120,9 +120,8 @@ def cached_overlay(overlay: ErrorOverlay, model_key: str, cache_dir: Path) -> Er
     with the same model draws its report without running the network (for Grad-CAM: without importing torch)."""
 
     def cached(photo: Path) -> Image.Image:
-        h = hashlib.sha256(model_key.encode())
-        h.update(Path(photo).read_bytes())
-        path = cache_dir / "overlays" / f"{h.hexdigest()[:32]}.png"
+        key = hashlib.sha256(f"{model_key}\0{sha256_file(photo)}".encode()).hexdigest()[:32]
+        path = cache_dir / "overlays" / f"{key}.png"
         try:
             with Image.open(path) as img:
                 return img.convert("RGB")
