@@ -103,7 +103,12 @@ def test_killed_fine_tuning_resumes_to_the_same_result(small, tmp_path):
     a = json.loads((killed / "config.json").read_text())
     b = json.loads((clean / "config.json").read_text())
     assert a["metrics"] == b["metrics"]
-    assert [r["val_loss"] for r in a["history"]] == pytest.approx([r["val_loss"] for r in b["history"]], abs=1e-6)
+    # Every epoch's losses, before and after the interruption. Resume bugs move them by 6-25 % here (measured:
+    # optimizer moments not restored, an epoch's augmentation seeds shifted by one); oneDNN's bf16 backward pass
+    # is not bit-reproducible across processes on every run (seen once in CI: 0.05 % after one epoch), hence 0.5 %.
+    for key in ("val_loss", "train_loss"):
+        got, want = ([r.get(key, 0.0) for r in h["history"]] for h in (a, b))  # epoch 0 has no train loss
+        assert len(got) == len(want) == 4 and got == pytest.approx(want, rel=5e-3), key
     assert not ckpt.exists()  # a finished run keeps the bundle, not the checkpoint
 
 
