@@ -1,6 +1,6 @@
 """Regenerate the core and fine-tuning sections of BENCHMARKS.md.
 
-    python benchmarks/run.py [core] [finetune] [input_size]   (no argument: all; `make bench` runs every benchmark script)
+    python benchmarks/run.py [core] [finetune] [input_size] [crop]   (no argument: all; `make bench` runs every benchmark script)
 
 Medians of 3 runs unless a line says otherwise. Run on an otherwise idle machine.
 """
@@ -225,7 +225,40 @@ ants/bees run's (ONNX Runtime, decode included; the first batch also pays the ex
     print(body)
 
 
+def crop() -> None:
+    """Accuracy with timm's centre crop against the whole frame (``--crop-pct 1.0``), per Lite backbone."""
+    import headstart
+
+    rows = []
+    for backbone in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        with tempfile.TemporaryDirectory() as cache:
+            for crop_pct in (None, 1.0):
+                cells = []
+                for data in ("hymenoptera", "clothing"):
+                    clf = headstart.train(shared() / "datasets" / data, cache_dir=cache, progress=False, backbone=backbone, crop_pct=crop_pct)
+                    m = clf.info["metrics"]
+                    cv = max(r["cv_accuracy"] for r in clf.info["head_selection"])
+                    cells += [f"{100 * cv:.1f} %", f"{100 * m['val']['accuracy']:.1f} %"]
+                    cells += [f"{100 * m['test']['accuracy']:.1f} %"] if "test" in m else []
+                shown = f"{clf.backbone.data_config['crop_pct']:g}" + (" (timm's)" if crop_pct is None else "")
+                rows.append(f"| {backbone} | {shown} | {' | '.join(cells)} |")
+    body = f"""## Centre crop or whole frame (`--crop-pct`)
+
+Machine: {machine()}. Command: `python benchmarks/run.py crop`.
+
+`headstart.train(DATA, backbone=B, crop_pct=P)` with an empty cache, head chosen by cross-validation on train as
+usual ("CV" is that cross-validated accuracy, on the training split only). timm's crop resizes the shorter side to
+size / crop_pct and keeps the centre; 1.0 resizes it straight to the input size, so only the longer side is trimmed.
+
+| backbone | crop_pct | ants/bees CV | ants/bees val (153) | clothing CV | clothing val (225) | clothing test (214) |
+|---|---|---:|---:|---:|---:|---:|
+{chr(10).join(rows)}
+"""
+    write_section("crop", body)
+    print(body)
+
+
 if __name__ == "__main__":
-    wanted = sys.argv[1:] or ["core", "finetune", "input_size"]
+    wanted = sys.argv[1:] or ["core", "finetune", "input_size", "crop"]
     for name in wanted:
-        {"core": core, "finetune": finetune, "input_size": input_size}[name]()
+        {"core": core, "finetune": finetune, "input_size": input_size, "crop": crop}[name]()

@@ -87,6 +87,29 @@ def test_damaged_cached_backbone_weights_are_rebuilt(ants_run, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
 
 
+def test_crop_pct_keeps_the_whole_frame_and_travels_in_the_bundle(ants_run, tmp_path):
+    """--crop-pct 1.0: the shorter side is resized straight to the input size, nothing cropped away (measured on
+    clothing: Lite1 88.0 % against 87.1 % with timm's 0.882). Only the crop changes, the cache keeps the two apart,
+    and the bundle and its ONNX export preprocess the same way."""
+    from headstart.features import decode_size
+
+    clf = headstart.train(HYMENOPTERA, out=tmp_path / "full", crop_pct=1.0, progress=False)
+    pre = json.loads((tmp_path / "full" / "config.json").read_text())["preprocess"]
+    default = ants_run[0].backbone.data_config
+    assert pre["crop_pct"] == 1.0 and default["crop_pct"] < 0.9
+    assert {k: v for k, v in pre.items() if k != "crop_pct"} == {k: v for k, v in default.items() if k != "crop_pct"}
+    assert decode_size(pre) == 224 and decode_size(default) > 250  # resize target of the shorter side
+    assert clf.info["timing"]["embeddings_computed"] > 0  # not the cropped embeddings from the cache
+    assert clf.info["metrics"]["val"]["accuracy"] >= 0.93
+    again = headstart.load(tmp_path / "full")
+    assert again.backbone.data_config["crop_pct"] == 1.0
+    photos = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:3]
+    (a, b) = ([p.top[0] for p in c.predict(photos)] for c in (again, clf))
+    assert [c for c, _ in a] == [c for c, _ in b] and [p for _, p in a] == pytest.approx([p for _, p in b], abs=1e-4)
+    exported = headstart.export_onnx(tmp_path / "full", tmp_path / "onnx")
+    assert json.loads(exported.meta_path.read_text())["preprocess"]["crop_pct"] == 1.0
+
+
 def test_input_size_changes_only_the_size_and_travels_in_the_bundle(ants_run, tmp_path):
     """--input-size 256: timm's preprocessing of the same model at another size (the FixRes effect: measured on
     ants/bees 96.1 % against 94.8 % at 224). Its embeddings are not the 224 px ones from the cache, the ONNX

@@ -163,9 +163,10 @@ def create(spec: Backbone, num_classes: int = 0) -> nn.Module:
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
-def data_config(model: nn.Module, input_size: int | None = None) -> dict[str, Any]:
+def data_config(model: nn.Module, input_size: int | None = None, crop_pct: float | None = None) -> dict[str, Any]:
     """timm's preprocessing for ``model``; ``input_size`` overrides only the size, the way timm's own
-    ``--img-size`` does (resize ratio, crop, interpolation and mean/std stay the model's)."""
+    ``--img-size`` does (resize ratio, crop, interpolation and mean/std stay the model's); ``crop_pct`` only the
+    centre crop (timm's ``--crop-pct``: 1.0 keeps the whole shorter side)."""
     import timm.data
 
     from .scratch import ScratchCNN
@@ -173,15 +174,17 @@ def data_config(model: nn.Module, input_size: int | None = None) -> dict[str, An
     args = dict(model.pretrained_cfg) if isinstance(model, ScratchCNN) else {}
     if input_size:
         args["input_size"] = (3, int(input_size), int(input_size))
+    if crop_pct:
+        args["crop_pct"] = float(crop_pct)
     cfg = timm.data.resolve_data_config(args, model=model)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
 
 
 def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0, headless: bool = False,
-         input_size: int | None = None) -> LoadedBackbone:
+         input_size: int | None = None, crop_pct: float | None = None) -> LoadedBackbone:
     """Build a backbone with real weights, offline first. ``weights="random"`` gives random init (tests, scratch),
     seeded by ``seed``; ``headless`` drops the ImageNet classifier (what training keeps); ``input_size`` the
-    pixels it sees (default: timm's data config)."""
+    pixels it sees and ``crop_pct`` its centre crop (default: timm's data config)."""
     spec = lookup(name)
     local = _local_weights(spec, weights)
     if local is not None:
@@ -191,7 +194,7 @@ def load(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: in
     else:
         sd, source = _hub_state_dict(spec)
     model, digest = _build(spec, sd, source, seed, headless)
-    return LoadedBackbone(spec, model, data_config(model, input_size), source, digest, embedding_dim(model), int(getattr(model, "num_classes", 0)))
+    return LoadedBackbone(spec, model, data_config(model, input_size, crop_pct), source, digest, embedding_dim(model), int(getattr(model, "num_classes", 0)))
 
 
 def _build(spec: Backbone, sd: StateDict | None, source: str, seed: int, headless: bool) -> tuple[nn.Module, str]:
@@ -238,7 +241,8 @@ def _local_weights(spec: Backbone, weights: str | os.PathLike | None) -> tuple[P
 
 
 def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = None, seed: int = 0,
-                      cache_dir: str | os.PathLike | None = None, input_size: int | None = None) -> LoadedBackbone:
+                      cache_dir: str | os.PathLike | None = None, input_size: int | None = None,
+                      crop_pct: float | None = None) -> LoadedBackbone:
     """``load(..., headless=True)``, remembered in ``<cache>/backbones/``: for weights in a local file (``--weights``
     or a package), what the backbone is and its headless weights are kept, keyed by the file's content (sha256)
     and the library versions. A re-run then knows the backbone without building it, and builds it only if
@@ -247,16 +251,17 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
     spec = lookup(name)
     local = _local_weights(spec, weights)
     if local is None:  # random init, or the hub (where its file lives is timm's knowledge: timm is imported anyway)
-        return load(name, weights, seed, headless=True, input_size=input_size)
+        return load(name, weights, seed, headless=True, input_size=input_size, crop_pct=crop_pct)
     path, source = local
     try:  # content, not path and time: a file replaced by another of the same size and time is another file
         content = sha256_file(path)
     except OSError:
-        return load(name, weights, seed, headless=True, input_size=input_size)  # says the file is missing
+        return load(name, weights, seed, headless=True, input_size=input_size, crop_pct=crop_pct)  # says the file is missing
     versions = [importlib.metadata.version(p) for p in ("timm", "torch")]
     from . import __version__
 
-    desc = [spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, content, versions, __version__, *([input_size] if input_size else [])]
+    desc = [spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, content, versions, __version__, *([input_size] if input_size else []),
+            *([{"crop_pct": crop_pct}] if crop_pct else [])]
     key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
     folder = config.cache_dir(cache_dir) / "backbones"
     facts_file, state_file = folder / f"{key}.json", folder / f"{key}.safetensors"
@@ -274,7 +279,7 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
                                   build=build, state_file=state_file)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    lb = load(name, weights, seed, headless=True, input_size=input_size)
+    lb = load(name, weights, seed, headless=True, input_size=input_size, crop_pct=crop_pct)
     try:
         from safetensors.numpy import save_file
 

@@ -60,6 +60,9 @@ def _compute_options(f: Any) -> Any:
         click.option("--input-size", type=click.IntRange(32, 1024), default=_DEFAULTS.input_size,
                      help="Pixels (square) the backbone sees; default: its timm data config. Networks trained at 224 "
                           "often do better at 256-288 (the FixRes effect; see README)."),
+        click.option("--crop-pct", type=click.FloatRange(0.3, 1.0), default=_DEFAULTS.crop_pct,
+                     help="Share of the shorter side kept by the centre crop; default: the backbone's timm data config "
+                          "(about 0.88). 1.0 keeps the whole frame: better for product or catalogue photos (see README)."),
         click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True),
         click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode workers (-1: automatic)."),
     ]

@@ -286,7 +286,8 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
     log.info("data: %s (%s layout), %d classes", ds.root, ds.layout, len(ds.classes))
 
-    lb = backbones.load_for_training(cfg.backbone, cfg.weights, seed=cfg.seed, cache_dir=cfg.cache_dir, input_size=cfg.input_size)  # headless: the bundle keeps the feature extractor only
+    lb = backbones.load_for_training(cfg.backbone, cfg.weights, seed=cfg.seed, cache_dir=cfg.cache_dir, input_size=cfg.input_size,
+                                   crop_pct=cfg.crop_pct)  # headless: the bundle keeps the feature extractor only
     log.info("backbone: %s (timm %s), weights from %s", lb.spec.name, lb.spec.timm_name, lb.source)
     if out is not None and main:  # written once the backbone exists: a refused run leaves no folder behind
         atomic_write_text(Path(out) / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
