@@ -40,3 +40,10 @@ def test_train_json_summary(tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output)
     assert summary["metrics"]["val"]["accuracy"] >= 0.93 and summary["head"]["kind"] == "linear"
+
+
+def test_crop_pct_takes_a_share_or_auto(tmp_path):
+    for bad in ("2", "0.1", "whole"):
+        r = CliRunner().invoke(main, ["train", str(HYMENOPTERA), "--crop-pct", bad, "--out", str(tmp_path / "r")])
+        assert r.exit_code == 2 and "from 0.3 to 1.0" in r.output and "or auto" in r.output, r.output
+    assert not (tmp_path / "r").exists()

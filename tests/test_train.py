@@ -110,6 +110,20 @@ def test_crop_pct_keeps_the_whole_frame_and_travels_in_the_bundle(ants_run, tmp_
     assert json.loads(exported.meta_path.read_text())["preprocess"]["crop_pct"] == 1.0
 
 
+def test_crop_pct_auto_picks_the_crop_that_cross_validates_better(tmp_path):
+    """--crop-pct auto: both crops are cross-validated on the training photos only; the better one is used and
+    recorded, and a re-run reads both choices back from the cache instead of extracting again."""
+    clf = headstart.train(HYMENOPTERA, out=tmp_path / "auto", crop_pct="auto", progress=False)
+    rows = clf.info["crop_selection"]
+    assert [r["crop_pct"] for r in rows] == [0.875, 1.0]
+    best = max(rows, key=lambda r: (round(r["cv_accuracy"], 4), -r["cv_log_loss"]))
+    assert [r.get("chosen", False) for r in rows] == [r is best for r in rows]
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["preprocess"]["crop_pct"] == best["crop_pct"]
+    assert clf.info["metrics"]["val"]["accuracy"] >= 0.93
+    again = headstart.train(HYMENOPTERA, crop_pct="auto", progress=False)
+    assert again.info["timing"]["embeddings_computed"] == 0 and again.info["crop_selection"] == rows
+
+
 def test_input_size_changes_only_the_size_and_travels_in_the_bundle(ants_run, tmp_path):
     """--input-size 256: timm's preprocessing of the same model at another size (the FixRes effect: measured on
     ants/bees 96.1 % against 94.8 % at 224). Its embeddings are not the 224 px ones from the cache, the ONNX

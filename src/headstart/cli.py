@@ -50,6 +50,18 @@ _DEFAULTS = TrainConfig()
 ENGINES = ["pytorch", "onnxruntime"]
 
 
+def _crop_pct(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        pct = float(value)
+    except ValueError:
+        pct = -1.0
+    if not 0.3 <= pct <= 1.0:
+        raise click.BadParameter(f"{value!r}: give a number from 0.3 to 1.0 (1.0 = the whole frame), or auto")
+    return pct
+
+
 def _compute_options(f: Any) -> Any:
     """How the backbone computes: the same options for train and compare."""
     options = [
@@ -60,9 +72,10 @@ def _compute_options(f: Any) -> Any:
         click.option("--input-size", type=click.IntRange(32, 1024), default=_DEFAULTS.input_size,
                      help="Pixels (square) the backbone sees; default: its timm data config. Networks trained at 224 "
                           "often do better at 256-288 (the FixRes effect; see README)."),
-        click.option("--crop-pct", type=click.FloatRange(0.3, 1.0), default=_DEFAULTS.crop_pct,
+        click.option("--crop-pct", default=_DEFAULTS.crop_pct, callback=_crop_pct, metavar="P|auto",
                      help="Share of the shorter side kept by the centre crop; default: the backbone's timm data config "
-                          "(about 0.88). 1.0 keeps the whole frame: better for product or catalogue photos (see README)."),
+                          "(about 0.88). 1.0 keeps the whole frame: better for product or catalogue photos. auto: "
+                          "whichever of the two cross-validates better on the training photos (see README)."),
         click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True),
         click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode workers (-1: automatic)."),
     ]

@@ -20,7 +20,7 @@ class TrainConfig:
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None  # explicit weight file; None = package, then hub
     input_size: int | None = None  # pixels (square) the backbone sees; None = its timm data config (see README)
-    crop_pct: float | None = None  # centre crop before resizing (timm's); 1.0 = the whole shorter side; None = timm's
+    crop_pct: float | str | None = None  # centre crop (timm's): 1.0 = whole shorter side; None = timm's; "auto" = by CV
     head: str = "auto"  # "auto" (chosen by cross-validation on train), "mlp" or "linear"
     hidden: int = 256  # the classic Dense(256, ReLU)
     dropout: float = 0.5

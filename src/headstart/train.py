@@ -181,8 +181,13 @@ def select_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, 
             nll.append(float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()))
         table.append({"kind": kind, "params": params, "cv_accuracy": float(np.mean(acc)), "cv_log_loss": float(np.mean(nll)),
                       "epochs": int(round(np.mean(epochs))) if epochs else 0})
-    best = max(table, key=lambda r: (round(r["cv_accuracy"], 4), -r["cv_log_loss"]))
+    best = max(table, key=cv_rank)
     return best["kind"], best["params"], best["epochs"], table
+
+
+def cv_rank(row: dict[str, Any]) -> tuple[float, float]:
+    """How cross-validation results are ranked: accuracy (to 4 places), then lower log loss."""
+    return round(row["cv_accuracy"], 4), -row["cv_log_loss"]
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[HeadFit, list[dict[str, Any]]]:
@@ -286,8 +291,11 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
     log.info("data: %s (%s layout), %d classes", ds.root, ds.layout, len(ds.classes))
 
-    lb = backbones.load_for_training(cfg.backbone, cfg.weights, seed=cfg.seed, cache_dir=cfg.cache_dir, input_size=cfg.input_size,
-                                   crop_pct=cfg.crop_pct)  # headless: the bundle keeps the feature extractor only
+    def load_backbone(crop_pct: float | None) -> backbones.LoadedBackbone:  # headless: the bundle keeps the feature extractor only
+        return backbones.load_for_training(cfg.backbone, cfg.weights, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                                           input_size=cfg.input_size, crop_pct=crop_pct)
+
+    lb = load_backbone(None if cfg.crop_pct == "auto" else cfg.crop_pct)
     log.info("backbone: %s (timm %s), weights from %s", lb.spec.name, lb.spec.timm_name, lb.source)
     if out is not None and main:  # written once the backbone exists: a refused run leaves no folder behind
         atomic_write_text(Path(out) / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
@@ -303,10 +311,13 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     for s in skipped:
         log.warning("skipped %s: %s", s.path, s.reason)
 
-    def run_extract(split: Split, **kw: Any) -> features.Features:
-        f = extract(split.paths, lb, **kw)
+    from_cache = [0]
+
+    def run_extract(split: Split, backbone: backbones.LoadedBackbone | None = None, **kw: Any) -> features.Features:
+        f = extract(split.paths, backbone or lb, **kw)
         timing["extract_s"] += f.seconds
         timing["embeddings_computed"] += f.computed
+        from_cache[0] += int(f.ok.sum()) - f.computed
         for s in f.skipped:
             if s not in skipped:
                 skipped.append(s)
@@ -317,11 +328,13 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     history: list[dict[str, Any]] = []
     table: list[dict[str, Any]] = []
     feats: dict[str, features.Features] = {}
+    crop_table: list[dict[str, Any]] = []
+    if lb.spec.pretrained and cfg.crop_pct == "auto":
+        lb, feats["train"], crop_table = _choose_crop(cfg, tr, len(ds.classes), load_backbone, run_extract)
     if lb.spec.pretrained:
-        feats = {name: run_extract(split) for name, split in splits.items()}
+        feats |= {name: run_extract(split) for name, split in splits.items() if name not in feats}
         views = [run_extract(tr, augment_policy=cfg.augment, view=k, seed=cfg.seed).x for k in range(cfg.aug_views)]
-        log.info("features: %d computed, %d from cache, %.1f s", timing["embeddings_computed"],
-                 sum(int(f.ok.sum()) for f in feats.values()) - timing["embeddings_computed"], timing["extract_s"])
+        log.info("features: %d computed, %d from cache, %.1f s", timing["embeddings_computed"], from_cache[0], timing["extract_s"])
         y_train = np.asarray(tr.labels)[feats["train"].ok]
         unlearnable = [c for i, c in enumerate(ds.classes) if not (y_train == i).any()]
         if unlearnable:
@@ -379,6 +392,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     info: dict[str, Any] = {
         "head": {"kind": fit.kind, "dim": lb.num_features, "hidden": cfg.hidden, "dropout": cfg.dropout, **fit.params, "epochs": fit.epochs},
         "head_selection": table,
+        **({"crop_selection": crop_table} if crop_table else {}),
         "features": {"runtime": runtime, "precision": "fp32" if runtime == "onnxruntime" else features.resolve_precision(cfg.precision)},
         "train_config": cfg.to_dict(),
         "stages": info_stages,
@@ -394,6 +408,28 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         save_run(clf, Path(out), metrics, summarize(ds.classes, splits, skipped))
     distributed.barrier()  # every rank returns once the run folder is complete
     return clf
+
+
+def _choose_crop(cfg: TrainConfig, tr: Split, n_classes: int, load_backbone,
+                 run_extract) -> tuple[backbones.LoadedBackbone, features.Features, list[dict[str, Any]]]:
+    """``crop_pct="auto"``: timm's centre crop or the whole frame, whichever scores higher in the head's
+    cross-validation on the training split (ties keep timm's). Costs a second extraction of the training photos;
+    both fits are cached, so the chosen one is read back, not repeated."""
+    rows, candidates = [], []
+    for crop_pct in (None, 1.0):  # timm's centre crop, the whole frame
+        lb = load_backbone(crop_pct)
+        f = run_extract(tr, lb)
+        _, table = fit_head(f.x, np.asarray(tr.labels)[f.ok], n_classes, cfg)
+        if not table:  # too few photos per class to cross-validate: nothing to choose by
+            return lb, f, []
+        best = max(table, key=cv_rank)
+        rows.append({"crop_pct": lb.data_config["crop_pct"], "cv_accuracy": best["cv_accuracy"], "cv_log_loss": best["cv_log_loss"]})
+        candidates.append((lb, f))
+    pick = max(range(len(rows)), key=lambda i: cv_rank(rows[i]))  # first of equals: timm's
+    rows[pick]["chosen"] = True
+    log.info("crop: %g chosen by cross-validation on train (%s)", rows[pick]["crop_pct"],
+             ", ".join(f"{r['crop_pct']:g}: {100 * r['cv_accuracy']:.1f}%" for r in rows))
+    return *candidates[pick], rows
 
 
 def _inputs_digest(cfg: TrainConfig, splits: dict[str, Split], root: Path, weights_digest: str) -> str:
