@@ -4,11 +4,13 @@
     clf = headstart.train("photos/", out="runs/photos")   # cached features + a head chosen by CV
     clf.evaluate()                                        # metrics recorded at training time
     clf.predict(["new.jpg"])                              # top-k classes with probabilities
-    clf = headstart.load("runs/photos")
+    clf = headstart.load("runs/photos")                  # a run, or an ensemble of runs
+    headstart.ensemble.build(["runs/a", "runs/b"], out="runs/ab")  # members' probabilities averaged
     headstart.export_onnx("runs/photos")                 # model.onnx, checked against PyTorch
     headstart.compare("photos/", ["efficientnet_lite0", "efficientnet_lite1"], out="runs/cmp")  # leaderboard
 """
 
+from . import ensemble
 from .backbones import REGISTRY, lookup
 from .backbones import load as load_backbone
 from .compare import compare
@@ -24,6 +26,7 @@ __all__ = [
     "Prediction",
     "TrainConfig",
     "compare",
+    "ensemble",
     "load",
     "export_onnx",
     "load_backbone",

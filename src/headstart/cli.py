@@ -310,17 +310,38 @@ def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool
 
 
 @main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the ensemble (members are copied into it).")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+def ensemble(runs: tuple[Path, ...], out: Path, quiet: bool, as_json: bool) -> None:
+    """Average the class probabilities of several RUNS (same photos and classes, e.g. a compare's runs) into one
+    model that predicts and evaluates like a run."""
+    from .ensemble import build
+
+    _setup_logging(quiet or as_json)
+    ens = build(list(runs), out, progress=not (quiet or as_json) and sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps({"metrics": ens.info["metrics"], "members": ens.info["member_metrics"]}, indent=2))
+        return
+    for m in ens.info["member_metrics"]:
+        click.echo(f"{m['backbone']:<24} " + "  ".join(f"{s} {100 * m[s]['accuracy']:.1f}%" for s in ("val", "test") if s in m) + f"  ({m['run']})")
+    click.echo(f"{'ensemble':<24} " + "  ".join(f"{s} {100 * v['accuracy']:.1f}%" for s, v in ens.info["metrics"].items()))
+    click.echo(f"saved to {out}  (predict: headstart predict {out} PHOTO.jpg)")
+
+
+@main.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(run: Path) -> None:
     """(Re)build RUN/report.html from a run folder (train) or a comparison folder (compare)."""
     import functools
 
     from .explain import gradcam_thumbnail
-    from .predict import load
+    from .predict import load_run
     from .report import build_report
 
     try:  # a run folder with its model gets Grad-CAM beside each worst error, as after training
-        overlay = functools.partial(gradcam_thumbnail, load(run), size=160)
+        overlay = functools.partial(gradcam_thumbnail, load_run(run), size=160)
     except HeadstartError:
         overlay = None
     click.echo(f"written {build_report(run, error_overlay=overlay)}")

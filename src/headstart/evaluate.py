@@ -57,6 +57,11 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], path
     }
 
 
+def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per split, the numbers a summary shows (what config.json keeps as ``metrics``)."""
+    return {n: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")} for n, m in metrics.items()}
+
+
 def write(metrics: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
     """metrics.json plus the readable files: per-class report, confusion matrix (CSV + PNG), worst errors."""
     from .report import plot_confusion

@@ -69,12 +69,12 @@ def imagenet(backbone: str = backbones.DEFAULT, weights: str | os.PathLike | Non
 
 def as_subject(source: Source) -> Subject:
     """A Subject from a trained Classifier, a run folder, a LoadedBackbone (ImageNet head) or a Subject."""
-    from .predict import Classifier, load
+    from .predict import Classifier, load_run
 
     if isinstance(source, Subject):
         return source
     if isinstance(source, (str, os.PathLike)):
-        source = load(source)
+        source = load_run(source)
     if isinstance(source, Classifier):
         model, head = source.backbone.model.eval(), source.head.eval()
 

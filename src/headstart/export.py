@@ -29,7 +29,7 @@ from torch import nn
 from . import backbones, features
 from .data import HeadstartError, Skipped, scan
 from .files import atomic_path, atomic_write_text, sha256_file
-from .predict import CONFIG_FILE, Classifier, load
+from .predict import CONFIG_FILE, Classifier, load_run
 
 ONNX_FILE = "model.onnx"
 META_FILE = "onnx_meta.json"
@@ -203,7 +203,7 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike | None = None,
     Raises ``HeadstartError`` and writes nothing when the ONNX Runtime probabilities differ by more than ``atol``.
     """
     onnx, ort = _need_onnx()
-    clf = load(run)
+    clf = load_run(run)
     out = Path(out) if out is not None else Path(run)
     bundle_sha = json.loads((Path(run) / CONFIG_FILE).read_text())["model_sha256"]
     module = probabilities_module(clf)

@@ -114,32 +114,13 @@ class Classifier:
 
     def predict(self, paths: Sequence[str | os.PathLike], top_k: int = 5, progress: bool = False, engine: str = "pytorch") -> list[Prediction]:
         """Top-k classes for each image; an unreadable image gets an ``error`` instead of a crash."""
-        paths = expand_images(paths)
-        proba, f = self.proba(paths, engine=engine, use_cache=False, progress=progress)
-        return _rank(paths, f, proba, self.classes, top_k)
+        return predict_images(self, paths, top_k, progress, engine)
 
     def evaluate(self, folder: str | os.PathLike | None = None, out: str | os.PathLike | None = None, split: str | None = None, progress: bool = False,
                  engine: str = "pytorch") -> dict[str, Any]:
         """Metrics on another labelled folder (its test split, else val, else all of it); without a folder,
         the metrics recorded at training time."""
-        from . import evaluate as ev
-
-        if folder is None:
-            return self.info.get("metrics", {})
-        ds = scan(folder, classes=self.classes)
-        name = split or next(s for s in ("test", "val", "all", "train") if s in ds.splits)
-        if name not in ds.splits:
-            raise HeadstartError(f"'{folder}' has no '{name}' split; it has {', '.join(ds.splits)}")
-        s = ds.splits[name]
-        proba, f = self.proba(s.paths, engine=engine, progress=progress, root=ds.root)
-        y = np.asarray(s.labels)[f.ok]
-        kept = [p for p, ok in zip(s.paths, f.ok) if ok]
-        metrics = ev.evaluate(y, proba, self.classes, [str(p) for p in kept])
-        metrics["data"] = {"folder": str(ds.root), "split": name, "images": int(f.ok.sum()), "engine": engine,
-                           "skipped": [vars(k) for k in ds.skipped + f.skipped]}
-        if out is not None:
-            ev.write(metrics, Path(out))
-        return metrics
+        return evaluate_folder(self, folder, out, split, progress, engine)
 
     # ------------------------------------------------------------------------------------------ bundle
 
@@ -175,10 +156,20 @@ class Classifier:
         return folder
 
 
-def load(folder: str | os.PathLike) -> Classifier:
+def load(folder: str | os.PathLike) -> Any:
+    """A saved run (``Classifier``) or ensemble of runs (``ensemble.Ensemble``): both predict and evaluate."""
+    from . import ensemble
+
+    return ensemble.load(folder) if ensemble.is_ensemble(folder) else load_run(folder)
+
+
+def load_run(folder: str | os.PathLike) -> Classifier:
     """A saved bundle; refused with a clear error when its files are missing, altered or inconsistent."""
     folder = Path(folder)
     cfg_path, model_path = folder / CONFIG_FILE, folder / MODEL_FILE
+    if (folder / "ensemble.json").is_file():
+        members = ", ".join(sorted(p.name for p in (folder / "members").glob("*")))
+        raise HeadstartError(f"'{folder}' is an ensemble: this takes one network, one of its members in {folder / 'members'} ({members})")
     if not cfg_path.is_file() or not model_path.is_file():
         raise HeadstartError(f"'{folder}' is not a headstart model folder (needs {CONFIG_FILE} and {MODEL_FILE}); train one with `headstart train`")
     try:
@@ -213,6 +204,38 @@ def load(folder: str | os.PathLike) -> Classifier:
     clf = Classifier(lb, head, cfg["classes"], info)
     clf.path = folder
     return clf
+
+
+# What predicts and evaluates needs of a model: ``classes``, ``info`` and ``proba(paths, engine=, use_cache=,
+# progress=, root=)``. A Classifier has them, and so has an ensemble of classifiers (ensemble.py).
+
+
+def predict_images(model: Any, paths: Sequence[str | os.PathLike], top_k: int = 5, progress: bool = False, engine: str = "pytorch") -> list[Prediction]:
+    paths = expand_images(paths)
+    proba, f = model.proba(paths, engine=engine, use_cache=False, progress=progress)
+    return _rank(paths, f, proba, model.classes, top_k)
+
+
+def evaluate_folder(model: Any, folder: str | os.PathLike | None = None, out: str | os.PathLike | None = None, split: str | None = None,
+                    progress: bool = False, engine: str = "pytorch") -> dict[str, Any]:
+    from . import evaluate as ev
+
+    if folder is None:
+        return model.info.get("metrics", {})
+    ds = scan(folder, classes=model.classes)
+    name = split or next(s for s in ("test", "val", "all", "train") if s in ds.splits)
+    if name not in ds.splits:
+        raise HeadstartError(f"'{folder}' has no '{name}' split; it has {', '.join(ds.splits)}")
+    s = ds.splits[name]
+    proba, f = model.proba(s.paths, engine=engine, progress=progress, root=ds.root)
+    y = np.asarray(s.labels)[f.ok]
+    kept = [p for p, ok in zip(s.paths, f.ok) if ok]
+    metrics = ev.evaluate(y, proba, model.classes, [str(p) for p in kept])
+    metrics["data"] = {"folder": str(ds.root), "split": name, "images": int(f.ok.sum()), "engine": engine,
+                       "skipped": [vars(k) for k in ds.skipped + f.skipped]}
+    if out is not None:
+        ev.write(metrics, Path(out))
+    return metrics
 
 
 def predict_imagenet(paths: Sequence[str | os.PathLike], backbone: str = backbones.DEFAULT, weights: str | None = None, top_k: int = 5, precision: str = "auto") -> list[Prediction]:

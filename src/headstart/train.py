@@ -356,7 +356,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     info_stages: dict[str, Any] = {}
     if stage:
         if stage == "finetune":
-            info_stages["feature_extraction"] = _headline(metrics)
+            info_stages["feature_extraction"] = evaluate.headline(metrics)
             log.info("feature extraction: val accuracy %.1f%%; now fine-tuning", 100 * metrics["val"]["accuracy"])
         t2 = time.perf_counter()
         if feats:  # only images that decoded: under DDP every rank must take the same number of steps
@@ -385,7 +385,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
             if ckdir is not None and out is not None and main:  # done: the bundle supersedes the checkpoint
                 (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
         timing[f"{stage}_s"] = round(time.perf_counter() - t2, 3)
-        info_stages[stage] = {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch, "epochs_run": sum(r["epoch"] > 0 for r in res.history), **_headline(metrics)}
+        info_stages[stage] = {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch, "epochs_run": sum(r["epoch"] > 0 for r in res.history), **evaluate.headline(metrics)}
 
     timing["total_s"] = round(time.perf_counter() - t0, 3)
     runtime = feats["val"].runtime if feats else "pytorch"
@@ -398,7 +398,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         "stages": info_stages,
         "data": {"root": str(ds.root), "layout": ds.layout, "classes": ds.classes,
                  "counts": {n: _count(splits[n].labels, ds.classes) for n in splits}, "skipped": [vars(s) for s in skipped]},
-        "metrics": _headline(metrics),
+        "metrics": evaluate.headline(metrics),
         "history": history,
         "timing": {k: round(v, 3) for k, v in timing.items()},
         **({"inputs_digest": inputs} if inputs else {}),
@@ -447,12 +447,12 @@ def _inputs_digest(cfg: TrainConfig, splits: dict[str, Split], root: Path, weigh
 
 def _finished_run(out: Path, inputs: str) -> Classifier | None:
     """The complete, intact run in ``out`` made from exactly these inputs, or None."""
-    from .predict import CONFIG_FILE, load
+    from .predict import CONFIG_FILE, load_run
 
     try:
         if json.loads((out / CONFIG_FILE).read_text()).get("inputs_digest") != inputs:
             return None
-        clf = load(out)
+        clf = load_run(out)
     except (OSError, ValueError, HeadstartError):
         return None
     clf.info["reused"] = True  # in memory only: the run folder stays exactly as it was written
@@ -469,10 +469,6 @@ def _evaluate_splits(head: HeadState, feats: dict[str, features.Features], split
         kept = [str(p) for p, ok in zip(splits[name].paths, f.ok) if ok]
         out[name] = evaluate.evaluate(y, _proba(head, f.x), classes, kept)
     return out
-
-
-def _headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {n: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")} for n, m in metrics.items()}
 
 
 @contextlib.contextmanager
