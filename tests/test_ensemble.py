@@ -34,6 +34,8 @@ def test_an_ensemble_averages_its_members_and_travels_as_one_folder(two_runs, tm
     assert val["n"] == 153 and val["accuracy"] >= 0.93
     assert [m["backbone"] for m in summary["members"]] == ["efficientnet_lite0", "mobilenetv2"]
     assert (out / "metrics.json").is_file() and (out / "confusion_matrix.png").stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    assert "<h2>Members</h2>" in page and "mobilenetv2" in page and "Worst errors" in page
 
     ens = headstart.load(out)  # a run or an ensemble, whichever the folder holds
     assert isinstance(ens, Ensemble) and len(ens.members) == 2

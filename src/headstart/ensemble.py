@@ -94,14 +94,20 @@ def build(runs: Sequence[str | os.PathLike | Classifier], out: str | os.PathLike
         kept = [str(p) for p, ok in zip(s.paths, f.ok) if ok]
         metrics[split] = evaluate.evaluate(np.asarray(s.labels)[f.ok], proba, ens.classes, kept)
     ens.info = {
+        "backbone": {"name": " + ".join(m.backbone.spec.name for m in members), "timm_name": ", ".join(m.backbone.spec.timm_name for m in members),
+                     "weights_source": "its members"},
+        "head": {"kind": f"mean of {len(members)} members' probabilities"},
         "metrics": evaluate.headline(metrics),
         "member_metrics": [{"run": _name(r), "backbone": m.backbone.spec.name, **m.info.get("metrics", {})} for r, m in zip(runs, members)],
-        "data": {"root": str(ds.root), "classes": ens.classes},
+        "data": first.info.get("data", {"root": str(ds.root), "classes": ens.classes}),
     }
     if out is not None:
+        from .report import build_report
+
         ens.save(out)
         for split, m in metrics.items():
             evaluate.write(m, Path(out), prefix="" if split == "val" else f"{split}_")
+        build_report(out)
     return ens
 
 

@@ -148,12 +148,12 @@ def build_report(folder: str | Path, *, error_overlay: ErrorOverlay | None = Non
     folder = Path(folder)
     if (folder / "leaderboard.json").is_file():
         title, body = _compare_sections(folder, error_overlay)
-    elif (folder / "config.json").is_file():
-        cfg = _read_json(folder / "config.json")
+    elif (folder / "config.json").is_file() or (folder / "ensemble.json").is_file():
+        cfg = _read_json(folder / ("config.json" if (folder / "config.json").is_file() else "ensemble.json"))
         title = f"{Path(cfg.get('data', {}).get('root', folder.name)).name} — {cfg.get('backbone', {}).get('name', '?')}"
         body = _run_sections(folder, cfg, error_overlay)
     else:
-        raise HeadstartError(f"'{folder}' is neither a run folder (config.json) nor a comparison folder (leaderboard.json)")
+        raise HeadstartError(f"'{folder}' is neither a run folder (config.json), an ensemble (ensemble.json) nor a comparison folder (leaderboard.json)")
     page = _PAGE.format(title=escape(title), css=_CSS, body="\n".join(body),
                         when=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
     atomic_write_text(folder / "report.html", page)
@@ -229,7 +229,10 @@ def _run_sections(run: Path, cfg: dict[str, Any], overlay: ErrorOverlay | None, 
         out.append(f"<p>Skipped {len(skipped)} file(s):</p><ul class=skiplist>{items}</ul>")
     else:
         out.append("<p>No file was skipped.</p>")
-    out += [f"<{h}>Training</{h}>", _training(run, cfg, timing)]
+    if "member_metrics" in cfg:  # an ensemble: its members instead of a training story
+        out += [f"<{h}>Members</{h}>", _members(run, cfg["member_metrics"])]
+    else:
+        out += [f"<{h}>Training</{h}>", _training(run, cfg, timing)]
     for n, m in splits:
         out += [f"<{h}>Per class ({n})</{h}>", _per_class(m)]
         png = _split_file(run, n, "confusion_matrix.png")
@@ -277,6 +280,17 @@ def _training(run: Path, cfg: dict[str, Any], timing: dict[str, Any]) -> str:
         t += [f"{label} {timing[k]:.1f} s" for label, k in (("extraction", "extract_s"), ("head", "head_s"), ("total", "total_s")) if k in timing]
         parts.append(f"<p class=note>Timing: {escape(', '.join(x for x in t if x))} (extraction is short when the features were cached).</p>")
     return "\n".join(parts)
+
+
+def _members(run: Path, members: list[dict[str, Any]]) -> str:
+    def acc(m: dict[str, Any], split: str) -> str:
+        return f"{m[split]['accuracy']:.1%}" if split in m else ""
+
+    rows = "".join(f"<tr><td>{escape(m['backbone'])}</td><td>{acc(m, 'val')}</td><td>{acc(m, 'test')}</td><td><code>{escape(m['run'])}</code></td></tr>"
+                   for m in members)
+    return ("<p>The ensemble's probabilities are the mean of its members'; each member's bundle is in "
+            f"<code>{escape(str(run / 'members'))}</code>.</p><table><thead><tr><th>member</th><th>val accuracy</th><th>test accuracy</th>"
+            f"<th>trained as</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 def _per_class(m: dict[str, Any]) -> str:
