@@ -162,3 +162,11 @@ def test_rerun_reuses_finished_runs_until_a_photo_changes(tmp_path, offline):
     assert photo.read_bytes() != target.read_bytes()
     changed = {r["backbone"]: r for r in compare(data, ["efficientnet_lite0"], out, progress=False, head="mlp")}
     assert not changed["efficientnet_lite0"].get("reused")  # same file name, other content: trained again
+
+
+def test_a_comparison_folder_makes_an_ensemble_of_its_pretrained_runs(cmp, tmp_path):
+    rows, out = cmp
+    ens = headstart.ensemble.build([out], tmp_path / "ens")
+    assert [m.backbone.spec.name for m in ens.members] == [r["backbone"] for r in rows if r["status"] == "ok"]
+    assert len(ens.members) == 2  # resnet50 was skipped: no weights here
+    assert ens.info["metrics"]["val"]["accuracy"] >= 0.85

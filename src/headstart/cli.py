@@ -315,8 +315,8 @@ def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 def ensemble(runs: tuple[Path, ...], out: Path, quiet: bool, as_json: bool) -> None:
-    """Average the class probabilities of several RUNS (same photos and classes, e.g. a compare's runs) into one
-    model that predicts and evaluates like a run."""
+    """Average the class probabilities of several RUNS (same photos and classes) into one model that predicts and
+    evaluates like a run. A comparison folder stands for its runs with pretrained weights."""
     from .ensemble import build
 
     _setup_logging(quiet or as_json)

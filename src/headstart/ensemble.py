@@ -68,10 +68,12 @@ class Ensemble:
 
 
 def build(runs: Sequence[str | os.PathLike | Classifier], out: str | os.PathLike | None = None, progress: bool = False) -> Ensemble:
-    """Average the given runs (folders or classifiers) and measure the average on their validation (and test)
-    photos: the same split every member was trained and evaluated on, so the numbers compare."""
+    """Average the given runs (folders, classifiers, or a comparison folder for its pretrained runs) and measure
+    the average on their validation (and test) photos: the same split every member was trained and evaluated
+    on, so the numbers compare."""
     from .predict import load
 
+    runs = [m for r in runs for m in _runs_in(r)]
     if len(runs) < 2:
         raise HeadstartError("an ensemble needs at least two runs")
     members = [r if isinstance(r, Classifier) else load(r) for r in runs]
@@ -129,6 +131,16 @@ def load(folder: str | os.PathLike) -> Ensemble:
 
 def is_ensemble(folder: str | os.PathLike) -> bool:
     return (Path(folder) / ENSEMBLE_FILE).is_file()
+
+
+def _runs_in(item: str | os.PathLike | Classifier) -> list[str | os.PathLike | Classifier]:
+    """A run as given; a comparison folder stands for its finished runs with pretrained weights (the from-scratch
+    baseline, far weaker, would only pull the average down)."""
+    board = Path(item) / "leaderboard.json" if not isinstance(item, Classifier) else None
+    if board is None or not board.is_file():
+        return [item]
+    rows = json.loads(board.read_text())["rows"]
+    return [Path(item) / r["run"] for r in rows if r.get("status") == "ok" and not str(r.get("weights", "")).startswith("random")]
 
 
 def _name(run: str | os.PathLike | Classifier) -> str:
