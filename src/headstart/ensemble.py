@@ -28,11 +28,14 @@ ENSEMBLE_FILE = "ensemble.json"
 FORMAT = 1
 
 
-@dataclass
+@dataclass(repr=False)
 class Ensemble:
     members: list[Classifier]
     info: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"Ensemble({' + '.join(m.backbone.spec.name for m in self.members)}, classes={self.classes}, path={self.path})"
 
     @property
     def classes(self) -> list[str]:

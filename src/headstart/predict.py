@@ -22,6 +22,8 @@ from .files import atomic_path, atomic_write_text, sha256_file
 if TYPE_CHECKING:  # imported where a network runs; applying a head to cached features needs numpy only
     from torch import nn
 
+    from .ensemble import Ensemble
+
 BUNDLE_FORMAT = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -156,7 +158,7 @@ class Classifier:
         return folder
 
 
-def load(folder: str | os.PathLike) -> Any:
+def load(folder: str | os.PathLike) -> Classifier | Ensemble:
     """A saved run (``Classifier``) or ensemble of runs (``ensemble.Ensemble``): both predict and evaluate."""
     from . import ensemble
 
