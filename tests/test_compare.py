@@ -170,3 +170,15 @@ def test_a_comparison_folder_makes_an_ensemble_of_its_pretrained_runs(cmp, tmp_p
     assert [m.backbone.spec.name for m in ens.members] == [r["backbone"] for r in rows if r["status"] == "ok"]
     assert len(ens.members) == 2  # resnet50 was skipped: no weights here
     assert ens.info["metrics"]["val"]["accuracy"] >= 0.85
+
+
+def test_compare_with_ensemble_adds_the_averaged_row(cmp, subset, tmp_path):
+    """Same subset and settings as the fixture: every run reads its features and head from the cache."""
+    out = tmp_path / "c"
+    rows = {r["backbone"]: r for r in compare(subset, ["efficientnet_lite0", "efficientnet_lite1"], out, progress=False, head="linear", ensemble=True)}
+    ens = rows["ensemble"]
+    assert ens["status"] == "ok" and ens["rank"] in (1, 2, 3) and ens["accuracy"] >= 0.85
+    assert ens["params"] == rows["efficientnet_lite0"]["params"] + rows["efficientnet_lite1"]["params"]
+    assert ens["predict_ms"] > 0 and ens["weights"] == "efficientnet_lite0 + efficientnet_lite1"
+    assert (out / "ensemble" / "ensemble.json").is_file() and "ensemble" in (out / "leaderboard.csv").read_text()
+    assert len(headstart.ensemble.build([out]).members) == 2  # its own ensemble is not a member

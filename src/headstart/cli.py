@@ -283,6 +283,7 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option("--backbones", "names", required=True, help="Comma-separated names, e.g. efficientnet_lite0,efficientnet_lite1,mobilenetv2.")
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for the leaderboard and one run per backbone (default: runs/<data>-compare).")
 @click.option("--finetune", is_flag=True, help="Fine-tune each backbone too, not only train its head.")
+@click.option("--ensemble", is_flag=True, help="Add a row for the pretrained runs averaged (runs/<...>/ensemble; see `headstart ensemble`).")
 @click.option("--require-pretrained", is_flag=True, help="Stop with an error when a backbone has no pretrained weights here (default: list it as skipped).")
 @click.option("--head", type=click.Choice(["auto", "mlp", "linear"]), default=_DEFAULTS.head, show_default=True)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)

@@ -34,6 +34,7 @@ COLUMNS = [
 LATENCY_REPEATS = 5  # timed single-photo predictions, after one warm-up; the median is reported
 SAMPLE_IMAGES = 16  # images timed for throughput when this run found every embedding in the cache
 NO_WEIGHTS = "no pretrained weights"  # how backbones.load's offline error begins
+ENSEMBLE_RUN = "ensemble"  # the ensemble's row name and folder
 
 
 def compare(
@@ -43,17 +44,20 @@ def compare(
     finetune: bool = False,
     require_pretrained: bool = False,
     progress: bool = True,
+    ensemble: bool = False,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Train every backbone on ``data``; write ``leaderboard.{csv,json,md}``, the plot and ``report.html``
     into ``out``. Returns the leaderboard rows, best first, skipped backbones last.
 
-    ``overrides`` are ``TrainConfig`` fields shared by all runs (seed, head, cache_dir, ...).
+    ``overrides`` are ``TrainConfig`` fields shared by all runs (seed, head, cache_dir, ...). ``ensemble`` adds
+    a row for the average of the pretrained runs (``out/ensemble``, see ensemble.py): what combining them buys,
+    at what cost.
     """
     out = Path(out)
     names = _validate(backbones, overrides, finetune)
     earlier = _earlier_rows(out)
-    rows = []
+    rows, members = [], []
     for name in names:
         log.info("compare: %s", name)
         kwargs = dict(overrides, backbone=name) | ({"finetune": True} if finetune else {})
@@ -67,12 +71,40 @@ def compare(
             rows.append({"backbone": name, "status": "skipped: no weights", "reason": str(e)})
             continue
         rows.append(_row(name, clf, run, earlier.get(name)))
+        if clf.backbone.spec.pretrained:
+            members.append((clf, rows[-1]))
+    if ensemble and len(members) >= 2:
+        rows.append(_ensemble_row(members, out / ENSEMBLE_RUN))
     rows = rank(rows)
     write_leaderboard(rows, out)
     from .report import build_report
 
     build_report(out)
     return rows
+
+
+def _ensemble_row(members: list[tuple[Classifier, dict[str, Any]]], folder: Path) -> dict[str, Any]:
+    """The pretrained runs averaged: accuracy as measured by ``ensemble.build``, cost as the members' sum."""
+    from .ensemble import build
+
+    ens = build([clf for clf, _ in members], folder)
+    val, test = ens.info["metrics"].get("val", {}), ens.info["metrics"].get("test", {})
+    photos = _val_photos(folder)
+    return {
+        "backbone": ENSEMBLE_RUN,
+        "status": "ok",
+        "accuracy": val.get("accuracy"),
+        "balanced_accuracy": val.get("balanced_accuracy"),
+        "macro_f1": val.get("macro_f1"),
+        "test_accuracy": test.get("accuracy"),
+        "params": sum(r["params"] for _, r in members),
+        "extract_note": "its members'",
+        "predict_ms": predict_latency(ens, photos[0]) if photos else None,
+        "train_s": round(sum(r["train_s"] or 0 for _, r in members), 3),
+        "head": ens.info["head"]["kind"],
+        "weights": " + ".join(r["backbone"] for _, r in members),
+        "run": ENSEMBLE_RUN,
+    }
 
 
 def run_folder(name: str) -> str:

@@ -143,7 +143,8 @@ def _runs_in(item: str | os.PathLike | Classifier) -> list[str | os.PathLike | C
     if board is None or not board.is_file():
         return [item]
     rows = json.loads(board.read_text())["rows"]
-    return [Path(item) / r["run"] for r in rows if r.get("status") == "ok" and not str(r.get("weights", "")).startswith("random")]
+    return [Path(item) / r["run"] for r in rows if r.get("status") == "ok" and not str(r.get("weights", "")).startswith("random")
+            and (Path(item) / r["run"] / "config.json").is_file()]  # a single run: not the comparison's own ensemble
 
 
 def _name(run: str | os.PathLike | Classifier) -> str:

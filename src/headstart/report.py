@@ -90,9 +90,16 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
     per backbone (up and to the left is better)."""
     done = [r for r in rows if r.get("status") == "ok" and r.get("accuracy") is not None and r.get("predict_ms") is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for r in done:
-        ax.scatter(r["predict_ms"], 100 * r["accuracy"], s=40, zorder=3)
-        ax.annotate(r["backbone"], (r["predict_ms"], 100 * r["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    placed: list[tuple[float, float]] = []
+    x_span = max((r["predict_ms"] for r in done), default=1) or 1
+    y_span = (max((r["accuracy"] for r in done), default=1) - min((r["accuracy"] for r in done), default=0)) or 0.01
+    for r in sorted(done, key=lambda r: r["predict_ms"]):
+        x, y = r["predict_ms"], r["accuracy"]
+        # near-equal accuracy and latency: each further label one line lower, not printed over the first
+        near = sum(abs(x - px) < 0.25 * x_span and abs(y - py) < 0.06 * y_span for px, py in placed)
+        placed.append((x, y))
+        ax.scatter(x, 100 * y, s=40, zorder=3)
+        ax.annotate(r["backbone"], (x, 100 * y), textcoords="offset points", xytext=(6, 4 - 12 * near), fontsize=9)
     if not done:
         ax.text(0.5, 0.5, "no backbone finished", ha="center", va="center", transform=ax.transAxes)
     else:
