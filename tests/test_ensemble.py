@@ -78,9 +78,20 @@ def test_members_must_share_classes_and_split(two_runs, tmp_path):
         headstart.ensemble.build([two_runs[0]])
 
 
-def test_export_and_gradcam_name_the_members_of_an_ensemble(two_runs, tmp_path):
+def test_one_network_apis_name_the_members_and_the_cli_exports_each(two_runs, tmp_path):
     out = headstart.ensemble.build(list(two_runs), tmp_path / "ens").path
     with pytest.raises(HeadstartError, match="is an ensemble.*1-efficientnet_lite0"):
-        headstart.export_onnx(out)
+        headstart.export_onnx(out)  # one graph per network: the API takes a member
     member = out / "members" / "1-efficientnet_lite0"
-    assert headstart.load(member).predict([next((HYMENOPTERA / "val" / "ants").glob("*.jpg"))])[0].top
+    photos = sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:3]
+    assert headstart.load(member).predict(photos[:1])[0].top
+
+    r = CliRunner().invoke(main, ["export", str(out), "--json"])  # the command exports every member in place
+    assert r.exit_code == 0, r.output
+    assert sorted(Path(row["onnx"]).parent.name for row in json.loads(r.output)) == ["1-efficientnet_lite0", "2-mobilenetv2"]
+    r = CliRunner().invoke(main, ["predict", str(out), *map(str, photos), "--json", "--engine", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    ort = json.loads(r.output)
+    torch_side = headstart.load(out).predict(photos)
+    assert [p["label"] for p in ort] == [p.top[0][0] for p in torch_side]
+    assert [p["probability"] for p in ort] == pytest.approx([p.top[0][1] for p in torch_side], abs=1e-3)

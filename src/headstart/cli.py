@@ -248,16 +248,27 @@ def predict(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str 
 @click.option("--check-images", multiple=True, help="Photos (or folders) for the parity check (default: a spread of the run's own val photos).")
 @click.option("--json", "as_json", is_flag=True)
 def export(run: Path, fmt: str, out: Path | None, check_images: tuple[str, ...], as_json: bool) -> None:
-    """Export RUN as one ONNX graph (image → probabilities), refused unless ONNX Runtime matches PyTorch."""
+    """Export RUN as one ONNX graph (image → probabilities), refused unless ONNX Runtime matches PyTorch.
+    An ensemble folder exports each member into its own folder."""
+    from .ensemble import is_ensemble, load
     from .export import export_onnx
 
-    r = export_onnx(run, out=out, check_images=list(check_images) or None)
+    if is_ensemble(run):
+        if out is not None:
+            raise HeadstartError(f"'{run}' is an ensemble: its members are exported into their own folders; drop --out")
+        folders = [m.path for m in load(run).members]
+    else:
+        folders = [run]
+    done = [export_onnx(f, out=out, check_images=list(check_images) or None) for f in folders]
     if as_json:
-        click.echo(json.dumps({"onnx": str(r.onnx_path), "meta": str(r.meta_path), "max_abs_diff": r.max_diff, "images": r.images}, indent=2))
+        rows = [{"onnx": str(r.onnx_path), "meta": str(r.meta_path), "max_abs_diff": r.max_diff, "images": r.images} for r in done]
+        click.echo(json.dumps(rows if len(folders) > 1 else rows[0], indent=2))
         return
-    click.echo(f"wrote {r.onnx_path} ({r.onnx_path.stat().st_size / 1e6:.1f} MB) and {r.meta_path.name}")
-    click.echo(f"parity on {r.images} photos: max |p_onnxruntime - p_pytorch| = {r.max_diff:.2g} (limit 1e-4, fp32)")
-    click.echo(f"use it: headstart predict {run} PHOTO.jpg --engine onnxruntime   (or examples/predict_onnx.py {r.onnx_path.parent} PHOTO.jpg)")
+    for r in done:
+        click.echo(f"wrote {r.onnx_path} ({r.onnx_path.stat().st_size / 1e6:.1f} MB) and {r.meta_path.name}")
+        click.echo(f"parity on {r.images} photos: max |p_onnxruntime - p_pytorch| = {r.max_diff:.2g} (limit 1e-4, fp32)")
+    example = "" if len(done) > 1 else f"   (or examples/predict_onnx.py {done[0].onnx_path.parent} PHOTO.jpg)"
+    click.echo(f"use it: headstart predict {run} PHOTO.jpg --engine onnxruntime{example}")
 
 
 @main.command()
