@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import headstart
-from conftest import HYMENOPTERA, WEIGHTS, save_image
+from conftest import CLOTHING, HYMENOPTERA, WEIGHTS, save_image
 from headstart.cli import main
 from headstart.data import HeadstartError
 from headstart.ensemble import Ensemble
@@ -95,3 +95,15 @@ def test_one_network_apis_name_the_members_and_the_cli_exports_each(two_runs, tm
     torch_side = headstart.load(out).predict(photos)
     assert [p["label"] for p in ort] == [p.top[0][0] for p in torch_side]
     assert [p["probability"] for p in ort] == pytest.approx([p.top[0][1] for p in torch_side], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_on_clothing_the_ensemble_beats_each_member(tmp_path):
+    """What ensembles are for, on the harder shared set: Lite0 and Lite1 on the whole frame score 84.4 and 86.2 %
+    on validation alone, 87.6 % averaged (measured; 90.2 % on test)."""
+    rows = {r["backbone"]: r for r in headstart.compare(CLOTHING, ["efficientnet_lite0", "efficientnet_lite1"], tmp_path / "cmp",
+                                                        progress=False, crop_pct=1.0, ensemble=True)}
+    members = [rows[n] for n in ("efficientnet_lite0", "efficientnet_lite1")]
+    assert rows["ensemble"]["rank"] == 1 and rows["ensemble"]["accuracy"] >= 0.86
+    assert rows["ensemble"]["accuracy"] > max(m["accuracy"] for m in members)
+    assert rows["ensemble"]["test_accuracy"] >= max(m["test_accuracy"] for m in members)
