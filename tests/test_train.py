@@ -119,6 +119,7 @@ def test_crop_pct_auto_picks_the_crop_that_cross_validates_better(tmp_path):
     best = max(rows, key=lambda r: (round(r["cv_accuracy"], 4), -r["cv_log_loss"]))
     assert [r.get("chosen", False) for r in rows] == [r is best for r in rows]
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["preprocess"]["crop_pct"] == best["crop_pct"]
+    assert f"{best['crop_pct']:g} (chosen)" in (tmp_path / "auto" / "report.html").read_text()
     assert clf.info["metrics"]["val"]["accuracy"] >= 0.93
     again = headstart.train(HYMENOPTERA, crop_pct="auto", progress=False)
     assert again.info["timing"]["embeddings_computed"] == 0 and again.info["crop_selection"] == rows

@@ -277,6 +277,12 @@ def _training(run: Path, cfg: dict[str, Any], timing: dict[str, Any]) -> str:
             f"<td>{r['cv_accuracy']:.1%}</td><td>{r['cv_log_loss']:.3f}</td></tr>" for r in table)
         parts.append(f"<p>Head chosen by {len(table)}-candidate cross-validation on the training split (chosen: <b>{escape(str(chosen))}</b>).</p>"
                      f"<table><thead><tr><th>candidate</th><th>CV accuracy</th><th>CV log-loss</th></tr></thead><tbody>{rows}</tbody></table>")
+    crops = cfg.get("crop_selection", [])
+    if crops:  # --crop-pct auto
+        rows = "".join(f"<tr><td>{r['crop_pct']:g}{' (chosen)' if r.get('chosen') else ''}</td><td>{r['cv_accuracy']:.1%}</td>"
+                       f"<td>{r['cv_log_loss']:.3f}</td></tr>" for r in crops)
+        parts.append("<p>Centre crop chosen by the same cross-validation (1 = the whole frame):</p>"
+                     f"<table><thead><tr><th>crop_pct</th><th>CV accuracy</th><th>CV log-loss</th></tr></thead><tbody>{rows}</tbody></table>")
     png = plot_history(cfg.get("history") or [], run / "training_curves.png")
     if png is not None:
         parts.append(_img(png.read_bytes(), "training curves", "plot"))
