@@ -76,6 +76,8 @@ def test_members_must_share_classes_and_split(two_runs, tmp_path):
     assert not (tmp_path / "e").exists()
     with pytest.raises(HeadstartError, match="at least two"):
         headstart.ensemble.build([two_runs[0]])
+    with pytest.raises(HeadstartError, match="already holds a run"):  # never written over a run folder
+        headstart.ensemble.build(list(two_runs), out=stranger)
 
 
 def test_one_network_apis_name_the_members_and_the_cli_exports_each(two_runs, tmp_path):

@@ -79,6 +79,9 @@ def build(runs: Sequence[str | os.PathLike | Classifier], out: str | os.PathLike
     runs = [m for r in runs for m in _runs_in(r)]
     if len(runs) < 2:
         raise HeadstartError("an ensemble needs at least two runs")
+    taken = [f for f in ("config.json", "leaderboard.json") if out is not None and (Path(out) / f).is_file()]
+    if taken:
+        raise HeadstartError(f"'{out}' already holds a {'run' if taken[0] == 'config.json' else 'comparison'}: give the ensemble its own --out folder")
     members = [r if isinstance(r, Classifier) else load(r) for r in runs]
     first, name0 = members[0], _name(runs[0])
     for run, m in zip(runs[1:], members[1:]):
