@@ -319,15 +319,15 @@ def stage_breakdown(sample: int = 64) -> dict[str, float]:
     """Milliseconds per image of each step, each timed alone, on ``sample`` clothing photos."""
     import torch
 
-    from headstart import backbones, features
+    from headstart import backbones, features, onnx, transforms
     from headstart.data import open_rgb
 
     paths = sorted((shared() / "datasets" / "clothing" / "train").rglob("*.jpg"))[::15][:sample]
     lb = backbones.load()
     lb.model.reset_classifier(0)
     cfg = lb.data_config
-    tf = features.eval_transform(cfg)
-    size = features.decode_size(cfg)
+    tf = transforms.eval_transform(cfg)
+    size = transforms.decode_size(cfg)
     out: dict[str, float] = {}
     imgs: list = []
     t, _ = median_time(lambda: imgs.__setitem__(slice(None), [open_rgb(p, size) for p in paths]), REPEAT)
@@ -335,11 +335,11 @@ def stage_breakdown(sample: int = 64) -> dict[str, float]:
     tensors: list = []
     t, _ = median_time(lambda: tensors.__setitem__(slice(None), [tf(im) for im in imgs]), REPEAT)
     out["resize + centre crop + normalise"] = 1000 * t / len(paths)
-    pixels = features.pixel_transform(cfg)
+    pixels = transforms.pixel_transform(cfg)
     arrays: list = []
     t, _ = median_time(lambda: arrays.__setitem__(slice(None), [pixels(im) for im in imgs]), REPEAT)
     out["resize + centre crop to uint8 (the ONNX Runtime path; it normalises in-graph)"] = 1000 * t / len(paths)
-    session = features.ort_session(lb)
+    session = onnx.feature_session(lb)
     import numpy as np
 
     batch8 = np.stack(arrays[:8])

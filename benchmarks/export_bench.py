@@ -25,7 +25,7 @@ import torch
 from common import machine, write_section
 
 import headstart
-from headstart import export, features
+from headstart import export, features, predict
 from headstart.config import shared_dir
 
 HEADING = "## PyTorch vs ONNX Runtime"
@@ -54,10 +54,10 @@ def main() -> None:
     if not (run / export.ONNX_FILE).is_file():
         export.export_onnx(run)
     clf = headstart.load(run)
-    export.open_for(clf)  # refuses an export that no longer matches the run
+    predict.open_for(clf)  # refuses an export that no longer matches the run
     paths = headstart.scan(data).splits["val"].paths[:32]
-    x, ok, _ = export._decode(paths, clf.backbone.data_config)
-    assert ok.all() and len(x) == 32
+    x = np.concatenate([b for _, b, _ in features.normalized_batches(paths, clf.backbone.data_config) if b is not None])
+    assert len(x) == 32
     precision = features.resolve_precision(clf.info.get("precision", "auto"))
     model = features.prepare(clf.backbone.model)  # the PyTorch engine exactly as predict runs it
     default_threads = torch.get_num_threads()

@@ -202,7 +202,7 @@ def test_corpus_is_big_enough_and_names_are_unique():
 
 
 def test_every_case_has_its_documented_outcome(tmp_path, lite0):
-    from headstart.features import eval_transform
+    from headstart.transforms import eval_transform
 
     made = write_corpus([(tmp_path / "ants", ANT), (tmp_path / "bees", BEE)])
     ds = scan(tmp_path)
@@ -521,7 +521,7 @@ def encoded_images(draw) -> bytes:
 
 @pytest.fixture(scope="module")
 def to_model_input(lite0):
-    from headstart.features import decode_size, eval_transform
+    from headstart.transforms import decode_size, eval_transform
 
     tf, size = eval_transform(lite0.data_config), decode_size(lite0.data_config)
     return lambda data: tf(open_rgb(data, size))

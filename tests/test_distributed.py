@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from conftest import HYMENOPTERA
 from headstart import backbones, distributed, features
-from headstart.augment import train_transform
+from headstart.transforms import train_transform
 from headstart.data import scan
 from headstart.finetune import _Augmented, _epoch_seed
 from test_finetune import _subset

@@ -71,16 +71,16 @@ def test_onnxruntime_embeddings_equal_pytorch_fp32(tmp_path, lite0):
 
 
 def test_exported_backbone_is_reused_and_a_failed_export_falls_back_to_pytorch(tmp_path, lite0, monkeypatch, caplog):
-    from headstart import export
+    from headstart import onnx
 
     paths = scan(HYMENOPTERA).splits["val"].paths[:4]
     features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False)
 
-    def broken(_lb):
-        raise export.ExportError("exporter exploded")
+    def broken(_lb, _output):
+        raise onnx.ExportError("exporter exploded")
 
-    monkeypatch.setattr(export, "embedding_onnx", broken)
-    monkeypatch.setattr(features, "_REFUSED", {})  # this test's refusal must not outlive it
+    monkeypatch.setattr(onnx, "feature_graph", broken)
+    monkeypatch.setattr(onnx, "_REFUSED", {})  # this test's refusal must not outlive it
     again = features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False)
     assert again.runtime == "onnxruntime"  # read back from the cache folder: no second export
     other = features.extract(paths, lite0, cache_dir=tmp_path / "elsewhere", progress=False)
@@ -94,22 +94,22 @@ def test_exported_backbone_is_reused_and_a_failed_export_falls_back_to_pytorch(t
 def test_a_refused_export_is_remembered_by_later_runs(tmp_path, lite0, monkeypatch, caplog):
     """A backbone that does not export faithfully is not tried again by every later run (each try builds the
     network and checks the graph); other library versions try again."""
-    from headstart import export
+    from headstart import onnx
 
     paths = scan(HYMENOPTERA).splits["val"].paths[:2]
-    monkeypatch.setattr(features, "_REFUSED", {})
+    monkeypatch.setattr(onnx, "_REFUSED", {})
 
-    def broken(_lb):
-        raise export.ExportError("exporter exploded")
+    def broken(_lb, _output):
+        raise onnx.ExportError("exporter exploded")
 
-    monkeypatch.setattr(export, "embedding_onnx", broken)
+    monkeypatch.setattr(onnx, "feature_graph", broken)
     assert features.extract(paths, lite0, cache_dir=tmp_path, progress=False).runtime == "pytorch"
-    monkeypatch.setattr(features, "_REFUSED", {})  # as a new process
+    monkeypatch.setattr(onnx, "_REFUSED", {})  # as a new process
 
-    def never(_lb):
+    def never(_lb, _output):
         raise AssertionError("the export was tried again")
 
-    monkeypatch.setattr(export, "embedding_onnx", never)
+    monkeypatch.setattr(onnx, "feature_graph", never)
     again = features.extract(paths, lite0, cache_dir=tmp_path, progress=False)
     assert again.runtime == "pytorch" and again.computed == 0  # straight to PyTorch's cached embeddings
     assert "found by an earlier run" in caplog.text

@@ -17,7 +17,7 @@ import torch
 import headstart
 from conftest import HYMENOPTERA
 from headstart import backbones
-from headstart.augment import seed, train_transform
+from headstart.transforms import seed, train_transform
 from headstart.finetune import CHECKPOINT, freeze_batchnorm, unfreeze_top
 
 
@@ -54,13 +54,13 @@ def test_frozen_batchnorm_statistics_do_not_move(small, tmp_path):
     from headstart.config import TrainConfig
     from headstart.data import scan, train_val_split
     from headstart.finetune import Net, fit
-    from headstart.heads import make_head
+    from headstart import heads
 
     lb = backbones.load("efficientnet_lite0")
     lb.model.reset_classifier(0)
     before = {k: v.clone() for k, v in lb.model.state_dict().items()}
     tr, va, _ = train_val_split(scan(small))
-    net = Net(lb.model, make_head("linear", lb.num_features, 2))  # an untrained head: strong gradients
+    net = Net(lb.model, heads.to_torch({"kind": "linear", "dim": lb.num_features}, 2))  # an untrained head: strong gradients
     fit(net, tr, va, lb.data_config, TrainConfig(ft_epochs=1, unfreeze=3), checkpoint_dir=tmp_path, progress=False)
     with safe_open(str(tmp_path / CHECKPOINT), framework="pt") as f:  # the weights as the epoch left them
         after = {k[len("net.backbone."):]: f.get_tensor(k) for k in f.keys() if k.startswith("net.backbone.")}

@@ -11,7 +11,8 @@ import pytest
 import headstart
 from conftest import CLOTHING, HYMENOPTERA
 from headstart.config import TrainConfig
-from headstart.train import class_weights, fit_head
+from headstart.heads import class_weights
+from headstart.heads import fit as fit_head
 
 
 def test_ants_vs_bees_default_backbone_reaches_93_percent(ants_run):
@@ -91,7 +92,7 @@ def test_crop_pct_keeps_the_whole_frame_and_travels_in_the_bundle(ants_run, tmp_
     """--crop-pct 1.0: the shorter side is resized straight to the input size, nothing cropped away (measured on
     clothing: Lite1 88.0 % against 87.1 % with timm's 0.882). Only the crop changes, the cache keeps the two apart,
     and the bundle and its ONNX export preprocess the same way."""
-    from headstart.features import decode_size
+    from headstart.transforms import decode_size
 
     clf = headstart.train(HYMENOPTERA, out=tmp_path / "full", crop_pct=1.0, progress=False)
     pre = json.loads((tmp_path / "full" / "config.json").read_text())["preprocess"]

@@ -14,10 +14,10 @@ from . import ensemble
 from .backbones import REGISTRY, lookup
 from .backbones import load as load_backbone
 from .compare import compare
-from .config import TrainConfig
-from .data import HeadstartError, scan
+from .config import HeadstartError, TrainConfig, __version__
+from .data import scan
+from .pipeline import train
 from .predict import Classifier, Prediction, load, predict_imagenet
-from .train import train
 
 __all__ = [
     "REGISTRY",
@@ -25,6 +25,7 @@ __all__ = [
     "HeadstartError",
     "Prediction",
     "TrainConfig",
+    "__version__",
     "compare",
     "ensemble",
     "load",
@@ -35,7 +36,6 @@ __all__ = [
     "scan",
     "train",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import re
 import socket
@@ -22,10 +21,9 @@ from urllib.parse import urlparse
 if TYPE_CHECKING:  # torch and timm are imported where a network is built: they cost seconds
     from torch import nn
 
-from . import config
-from .config import DEFAULT_BACKBONE
-from .data import HeadstartError
-from .files import atomic_path, atomic_write_text, sha256_file
+from . import cache
+from .config import DEFAULT_BACKBONE, HeadstartError, __version__
+from .files import sha256_file
 
 StateDict = dict[str, Any]  # parameter name → torch.Tensor
 
@@ -43,6 +41,13 @@ class Backbone:
     package_file: str | None = None  # path of the weight file inside that package
     hub: bool = True  # False when timm's hub weights would not match kwargs/cfg_overlay
     pretrained: bool = True  # False only for the from-scratch baseline
+    build: Callable[[int], nn.Module] | None = None  # the architecture when it is not a timm model: num_classes → net
+
+
+def _scratch_cnn(num_classes: int) -> nn.Module:
+    from .scratch import ScratchCNN  # torch: imported when a network is built
+
+    return ScratchCNN(num_classes)
 
 
 def _lite(n: int, digest: str, size: int) -> Backbone:
@@ -86,7 +91,8 @@ REGISTRY: dict[str, Backbone] = {
         Backbone("inception_v3", "inception_v3.tv_in1k", "InceptionV3 (torchvision weights), 299 px"),
         Backbone("densenet121", "densenet121.tv_in1k", "DenseNet121 (torchvision weights), 224 px"),
         Backbone("efficientnet_b0", "efficientnet_b0.ra_in1k", "EfficientNetB0, 224 px"),
-        Backbone("scratch", "scratch", "small CNN from random init (3 conv blocks), the no-transfer baseline", pretrained=False),
+        Backbone("scratch", "scratch", "small CNN from random init (3 conv blocks), the no-transfer baseline", pretrained=False,
+                 hub=False, build=_scratch_cnn),
     ]
 }
 DEFAULT = DEFAULT_BACKBONE  # the fact lives in config, with the other defaults
@@ -151,10 +157,8 @@ class LoadedBackbone:
 
 def create(spec: Backbone, num_classes: int = 0) -> nn.Module:
     """The architecture, without weights."""
-    if spec.name == "scratch":
-        from .scratch import ScratchCNN
-
-        return ScratchCNN(num_classes)
+    if spec.build is not None:
+        return spec.build(num_classes)
     import timm
 
     kwargs = dict(spec.kwargs)
@@ -169,9 +173,7 @@ def data_config(model: nn.Module, input_size: int | None = None, crop_pct: float
     centre crop (timm's ``--crop-pct``: 1.0 keeps the whole shorter side)."""
     import timm.data
 
-    from .scratch import ScratchCNN
-
-    args = dict(model.pretrained_cfg) if isinstance(model, ScratchCNN) else {}
+    args: dict[str, Any] = {}
     if input_size:
         args["input_size"] = (3, int(input_size), int(input_size))
     if crop_pct:
@@ -258,13 +260,9 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
     except OSError:
         return load(name, weights, seed, headless=True, input_size=input_size, crop_pct=crop_pct)  # says the file is missing
     versions = [importlib.metadata.version(p) for p in ("timm", "torch")]
-    from . import __version__
-
-    desc = [spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, content, versions, __version__, *([input_size] if input_size else []),
-            *([{"crop_pct": crop_pct}] if crop_pct else [])]
-    key = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    folder = config.cache_dir(cache_dir) / "backbones"
-    facts_file, state_file = folder / f"{key}.json", folder / f"{key}.safetensors"
+    store = cache.store("backbones", cache_dir)
+    entry = cache.key(spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, content, versions, __version__,
+                     *([input_size] if input_size else []), *([{"crop_pct": crop_pct}] if crop_pct else []))
 
     def build() -> nn.Module:
         model, digest = _build(spec, read_state_dict(path), source, seed, headless=True)
@@ -272,23 +270,22 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
             raise HeadstartError(f"the weight file '{path}' changed during this run; run again")
         return model
 
-    try:
-        facts = json.loads(facts_file.read_text())
-        if sha256_file(state_file) == facts["state_sha256"]:
-            return LoadedBackbone(spec, None, facts["data_config"], source, facts["digest"], facts["num_features"], 0,
-                                  build=build, state_file=state_file)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    facts = store.read_json(entry)
+    if isinstance(facts, dict) and store.read(entry, ".safetensors", sha256_file) == facts.get("state_sha256"):
+        return LoadedBackbone(spec, None, facts["data_config"], source, facts["digest"], facts["num_features"], 0,
+                              build=build, state_file=store.path(entry, ".safetensors"))
     lb = load(name, weights, seed, headless=True, input_size=input_size, crop_pct=crop_pct)
-    try:
+    written: dict[str, str] = {}
+
+    def write_state(tmp: Path) -> None:
         from safetensors.numpy import save_file
 
-        with atomic_path(state_file) as tmp:
-            save_file(lb.state_arrays(), str(tmp))
-        facts = {"data_config": lb.data_config, "digest": lb.digest, "num_features": lb.num_features, "state_sha256": sha256_file(state_file)}
-        atomic_write_text(facts_file, json.dumps(facts))
-    except OSError:  # a read-only cache only costs building the backbone next time
-        pass
+        save_file(lb.state_arrays(), str(tmp))
+        written["sha256"] = sha256_file(tmp)
+
+    if store.write(entry, {".safetensors": write_state}):  # the weights first, then the record that names their digest
+        store.write_json(entry, {"data_config": lb.data_config, "digest": lb.digest, "num_features": lb.num_features,
+                                "state_sha256": written["sha256"]})
     return lb
 
 
@@ -465,10 +462,8 @@ def _no_weights(spec: Backbone, why: str) -> HeadstartError:
 
 
 def input_size(spec: Backbone) -> int | None:
-    if not spec.pretrained:
-        from .scratch import ScratchCNN
-
-        return ScratchCNN.pretrained_cfg["input_size"][-1]
+    if spec.build is not None:  # not a timm model: its own pretrained_cfg says
+        return create(spec).pretrained_cfg["input_size"][-1]
     import timm.models
 
     cfg = timm.models.get_pretrained_cfg(spec.timm_name)

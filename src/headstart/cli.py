@@ -110,7 +110,7 @@ def _compute_options(f: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 def train(data: Path, out: Path | None, quiet: bool, as_json: bool, resume_run: Path | None, nproc: int, **opts: Any) -> None:
     """Train a classifier on DATA (one sub-folder per class, or train/ + val/ split folders)."""
-    from .train import train as run
+    from .pipeline import train as run
 
     if nproc:
         _relaunch_under_torchrun(nproc)
@@ -250,13 +250,13 @@ def predict(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str 
 def export(run: Path, fmt: str, out: Path | None, check_images: tuple[str, ...], as_json: bool) -> None:
     """Export RUN as one ONNX graph (image → probabilities), refused unless ONNX Runtime matches PyTorch.
     An ensemble folder exports each member into its own folder."""
-    from .ensemble import is_ensemble, load
     from .export import export_onnx
+    from .predict import is_ensemble, load_ensemble
 
     if is_ensemble(run):
         if out is not None:
             raise HeadstartError(f"'{run}' is an ensemble: its members are exported into their own folders; drop --out")
-        folders = [m.path for m in load(run).members]
+        folders = [m.path for m in load_ensemble(run).members]
     else:
         folders = [run]
     done = [export_onnx(f, out=out, check_images=list(check_images) or None) for f in folders]
@@ -281,7 +281,7 @@ def demo(out: Path, quiet: bool) -> None:
     _setup_logging(quiet)
     folder = demo_data()
     log.info("demo data: %s", folder)
-    from .train import train as run
+    from .pipeline import train as run
 
     clf = run(folder, out=out, progress=not quiet and sys.stderr.isatty())
     _print_summary(clf, out)
@@ -305,7 +305,7 @@ def demo(out: Path, quiet: bool) -> None:
 def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool, **opts: Any) -> None:
     """Train each backbone on the same split of DATA and rank them (leaderboard, plot, report.html)."""
     from .compare import compare as run
-    from .compare import format_table
+    from .report import format_table
 
     _setup_logging(quiet or as_json)
     out = out or _free_run_dir(Path("runs") / f"{data.resolve().name}-compare")
@@ -346,14 +346,12 @@ def ensemble(runs: tuple[Path, ...], out: Path, quiet: bool, as_json: bool) -> N
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report(run: Path) -> None:
     """(Re)build RUN/report.html from a run folder (train) or a comparison folder (compare)."""
-    import functools
-
-    from .explain import gradcam_thumbnail
+    from .pipeline import gradcam_overlay
     from .predict import load_run
     from .report import build_report
 
     try:  # a run folder with its model gets Grad-CAM beside each worst error, as after training
-        overlay = functools.partial(gradcam_thumbnail, load_run(run), size=160)
+        overlay = gradcam_overlay(load_run(run))
     except HeadstartError:
         overlay = None
     click.echo(f"written {build_report(run, error_overlay=overlay)}")

@@ -7,7 +7,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+__version__ = "0.1.0"
 DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+class HeadstartError(Exception):
+    """An error a person can act on: printed without a traceback by the CLI."""
 
 
 @dataclass

@@ -20,6 +20,7 @@ from sklearn.metrics import (
 )
 
 from .files import atomic_write_text
+from .plots import plot_confusion
 
 
 def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], paths: Sequence[str] | None = None, worst: int = 20) -> dict[str, Any]:
@@ -64,8 +65,6 @@ def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def write(metrics: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
     """metrics.json plus the readable files: per-class report, confusion matrix (CSV + PNG), worst errors."""
-    from .report import plot_confusion
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -79,12 +78,12 @@ def write(metrics: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
         return written
     classes = metrics["classes"]
     put("classification_report.txt", format_report(metrics))
-    put("confusion_matrix.csv", _csv([["true \\ predicted", *classes]] + [[c, *row] for c, row in zip(classes, metrics["confusion_matrix"])]))
+    put("confusion_matrix.csv", to_csv([["true \\ predicted", *classes]] + [[c, *row] for c, row in zip(classes, metrics["confusion_matrix"])]))
     rows = metrics["worst_errors"]
-    put("worst_errors.csv", _csv([["path", "true", "predicted", "confidence", "p_true"]] + [[r["path"], r["true"], r["predicted"], r["confidence"], r["p_true"]] for r in rows]))
+    put("worst_errors.csv", to_csv([["path", "true", "predicted", "confidence", "p_true"]] + [[r["path"], r["true"], r["predicted"], r["confidence"], r["p_true"]] for r in rows]))
     preds = metrics.get("predictions", [])
     if preds:
-        put("predictions.csv", _csv([["path", "true", "predicted", "confidence"]] + [[r["path"], r["true"], r["predicted"], r["confidence"]] for r in preds]))
+        put("predictions.csv", to_csv([["path", "true", "predicted", "confidence"]] + [[r["path"], r["true"], r["predicted"], r["confidence"]] for r in preds]))
     written.append(plot_confusion(np.asarray(metrics["confusion_matrix"]), classes, out / f"{prefix}confusion_matrix.png"))
     return written
 
@@ -101,7 +100,7 @@ def format_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _csv(rows: list[list[Any]]) -> str:
+def to_csv(rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     csv.writer(buf).writerows(rows)
     return buf.getvalue()

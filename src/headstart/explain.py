@@ -19,7 +19,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 import matplotlib
 
@@ -32,12 +32,11 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-from . import backbones, features  # noqa: E402
-from .data import HeadstartError, open_rgb, to_rgb  # noqa: E402
+from . import backbones, transforms  # noqa: E402
+from .config import HeadstartError  # noqa: E402
+from .data import open_rgb, to_rgb  # noqa: E402
 from .files import atomic_path  # noqa: E402
-
-if TYPE_CHECKING:
-    from .predict import Classifier
+from .predict import Classifier, load_run  # noqa: E402
 
 
 @dataclass
@@ -51,7 +50,7 @@ class Subject:
     name: str  # for titles and messages
 
 
-Source = Union[Subject, "Classifier", backbones.LoadedBackbone, str, os.PathLike]  # a run folder is loaded
+Source = Union[Subject, Classifier, backbones.LoadedBackbone, str, os.PathLike]  # a run folder is loaded
 ImageLike = Union[str, os.PathLike, np.ndarray, Image.Image]
 
 
@@ -69,8 +68,6 @@ def imagenet(backbone: str = backbones.DEFAULT, weights: str | os.PathLike | Non
 
 def as_subject(source: Source) -> Subject:
     """A Subject from a trained Classifier, a run folder, a LoadedBackbone (ImageNet head) or a Subject."""
-    from .predict import Classifier, load_run
-
     if isinstance(source, Subject):
         return source
     if isinstance(source, (str, os.PathLike)):
@@ -100,22 +97,14 @@ def preprocess(subj: Subject, image: ImageLike, whole: bool = False) -> tuple[to
     cfg = subj.data_config
     if isinstance(image, (str, os.PathLike)):
         try:
-            pil = open_rgb(image, features.decode_size(cfg))
+            pil = open_rgb(image, transforms.decode_size(cfg))
         except ValueError as e:
             raise HeadstartError(f"cannot read '{image}': {e}") from None
     elif isinstance(image, np.ndarray):
         pil = to_rgb(Image.fromarray(image))
     else:
         pil = to_rgb(image)
-    if whole:
-        from timm.data import str_to_interp_mode
-        from torchvision import transforms as T
-
-        size = cfg["input_size"][-1]
-        tf = T.Compose([T.Resize(size, interpolation=str_to_interp_mode(cfg["interpolation"]), max_size=3 * size),
-                        T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
-    else:
-        tf = features.eval_transform(cfg)
+    tf = transforms.whole_frame_transform(cfg) if whole else transforms.eval_transform(cfg)
     x = tf(pil).unsqueeze(0)
     mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
     std = torch.tensor(cfg["std"]).view(3, 1, 1)

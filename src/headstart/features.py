@@ -11,7 +11,7 @@ processes of a torchrun job and gathers the pieces.
 Two runtimes can run the frozen backbone. On a CPU the default is ONNX Runtime in fp32: measured here it runs
 EfficientNet-Lite0 at 4× PyTorch's fp32 eager speed and faster than PyTorch's bf16 (which needs AVX-512 BF16/AMX),
 with fp32's numbers. The backbone is exported once per weights digest, checked against PyTorch and kept in the
-cache folder. PyTorch runs it on a GPU, for augmented views, with ``precision="bf16"`` and wherever the export fails.
+cache folder (``onnx.feature_session``). PyTorch runs it on a GPU, for augmented views, with ``precision="bf16"`` and wherever the export fails.
 Photos are decoded by a thread pool while the backbone runs (both release the GIL) and travel as uint8 pixels;
 normalisation happens on the whole batch, inside the ONNX graph or on the device.
 """
@@ -19,25 +19,24 @@ normalisation happens on the whole batch, inside the ONNX graph or on the device
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import config, distributed
+from . import cache, distributed, onnx, transforms
 from .backbones import LoadedBackbone
 from .data import Skipped, open_rgb
-from .files import atomic_path, atomic_write_text, sha256_file
+from .files import sha256_file
+from .transforms import decode_size, normalize, pixel_transform
 
 if TYPE_CHECKING:  # imported where the backbone runs: a fully cached extraction never needs them
     import torch
@@ -111,8 +110,9 @@ def autocast(precision: str, device_type: str = "cpu") -> Iterator[None]:
         yield
 
 
-def embed(model: torch.nn.Module, batch: torch.Tensor | np.ndarray, precision: str, data_config: dict[str, Any] | None = None) -> torch.Tensor:
-    """Globally pooled backbone features (timm's pre-logits), as float32 on the CPU.
+def embed(model: torch.nn.Module, batch: torch.Tensor | np.ndarray, precision: str, data_config: dict[str, Any] | None = None,
+          output: str = "embedding") -> torch.Tensor:
+    """Globally pooled backbone features (timm's pre-logits; or the ImageNet ``logits``), as float32 on the CPU.
 
     ``batch`` is either normalised float NCHW, or uint8 NHWC pixels (then ``data_config`` gives mean/std):
     normalised here, on the model's device, which makes it channels_last without a copy.
@@ -126,53 +126,11 @@ def embed(model: torch.nn.Module, batch: torch.Tensor | np.ndarray, precision: s
         else:
             x = batch.to(dev)
         x = x.contiguous(memory_format=torch.channels_last)
-        out = model.forward_head(model.forward_features(x), pre_logits=True)
+        out = model.forward_head(model.forward_features(x), pre_logits=output == "embedding")
     return out.float().cpu()
 
 
-def normalize(pixels: torch.Tensor, data_config: dict[str, Any]) -> torch.Tensor:
-    """uint8 NHWC → float NCHW: what timm's ToTensor + Normalize make of each image (to float rounding)."""
-    import torch
-
-    mean = torch.tensor(data_config["mean"], device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(data_config["std"], device=pixels.device).view(1, 3, 1, 1)
-    return (pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std
-
-
 # -------------------------------------------------------------------------------------------- decoding
-
-
-def eval_transform(data_config: dict[str, Any]):
-    """timm's own inference preprocessing for this model (resize, centre crop, normalise)."""
-    import timm.data
-
-    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
-    return timm.data.create_transform(**cfg, is_training=False)
-
-
-def decode_size(data_config: dict[str, Any]) -> int:
-    """The shortest side the preprocessing resizes to: JPEGs may be decoded at reduced scale down to it."""
-    size = data_config["input_size"][-1]
-    return int(np.ceil(size / data_config.get("crop_pct", 1.0)))
-
-
-def pixel_transform(data_config: dict[str, Any]):
-    """timm's eval preprocessing up to, not including, ToTensor/Normalize: PIL image → uint8 HWC array.
-
-    Batches travel as uint8 (a quarter of float32's bytes) and are normalised in one vectorised step.
-    """
-    steps = [t for t in eval_transform(data_config).transforms if type(t).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
-    size = tuple(int(v) for v in data_config["input_size"][-2:])
-
-    def to_pixels(img):
-        for t in steps:
-            img = t(img)
-        a = np.asarray(img, dtype=np.uint8)
-        if a.shape != (*size, 3):  # a timm transform this code does not know about: fail loudly, not silently
-            raise RuntimeError(f"preprocessing gave {a.shape}, expected {(*size, 3)}")
-        return a
-
-    return to_pixels
 
 
 def default_workers() -> int:
@@ -191,8 +149,6 @@ def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_si
     seeds the global RNGs per image, so seeding and transforming hold a lock: same image, view and seed → same pixels.
     """
     workers = default_workers() if workers < 0 else workers
-    if seeds is not None:
-        from . import augment
     min_size = decode_size(data_config)
     to_pixels = transform or pixel_transform(data_config)
     lock = threading.Lock()
@@ -203,7 +159,7 @@ def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_si
             if seeds is None:
                 return to_pixels(img), ""
             with lock:
-                augment.seed(seeds[i])
+                transforms.seed(seeds[i])
                 return to_pixels(img), ""
         except ValueError as e:
             return None, str(e)
@@ -237,23 +193,33 @@ def _torch_stack(tensors: list):
     return torch.stack(tensors)
 
 
+def normalized_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_size: int = 32, workers: int = -1):
+    """``decoded_batches`` as normalised float32 NCHW arrays: the deployed (exported) graph's input format."""
+    import torch
+
+    for idx, pixels, bad in decoded_batches(list(paths), data_config, batch_size, workers):
+        x = None if pixels is None else np.ascontiguousarray(normalize(torch.from_numpy(pixels), data_config).numpy())
+        yield idx, x, bad
+
+
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def cache_key(lb: LoadedBackbone, precision: str, view: tuple | None = None, device: str = "cpu", runtime: str = "pytorch") -> str:
+def cache_key(lb: LoadedBackbone, precision: str, view: tuple | None = None, device: str = "cpu", runtime: str = "pytorch",
+              output: str = "embedding") -> str:
     """Everything that changes an embedding, and nothing else."""
     desc = {
         **({"device": device} if device != "cpu" else {}),  # GPU kernels round differently; CPU keys unchanged
         **({"runtime": runtime} if runtime != "pytorch" else {}),
+        **({"output": output} if output != "embedding" else {}),
         "view": view,
         "timm": lb.spec.timm_name,
         "kwargs": lb.spec.kwargs,
         "weights": lb.digest,
         "preprocess": lb.data_config,
         "precision": precision,
-        "version": 1,
     }
-    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache.key(desc, length=20)
 
 
 def file_digest(path: Path) -> str | None:
@@ -263,28 +229,44 @@ def file_digest(path: Path) -> str | None:
         return None
 
 
-class FeatureCache:
-    """``root/<key>/<ab>/<sha256>.npy``: one small file per image, each written atomically."""
+def _load_vector(path: Path) -> np.ndarray:
+    return np.load(path, allow_pickle=False)  # a pickle planted in the cache is refused, never run
 
-    def __init__(self, root: Path, key: str):
-        self.dir = Path(root) / key
 
-    def _path(self, digest: str) -> Path:
-        return self.dir / digest[:2] / f"{digest}.npy"
-
-    def get(self, digest: str) -> np.ndarray | None:
-        try:
-            return np.load(self._path(digest), allow_pickle=False)
-        except (OSError, ValueError):
-            return None  # absent, or unreadable: recompute
-
-    def put(self, digest: str, vector: np.ndarray) -> None:
-        with atomic_path(self._path(digest)) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
+def _save_vector(vector: np.ndarray) -> Any:
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:
+            np.save(f, np.ascontiguousarray(vector, dtype=np.float32), allow_pickle=False)
+    return write
 
 
 # -------------------------------------------------------------------------------------------- extract
+
+
+@dataclass
+class _Job:
+    """One extraction: what to compute, with what, and what the cache already holds."""
+
+    paths: Sequence[Path]
+    lb: LoadedBackbone
+    digests: list[str | None]
+    runtime: str
+    precision: str
+    view_key: tuple | None
+    output: str
+    store: cache.Store | None = None
+    vectors: list[np.ndarray | None] = field(default_factory=list)
+    todo: list[int] = field(default_factory=list)
+    width: int = 0
+
+    def lookup(self, cache_dir: str | os.PathLike | None, use_cache: bool) -> None:
+        """The store for this runtime, the vectors it holds for ``paths`` and the indices it lacks."""
+        prec = "fp32" if self.runtime == "onnxruntime" else resolve_precision(self.precision)
+        key = cache_key(self.lb, prec, self.view_key, distributed.device_type(), self.runtime, self.output)
+        self.store = cache.store(f"features/{key}", cache_dir, sharded=True) if use_cache else None
+        hits = [self.store.read(d, ".npy", _load_vector) if self.store and d else None for d in self.digests]
+        self.vectors = [h if h is not None and h.shape == (self.width,) else None for h in hits]
+        self.todo = [i for i, v in enumerate(self.vectors) if v is None]
 
 
 def extract(
@@ -302,73 +284,73 @@ def extract(
     view: int = 0,
     seed: int = 0,
     runtime: str = "auto",
+    output: str = "embedding",
 ) -> Features:
     """Embeddings of ``paths`` (cached ones read back, the rest computed in batches and cached).
 
     With ``augment_policy``, the embeddings of augmented view number ``view`` of each image (deterministic in image
-    content, view and seed, hence cacheable like any other embedding).
+    content, view and seed, hence cacheable like any other embedding). ``output="logits"``: the ImageNet
+    classifier's logits instead (``predict --imagenet``), through the same runtime choice.
     """
-    import time
-
     start = time.perf_counter()
-    device_type = distributed.device_type()
-    runtime = resolve_runtime(runtime, precision, device_type, augmented=bool(augment_policy))
-    if runtime == "onnxruntime" and export_refused(lb, cache_dir):
+    runtime = resolve_runtime(runtime, precision, distributed.device_type(), augmented=bool(augment_policy))
+    if runtime == "onnxruntime" and onnx.refused(lb, cache_dir, output):
         runtime = "pytorch"
-    view_key = (augment_policy, view, seed) if augment_policy else None
-    digests = [file_digest(Path(p)) for p in paths] if use_cache else [None] * len(paths)
-
-    def lookup() -> tuple[FeatureCache | None, list[np.ndarray | None], list[int]]:
-        """The cache for this runtime, the vectors it holds for ``paths`` and the indices it lacks."""
-        prec = "fp32" if runtime == "onnxruntime" else resolve_precision(precision)
-        cache = FeatureCache(config.cache_dir(cache_dir), cache_key(lb, prec, view_key, device_type, runtime)) if use_cache else None
-        hits = [cache.get(d) if cache and d else None for d in digests]
-        hits = [h if h is not None and h.shape == (lb.num_features,) else None for h in hits]
-        return cache, hits, [i for i, h in enumerate(hits) if h is None]
-
+    job = _Job(paths, lb, [file_digest(Path(p)) for p in paths] if use_cache else [None] * len(paths), runtime, precision,
+               (augment_policy, view, seed) if augment_policy else None, output,
+               width=lb.num_features if output == "embedding" else lb.num_classes)
     # The cache is read before anything is built: a run it answers in full needs neither the backbone nor a runtime.
-    cache, vectors, todo = lookup()
-    session = ort_session(lb, cache_dir) if todo and runtime == "onnxruntime" else None
-    if todo and runtime == "onnxruntime" and session is None:
-        runtime = "pytorch"  # the export failed its check (logged): PyTorch computes the same embeddings
-        cache, vectors, todo = lookup()
+    job.lookup(cache_dir, use_cache)
     reasons: dict[int, str] = {}
+    if job.todo:
+        forward, batch_size = _forward(job, cache_dir, batch_size)
+        if job.runtime != runtime:  # the export failed its check (logged): PyTorch computes the same embeddings
+            job.lookup(cache_dir, use_cache)
+        reasons = _compute(job, forward, batch_size, workers, progress, augment_policy, view, seed)
+    ok = np.array([v is not None for v in job.vectors], dtype=bool)
+    x = np.stack([v for v in job.vectors if v is not None]).astype(np.float32) if ok.any() else np.zeros((0, job.width), np.float32)
+    skipped = [Skipped(shown_path(paths[i], root), reasons.get(i, "cannot decode")) for i in np.flatnonzero(~ok)]
+    return Features(x, ok, skipped, computed=len(job.todo) - len(reasons), seconds=time.perf_counter() - start, runtime=job.runtime)
 
-    if todo:
+
+def _forward(job: _Job, cache_dir: str | os.PathLike | None, batch_size: int) -> tuple[Callable[[Any], np.ndarray], int]:
+    """The batch → vectors function of the job's runtime (ONNX Runtime, or PyTorch where its export is refused)."""
+    if job.runtime == "onnxruntime":
+        session = onnx.feature_session(job.lb, cache_dir, job.output)
         if session is not None:
-            forward, batch_size = (lambda b: session.run(None, {"pixels": b})[0]), min(batch_size, ORT_BATCH)
-        else:
-            dev, prec = distributed.device(), resolve_precision(precision)
-            model = prepare(lb.model).to(dev)
-            forward = lambda b: embed(model, b, prec, lb.data_config).numpy()  # noqa: E731
-        transform = seeds = None
-        if augment_policy:
-            from . import augment
-
-            transform = augment.train_transform(lb.data_config, augment_policy)
-            seeds = [(int(digests[i][:15], 16) if digests[i] else i) + 7919 * view + 104_729 * seed for i in todo]
-        bar = tqdm(total=len(todo), desc=f"features {lb.spec.name}", unit="img", disable=not progress, leave=False)
-        for idx, batch, bad in decoded_batches([paths[i] for i in todo], lb.data_config, batch_size, workers, transform, seeds):
-            for j, err in bad:
-                reasons[todo[j]] = err
-            if batch is not None:
-                for j, vec in zip(idx, forward(batch)):
-                    i = todo[j]
-                    vectors[i] = vec
-                    if cache and digests[i]:
-                        cache.put(digests[i], vec)
-            bar.update(len(idx) + len(bad))
-        bar.close()
-        if session is None:
-            lb.model.to("cpu")  # the rest of the pipeline (head, bundle) expects the backbone on the CPU
-
-    ok = np.array([v is not None for v in vectors], dtype=bool)
-    x = np.stack([v for v in vectors if v is not None]).astype(np.float32) if ok.any() else np.zeros((0, lb.num_features), np.float32)
-    skipped = [Skipped(_show(paths[i], root), reasons.get(i, "cannot decode")) for i in np.flatnonzero(~ok)]
-    return Features(x, ok, skipped, computed=len(todo) - len(reasons), seconds=time.perf_counter() - start, runtime=runtime)
+            return (lambda b: session.run(None, {"pixels": b})[0]), min(batch_size, ORT_BATCH)
+        job.runtime = "pytorch"
+    dev, prec = distributed.device(), resolve_precision(job.precision)
+    model = prepare(job.lb.model).to(dev)
+    return (lambda b: embed(model, b, prec, job.lb.data_config, job.output).numpy()), batch_size
 
 
-# ------------------------------------------------------------------------------------------ ONNX Runtime
+def _compute(job: _Job, forward: Callable[[Any], np.ndarray], batch_size: int, workers: int, progress: bool,
+             augment_policy: str | None, view: int, seed: int) -> dict[int, str]:
+    """Run the missing images through ``forward``, caching each vector; returns why each unreadable one failed."""
+    transform = seeds = None
+    if augment_policy:
+        transform = transforms.train_transform(job.lb.data_config, augment_policy)
+        seeds = [(int(job.digests[i][:15], 16) if job.digests[i] else i) + 7919 * view + 104_729 * seed for i in job.todo]
+    reasons: dict[int, str] = {}
+    bar = tqdm(total=len(job.todo), desc=f"features {job.lb.spec.name}", unit="img", disable=not progress, leave=False)
+    for idx, batch, bad in decoded_batches([job.paths[i] for i in job.todo], job.lb.data_config, batch_size, workers, transform, seeds):
+        for j, err in bad:
+            reasons[job.todo[j]] = err
+        if batch is not None:
+            for j, vec in zip(idx, forward(batch)):
+                i = job.todo[j]
+                job.vectors[i] = vec
+                if job.store is not None and job.digests[i]:
+                    job.store.write(job.digests[i], {".npy": _save_vector(vec)})
+        bar.update(len(idx) + len(bad))
+    bar.close()
+    if job.runtime == "pytorch":
+        job.lb.model.to("cpu")  # the rest of the pipeline (head, bundle) expects the backbone on the CPU
+    return reasons
+
+
+# ------------------------------------------------------------------------------------------ runtime choice
 
 
 def resolve_runtime(runtime: str = "auto", precision: str = "auto", device_type: str = "cpu", augmented: bool = False) -> str:
@@ -382,93 +364,6 @@ def resolve_runtime(runtime: str = "auto", precision: str = "auto", device_type:
     if runtime == "onnxruntime" and not usable:
         raise ValueError("the onnxruntime runtime runs fp32 on the CPU: use precision auto/fp32 without a GPU, or runtime pytorch")
     return "onnxruntime" if usable else "pytorch"
-
-
-_REFUSED: dict[str, str] = {}  # graph key → why its export was refused: tried, and said, once per process
-
-
-def export_refused(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None) -> bool:
-    """True when this backbone's export was refused in this process, or by an earlier run with the same libraries
-    (``<cache>/onnx/<key>.refused.json``): a cached re-run goes straight to PyTorch instead of trying again."""
-    exported = _exported_file(lb, cache_dir)
-    key, path = exported.stem, exported.with_suffix(".refused.json")
-    if key in _REFUSED:
-        return True
-    try:
-        known = json.loads(path.read_text())
-        if known["libraries"] == _export_libraries():
-            _REFUSED[key] = known["why"]
-            log.warning("ONNX Runtime cannot run %s (%s; found by an earlier run, delete %s to try again); using PyTorch",
-                        lb.spec.name, known["why"], path)
-            return True
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return False
-
-
-def _exported_file(lb: LoadedBackbone, cache_dir: str | os.PathLike | None) -> Path:
-    """``<cache>/onnx/<key>.onnx``; beside it, ``<key>.refused.json`` when the export failed its check."""
-    return config.cache_dir(cache_dir) / "onnx" / f"{cache_key(lb, 'fp32', runtime='onnxruntime')}.onnx"
-
-
-def _export_libraries() -> list[str]:
-    from importlib.metadata import version
-
-    from . import __version__
-
-    return [__version__] + [version(p) for p in ("torch", "timm", "onnx", "onnxruntime")]
-
-
-def ort_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
-    """An ONNX Runtime session computing this backbone's embeddings from uint8 NHWC pixels, or None when the
-    backbone does not export faithfully (the reason is logged once).
-
-    The graph is exported and checked against PyTorch once per weights digest and preprocessing, then read back
-    from ``<cache>/onnx/``. A damaged file there is exported again; a cache folder that cannot be written only
-    costs the export again next time.
-    """
-    if export_refused(lb, cache_dir):
-        return None
-    path = _exported_file(lb, cache_dir)
-    import torch
-
-    threads = torch.get_num_threads()
-    if path.is_file():
-        try:
-            st = path.stat()  # in the session cache's key: a file replaced on disk is opened anew
-            return _session(str(path), threads, (st.st_mtime_ns, st.st_size))
-        except Exception as e:  # noqa: BLE001 - whatever ORT says of a damaged file, the cure is a fresh export
-            log.warning("the exported backbone %s cannot be read (%s); exporting it again", path, str(e).splitlines()[0][:200])
-    from .export import ExportError, embedding_onnx
-
-    try:
-        data = embedding_onnx(lb)
-    except ExportError as e:
-        _REFUSED[path.stem] = str(e)
-        log.warning("ONNX Runtime cannot run %s (%s); using PyTorch", lb.spec.name, e)
-        with contextlib.suppress(OSError):  # remembered, so later runs do not try (and fail) again
-            atomic_write_text(path.with_suffix(".refused.json"), json.dumps({"why": str(e), "libraries": _export_libraries()}))
-        return None
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(data)
-    except OSError as e:
-        log.warning("cannot keep the exported backbone in %s (%s); it will be exported again next run", path.parent, e)
-        return _session(data, threads)
-    st = path.stat()
-    return _session(str(path), threads, (st.st_mtime_ns, st.st_size))
-
-
-@functools.lru_cache(maxsize=4)
-def _session(model: str | bytes, threads: int, _stamp: tuple = ()):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only
-    opts.intra_op_num_threads = threads
-    # No busy-waiting between batches: the decode threads need that core. Measured: 80 → 110 img/s end to end.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def extract_sharded(paths: Sequence[Path], lb: LoadedBackbone, **kw: Any) -> Features:
@@ -497,7 +392,7 @@ def extract_sharded(paths: Sequence[Path], lb: LoadedBackbone, **kw: Any) -> Fea
     return Features(x, ok, [skipped[i] for i in sorted(skipped)], computed=computed, seconds=seconds, runtime=mine.runtime)
 
 
-def _show(path: Path, root: Path | None) -> str:
+def shown_path(path: Path, root: Path | None) -> str:
     if root is not None:
         with contextlib.suppress(ValueError):
             return str(Path(path).relative_to(root))

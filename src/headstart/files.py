@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .data import HeadstartError
+from .config import HeadstartError
 
 
 _UMASK = os.umask(0)

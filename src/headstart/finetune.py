@@ -15,13 +15,14 @@ with that batch size would use, each augmented the same way; only rank 0 writes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import safe_open
@@ -31,9 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from . import augment, distributed, features
-from .config import TrainConfig
-from .data import HeadstartError, Split, open_rgb
+from . import distributed, features, transforms
+from .config import HeadstartError, TrainConfig
+from .data import Split, open_rgb
 from .files import atomic_path
 
 log = logging.getLogger("headstart")
@@ -111,7 +112,7 @@ class _Augmented(torch.utils.data.Dataset):
         try:
             img = open_rgb(self.split.paths[i], self.min_size)
             if self.seed is not None:
-                augment.seed(self.seed * 1_000_003 + i)
+                transforms.seed(self.seed * 1_000_003 + i)
             return self.transform(img), self.split.labels[i]
         except ValueError:
             return None  # reported once at feature extraction; dropped here
@@ -139,6 +140,76 @@ class FitResult:
     unfrozen: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Loop:
+    """Everything one training loop works with, set up once by ``_setup``."""
+
+    net: Net
+    model: nn.Module  # ``net``, or its DistributedDataParallel wrapper under torchrun
+    opt: torch.optim.Optimizer
+    train_ds: _Augmented
+    val_ds: _Augmented
+    sampler: DistributedSampler
+    stage: str
+    cfg: TrainConfig
+    precision: str
+    layout: torch.memory_format
+    dev: torch.device
+    workers: int
+    epochs: int
+    patience: int
+    loss_fn: nn.Module
+    result: FitResult
+    best_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def scratch(self) -> bool:
+        return self.stage == "scratch"
+
+
+def _trainable(net: Net, cfg: TrainConfig, scratch: bool) -> tuple[list[str], torch.optim.Optimizer]:
+    """Unfreeze what this stage trains; AdamW with the head at its rate, the backbone at ``backbone_lr_ratio`` of it."""
+    if scratch:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        unfrozen = ["all"]
+    else:
+        unfrozen = unfreeze_top(net.backbone, blocks=cfg.unfreeze, layers=cfg.unfreeze_layers)
+        for p in net.head.parameters():
+            p.requires_grad_(True)
+    head_lr = cfg.lr if scratch else cfg.ft_lr
+    backbone_params = [p for p in net.backbone.parameters() if p.requires_grad]
+    groups = [{"params": list(net.head.parameters()), "lr": head_lr}]
+    if backbone_params:
+        groups.append({"params": backbone_params, "lr": head_lr * (1.0 if scratch else cfg.backbone_lr_ratio)})
+    return unfrozen, torch.optim.AdamW(groups, weight_decay=cfg.ft_weight_decay)
+
+
+def _setup(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg: TrainConfig, stage: str) -> _Loop:
+    scratch = stage == "scratch"
+    unfrozen, opt = _trainable(net, cfg, scratch)
+    precision = features.resolve_precision(cfg.precision)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    dev = distributed.device()
+    net.to(dev, memory_format=layout)
+    groups = opt.param_groups
+    log.info("%s: %d trainable parameters (%s), head lr %g, backbone lr %g, BN %s, augmentation %s, %s",
+             stage, sum(p.numel() for p in net.parameters() if p.requires_grad), ", ".join(unfrozen[-4:]) + (" …" if len(unfrozen) > 4 else ""),
+             groups[0]["lr"], groups[-1]["lr"] if len(groups) > 1 else 0, "training" if scratch or cfg.train_bn else "frozen", cfg.augment, precision)
+    model: nn.Module = net
+    if distributed.active():  # averages gradients over ranks; the frozen part takes no part in it
+        model = DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None, find_unused_parameters=False)
+    min_size = transforms.decode_size(data_config)
+    train_ds = _Augmented(train, transforms.train_transform(data_config, cfg.augment), min_size)
+    # The single-process order too: randperm(seed·100003 + epoch), cut into rank-interleaved per-rank batches.
+    sampler = DistributedSampler(train_ds, num_replicas=distributed.world(), rank=distributed.rank(), shuffle=True,
+                                 seed=_epoch_seed(cfg.seed, 0))
+    return _Loop(net, model, opt, train_ds, _Augmented(val, transforms.eval_transform(data_config), min_size), sampler, stage, cfg,
+                 precision, layout, dev, features.default_workers() if cfg.workers < 0 else cfg.workers,
+                 cfg.scratch_epochs if scratch else cfg.ft_epochs, cfg.scratch_patience if scratch else cfg.ft_patience,
+                 nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), FitResult(unfrozen=unfrozen))
+
+
 def fit(
     net: Net,
     train: Split,
@@ -153,121 +224,107 @@ def fit(
     resume_hint: str = "",
 ) -> FitResult:
     """Train ``net`` in place; on return it holds the best epoch's weights."""
-    scratch = stage == "scratch"
-    if scratch:
-        for p in net.parameters():
-            p.requires_grad_(True)
-        unfrozen = ["all"]
-    else:
-        unfrozen = unfreeze_top(net.backbone, blocks=cfg.unfreeze, layers=cfg.unfreeze_layers)
-        for p in net.head.parameters():
-            p.requires_grad_(True)
-    head_lr = cfg.lr if scratch else cfg.ft_lr
-    backbone_params = [p for p in net.backbone.parameters() if p.requires_grad]
-    groups = [{"params": list(net.head.parameters()), "lr": head_lr}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": head_lr * (1.0 if scratch else cfg.backbone_lr_ratio)})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.ft_weight_decay)
-    precision = features.resolve_precision(cfg.precision)
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    dev = distributed.device()
-    net.to(dev, memory_format=layout)
-    n_train = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    log.info("%s: %d trainable parameters (%s), head lr %g, backbone lr %g, BN %s, augmentation %s, %s",
-             stage, n_train, ", ".join(unfrozen[-4:]) + (" …" if len(unfrozen) > 4 else ""), head_lr,
-             groups[-1]["lr"] if backbone_params else 0, "training" if scratch or cfg.train_bn else "frozen", cfg.augment, precision)
-
-    result = FitResult(unfrozen=unfrozen)
-    best_state: dict[str, torch.Tensor] | None = None
-    start = 1
+    loop = _setup(net, train, val, data_config, cfg, stage)
     ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
-    if resume and ckpt and distributed.broadcast(ckpt.is_file()):  # rank 0 decides, so every rank starts alike
-        if not ckpt.is_file():
-            raise HeadstartError(f"rank {distributed.rank()} cannot read '{ckpt}': to resume on several machines, "
-                                 "put the run folder on storage every machine mounts at the same path")
-        start, best_state = _restore(ckpt, net, opt, result, cfg, stage)
-        log.info("%s: resuming after epoch %d (best so far: epoch %d)", stage, start - 1, result.best_epoch)
-    rank, world = distributed.rank(), distributed.world()
-    model: nn.Module = net
-    if distributed.active():  # averages gradients over ranks; the frozen part takes no part in it
-        model = DistributedDataParallel(net, device_ids=[dev] if dev.type == "cuda" else None, find_unused_parameters=False)
-
-    min_size = features.decode_size(data_config)
-    workers = features.default_workers() if cfg.workers < 0 else cfg.workers
-    train_ds = _Augmented(train, augment.train_transform(data_config, cfg.augment), min_size)
-    val_ds = _Augmented(val, features.eval_transform(data_config), min_size)
-    # The single-process order too: randperm(seed·100003 + epoch), cut into rank-interleaved per-rank batches.
-    sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=_epoch_seed(cfg.seed, 0))
-    epochs = cfg.scratch_epochs if scratch else cfg.ft_epochs
-    patience = cfg.scratch_patience if scratch else cfg.ft_patience
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    epoch = start - 1
+    start = _resume(loop, ckpt) if resume and ckpt else 1
     if start == 1:  # epoch 0: the starting point is a candidate too, so fine-tuning can only keep or improve it
-        val_loss, val_acc = evaluate_loss(net, val_ds, cfg.ft_batch_size, precision, workers, layout)
-        result.history.append({"stage": stage, "epoch": 0, "val_loss": val_loss, "val_accuracy": val_acc})
-        result.best_val_loss, result.best_epoch = val_loss, 0
-        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    # oneDNN may sum a backward pass's per-thread partial gradients in any order; the deterministic mode fixes
-    # the order, so the same seed gives the same weights (and a resumed run the uninterrupted run's result).
-    was_deterministic = getattr(torch.backends.mkldnn, "deterministic", None)  # torch >= 2.5
-    if was_deterministic is not None:
-        torch.backends.mkldnn.deterministic = True
+        val_loss, val_acc = evaluate_loss(net, loop.val_ds, cfg.ft_batch_size, loop.precision, loop.workers, loop.layout)
+        loop.result.history.append({"stage": stage, "epoch": 0, "val_loss": val_loss, "val_accuracy": val_acc})
+        loop.result.best_val_loss, loop.result.best_epoch = val_loss, 0
+        loop.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    epoch = start - 1
     try:
-        for epoch in range(start, epochs + 1):
-            if epoch - result.best_epoch > patience:
-                break
-            t0 = time.perf_counter()
-            augment.seed(_epoch_seed(cfg.seed, epoch))  # dropout
-            train_ds.seed = _epoch_seed(cfg.seed, epoch)
-            sampler.set_epoch(epoch)
-            loader = DataLoader(train_ds, batch_size=cfg.ft_batch_size, sampler=sampler, num_workers=workers,
-                                collate_fn=_collate, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)),
-                                persistent_workers=False)
-            model.train()
-            if not (scratch or cfg.train_bn):
-                freeze_batchnorm(net)
-            seen, total, correct = 0, 0.0, 0
-            bar = tqdm(total=len(train_ds), desc=f"{stage} epoch {epoch}/{epochs}", unit="img",
-                       disable=not (progress and rank == 0), leave=False)
-            for batch in loader:
-                if batch is None:  # the whole batch unreadable (train() passes only images that decoded)
-                    continue
-                x, y = batch[0].to(dev), batch[1].to(dev)
-                opt.zero_grad(set_to_none=True)
-                with features.autocast(precision, dev.type):
-                    logits = model(x.contiguous(memory_format=layout))
-                loss = loss_fn(logits.float(), y)
-                loss.backward()
-                opt.step()
-                seen += len(y)
-                total += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                bar.update(len(y) * world)  # the ranks advance together: global images
-            bar.close()
-            total, correct, seen = _sum_over_ranks(total, correct, seen)
-            val_loss, val_acc = evaluate_loss(net, val_ds, cfg.ft_batch_size, precision, workers, layout)
-            row = {"stage": stage, "epoch": epoch, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                   "val_loss": val_loss, "val_accuracy": val_acc, "seconds": round(time.perf_counter() - t0, 2)}
-            result.history.append(row)
-            log.info("%s epoch %d: train loss %.4f acc %.3f, val loss %.4f acc %.3f (%.1f s)", stage, epoch,
-                     row["train_loss"], row["train_accuracy"], val_loss, val_acc, row["seconds"])
-            if val_loss < result.best_val_loss - 1e-4:
-                result.best_val_loss, result.best_epoch = val_loss, epoch
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            if ckpt and rank == 0:
-                _save(ckpt, net, opt, result, best_state, epoch, cfg, stage)
+        with _deterministic():
+            for epoch in range(start, loop.epochs + 1):
+                if epoch - loop.result.best_epoch > loop.patience:
+                    break
+                _epoch(loop, epoch, progress)
+                if ckpt and distributed.rank() == 0:
+                    _save(ckpt, net, loop.opt, loop.result, loop.best_state, epoch, cfg, stage)
     except KeyboardInterrupt:
         where = f"; the checkpoint of epoch {epoch - 1} is kept — resume with: {resume_hint}" if ckpt and resume_hint else ""
         raise Interrupted(f"{stage} interrupted during epoch {epoch}{where}") from None
-    finally:
-        if was_deterministic is not None:
-            torch.backends.mkldnn.deterministic = was_deterministic
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    if loop.best_state is not None:
+        net.load_state_dict(loop.best_state)
     net.to("cpu").eval()
     for p in net.parameters():
         p.requires_grad_(False)
-    return result
+    return loop.result
+
+
+def _resume(loop: _Loop, ckpt: Path) -> int:
+    """The epoch to start from: after the checkpointed one, when there is a checkpoint (rank 0 decides, so every
+    rank starts alike)."""
+    if not distributed.broadcast(ckpt.is_file()):
+        return 1
+    if not ckpt.is_file():
+        raise HeadstartError(f"rank {distributed.rank()} cannot read '{ckpt}': to resume on several machines, "
+                             "put the run folder on storage every machine mounts at the same path")
+    start, loop.best_state = _restore(ckpt, loop.net, loop.opt, loop.result, loop.cfg, loop.stage)
+    log.info("%s: resuming after epoch %d (best so far: epoch %d)", loop.stage, start - 1, loop.result.best_epoch)
+    return start
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    """oneDNN may sum a backward pass's per-thread partial gradients in any order; the deterministic mode fixes
+    the order, so the same seed gives the same weights (and a resumed run the uninterrupted run's result)."""
+    was = getattr(torch.backends.mkldnn, "deterministic", None)  # torch >= 2.5
+    if was is not None:
+        torch.backends.mkldnn.deterministic = True
+    try:
+        yield
+    finally:
+        if was is not None:
+            torch.backends.mkldnn.deterministic = was
+
+
+def _epoch(loop: _Loop, epoch: int, progress: bool) -> None:
+    """One pass over the training photos, then the validation loss; the best epoch's weights are kept."""
+    cfg, t0 = loop.cfg, time.perf_counter()
+    transforms.seed(_epoch_seed(cfg.seed, epoch))  # dropout
+    loop.train_ds.seed = _epoch_seed(cfg.seed, epoch)
+    loop.sampler.set_epoch(epoch)
+    loader = DataLoader(loop.train_ds, batch_size=cfg.ft_batch_size, sampler=loop.sampler, num_workers=loop.workers,
+                        collate_fn=_collate, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch)),
+                        persistent_workers=False)
+    loop.model.train()
+    if not (loop.scratch or cfg.train_bn):
+        freeze_batchnorm(loop.net)
+    bar = tqdm(total=len(loop.train_ds), desc=f"{loop.stage} epoch {epoch}/{loop.epochs}", unit="img",
+               disable=not (progress and distributed.rank() == 0), leave=False)
+    total, correct, seen = _train_steps(loop, loader, bar)
+    bar.close()
+    total, correct, seen = _sum_over_ranks(total, correct, seen)
+    val_loss, val_acc = evaluate_loss(loop.net, loop.val_ds, cfg.ft_batch_size, loop.precision, loop.workers, loop.layout)
+    row = {"stage": loop.stage, "epoch": epoch, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+           "val_loss": val_loss, "val_accuracy": val_acc, "seconds": round(time.perf_counter() - t0, 2)}
+    loop.result.history.append(row)
+    log.info("%s epoch %d: train loss %.4f acc %.3f, val loss %.4f acc %.3f (%.1f s)", loop.stage, epoch,
+             row["train_loss"], row["train_accuracy"], val_loss, val_acc, row["seconds"])
+    if val_loss < loop.result.best_val_loss - 1e-4:
+        loop.result.best_val_loss, loop.result.best_epoch = val_loss, epoch
+        loop.best_state = {k: v.detach().clone() for k, v in loop.net.state_dict().items()}
+
+
+def _train_steps(loop: _Loop, loader: DataLoader, bar: Any) -> tuple[float, int, int]:
+    """The optimiser steps of one epoch; returns this rank's summed loss, correct predictions and images."""
+    seen, total, correct = 0, 0.0, 0
+    for batch in loader:
+        if batch is None:  # the whole batch unreadable (train() passes only images that decoded)
+            continue
+        x, y = batch[0].to(loop.dev), batch[1].to(loop.dev)
+        loop.opt.zero_grad(set_to_none=True)
+        with features.autocast(loop.precision, loop.dev.type):
+            logits = loop.model(x.contiguous(memory_format=loop.layout))
+        loss = loop.loss_fn(logits.float(), y)
+        loss.backward()
+        loop.opt.step()
+        seen += len(y)
+        total += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        bar.update(len(y) * distributed.world())  # the ranks advance together: global images
+    return total, correct, seen
 
 
 def evaluate_loss(net: nn.Module, ds: torch.utils.data.Dataset, batch_size: int, precision: str, workers: int,

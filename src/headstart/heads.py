@@ -1,53 +1,349 @@
-"""The new head as a torch module, for the code that trains or differentiates it: the MLP head's fit,
-fine-tuning, Grad-CAM, export.
+"""The new head on pooled backbone features: one table of head types, each defined once.
 
-Everywhere a head is only applied (evaluation, prediction from features, bundles) its weights travel as plain
-arrays keyed like this module's state dict (``predict.head_logits``), so a re-run on cached features never pays
-for importing torch.
+A head type is a list of layers (``layers``). The torch module (``to_torch``: for fine-tuning, Grad-CAM, export)
+is an ``nn.Sequential`` of those layers, and the numpy forward pass (``logits``: evaluation and prediction from
+cached features, which never import torch) walks the same list, reading the module's own state-dict keys.
+Fitting lives in the table too: ``HEADS[kind].fit``. ``head="auto"`` cross-validates every candidate of the
+table on the training split only (``select``); the validation split is never looked at until the final
+evaluation. Adding a head type is one ``HeadType`` entry.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
-import torch
-from torch import nn
 
-from .data import HeadstartError
+from . import cache
+from .config import HeadstartError, TrainConfig
 
-HeadState = dict[str, np.ndarray]
+if TYPE_CHECKING:  # torch is imported where a head trains or runs as a module
+    from torch import nn
 
+log = logging.getLogger("headstart")
 
-class Standardize(nn.Module):
-    """Per-feature (x - mean) / std, stored in the head so a bundle needs nothing else."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+HeadState = dict[str, np.ndarray]  # the head's tensors, keyed like its torch module's state dict
+Layer = tuple[str, dict[str, Any]]  # ("standardize" | "linear" | "relu" | "dropout", arguments)
 
 
-def make_head(kind: str, dim: int, n_classes: int, hidden: int = 256, dropout: float = 0.5) -> nn.Sequential:
-    """The new classifier on pooled features: the classic Dense(hidden, ReLU) → dropout → softmax, or linear."""
-    if kind == "mlp":
-        return nn.Sequential(
-            Standardize(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, n_classes)
-        )
-    if kind == "linear":
-        return nn.Sequential(Standardize(dim), nn.Linear(dim, n_classes))
-    raise HeadstartError(f"unknown head '{kind}': use mlp or linear")
+@dataclass
+class HeadFit:
+    """A fitted head: its kind and parameters, its tensors, and how the fit went."""
+
+    state: HeadState
+    kind: str
+    params: dict[str, float]
+    epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
-def to_module(spec: dict[str, Any], n_classes: int, state: HeadState) -> nn.Sequential:
-    """The module for a head recorded as ``spec`` (a bundle's ``head`` entry: kind, dim, hidden, dropout)."""
-    head = make_head(spec["kind"], spec["dim"], n_classes, spec.get("hidden", 256), spec.get("dropout", 0.5))
-    head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=True)
-    return head.eval()
+# --------------------------------------------------------------------------------------- the definition
+
+
+def _mlp_layers(dim: int, n_classes: int, hidden: int, dropout: float) -> list[Layer]:
+    """The classic Dense(hidden, ReLU) → dropout → softmax, on standardised features."""
+    return [("standardize", {"dim": dim}), ("linear", {"in": dim, "out": hidden}), ("relu", {}), ("dropout", {"p": dropout}),
+            ("linear", {"in": hidden, "out": n_classes})]
+
+
+def _linear_layers(dim: int, n_classes: int, hidden: int, dropout: float) -> list[Layer]:
+    """Logistic regression on standardised features."""
+    return [("standardize", {"dim": dim}), ("linear", {"in": dim, "out": n_classes})]
+
+
+def spec_layers(spec: dict[str, Any], n_classes: int) -> list[Layer]:
+    """The layers of a head recorded as ``spec`` (a bundle's ``head`` entry: kind, dim, hidden, dropout)."""
+    kind = HEADS.get(spec["kind"])
+    if kind is None:
+        raise HeadstartError(f"unknown head '{spec['kind']}': use {' or '.join(HEADS)}")
+    return kind.layers(spec["dim"], n_classes, spec.get("hidden", TrainConfig.hidden), spec.get("dropout", TrainConfig.dropout))
+
+
+def logits(spec: dict[str, Any], state: HeadState, x: np.ndarray) -> np.ndarray:
+    """The head applied to pooled features with numpy, layer by layer as ``to_torch`` builds it (dropout is off
+    at inference)."""
+    z = np.asarray(x, np.float32)
+    for i, (op, _) in enumerate(spec_layers(spec, _n_out(state))):
+        if op == "standardize":
+            z = (z - state[f"{i}.mean"]) / state[f"{i}.std"]
+        elif op == "linear":
+            z = z @ state[f"{i}.weight"].T + state[f"{i}.bias"]
+        elif op == "relu":
+            z = np.maximum(z, 0)
+    return z
+
+
+def _n_out(state: HeadState) -> int:
+    """The number of classes: the rows of the last linear layer."""
+    last = max((k for k in state if k.endswith(".weight")), key=lambda k: int(k.split(".")[0]))
+    return int(state[last].shape[0])
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def proba(spec: dict[str, Any], state: HeadState, x: np.ndarray) -> np.ndarray:
+    return softmax(logits(spec, state, x))
+
+
+def to_torch(spec: dict[str, Any], n_classes: int, state: HeadState | None = None) -> nn.Sequential:
+    """The head as a torch module (in eval mode when ``state`` is given, else freshly initialised)."""
+    import torch
+    from torch import nn
+
+    class Standardize(nn.Module):
+        """Per-feature (x - mean) / std, stored in the head so a bundle needs nothing else."""
+
+        def __init__(self, dim: int):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(dim))
+            self.register_buffer("std", torch.ones(dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x - self.mean) / self.std
+
+    build: dict[str, Callable[..., nn.Module]] = {
+        "standardize": lambda a: Standardize(a["dim"]), "linear": lambda a: nn.Linear(a["in"], a["out"]),
+        "relu": lambda a: nn.ReLU(), "dropout": lambda a: nn.Dropout(a["p"]),
+    }
+    head = nn.Sequential(*(build[op](args) for op, args in spec_layers(spec, n_classes)))
+    if state is not None:
+        head.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}, strict=True)
+        head.eval()
+    return head
 
 
 def to_arrays(head: nn.Module) -> HeadState:
     return {k: v.detach().cpu().float().contiguous().numpy().copy() for k, v in head.state_dict().items()}
+
+
+def spec(kind: str, dim: int, cfg: TrainConfig) -> dict[str, Any]:
+    """What a bundle records of a head (``config.json``'s ``head`` entry, less the fit's own parameters)."""
+    return {"kind": kind, "dim": dim, "hidden": cfg.hidden, "dropout": cfg.dropout}
+
+
+# ------------------------------------------------------------------------------------------------ fitting
+
+
+def class_weights(y: np.ndarray, n_classes: int, mode: str = "auto") -> np.ndarray | None:
+    """Balanced weights when asked, or (auto) when the largest class is over 1.5× the smallest."""
+    counts = np.bincount(y, minlength=n_classes).astype(float)
+    if mode == "none" or (mode == "auto" and counts.max() <= 1.5 * max(counts[counts > 0].min(), 1)):
+        return None
+    return len(y) / (n_classes * np.maximum(counts, 1))
+
+
+def _standardizer(x: np.ndarray) -> HeadState:
+    return {"0.mean": x.mean(0).astype(np.float32), "0.std": (x.std(0) + 1e-6).astype(np.float32)}
+
+
+@dataclass
+class FitData:
+    """What a head is fitted on: training features and labels, optionally validation data for early stopping."""
+
+    x: np.ndarray
+    y: np.ndarray
+    n_classes: int
+    weights: np.ndarray | None = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+
+
+def fit_linear(d: FitData, cfg: TrainConfig, params: dict[str, float], epochs: int | None = None) -> HeadFit:
+    """scikit-learn's logistic regression on standardised features, stored as the linear head's arrays."""
+    from sklearn.linear_model import LogisticRegression
+
+    state = _standardizer(d.x)
+    xs = (d.x - state["0.mean"]) / state["0.std"]
+    cw = {i: float(w) for i, w in enumerate(d.weights)} if d.weights is not None else None
+    lr = LogisticRegression(C=params["C"], max_iter=3000, class_weight=cw, random_state=cfg.seed).fit(xs, d.y)
+    w = np.zeros((d.n_classes, d.x.shape[1]), np.float32)
+    b = np.zeros(d.n_classes, np.float32)
+    if len(lr.classes_) == 2:  # binary: sklearn keeps one logit; softmax([0, z]) == sigmoid(z)
+        w[lr.classes_[1]], b[lr.classes_[1]] = lr.coef_[0], lr.intercept_[0]
+    else:
+        w[lr.classes_], b[lr.classes_] = lr.coef_, lr.intercept_
+        missing = np.setdiff1d(np.arange(d.n_classes), lr.classes_)
+        b[missing] = -1e4  # a class absent from this fold's training data is never predicted
+    return HeadFit(state | {"1.weight": w, "1.bias": b}, "linear", dict(params))
+
+
+def fit_mlp(d: FitData, cfg: TrainConfig, params: dict[str, float], epochs: int | None = None) -> HeadFit:
+    """The classic head, Adam; with validation data, early stopping on its loss keeps the best epoch,
+    otherwise it trains for exactly ``epochs``."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    head = to_torch(spec("mlp", d.x.shape[1], cfg), d.n_classes)
+    for name, value in _standardizer(d.x).items():
+        head.get_buffer(name).copy_(torch.from_numpy(value))
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(d.weights, dtype=torch.float32) if d.weights is not None else None)
+    xt, yt = torch.from_numpy(d.x), torch.from_numpy(d.y).long()
+    val = (torch.from_numpy(d.x_val), torch.from_numpy(d.y_val).long()) if d.x_val is not None else None
+    best, best_loss, best_epoch, history = None, math.inf, 0, []
+    for epoch in range(1, (epochs or cfg.max_epochs) + 1):
+        head.train()
+        total = 0.0
+        for idx in torch.randperm(len(xt), generator=gen).split(cfg.head_batch_size):
+            opt.zero_grad()
+            loss = loss_fn(head(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        row = {"epoch": epoch, "train_loss": total / len(xt)}
+        if val is not None:
+            row |= _val_row(head, *val)
+            if row["val_loss"] < best_loss - 1e-4:
+                best, best_loss, best_epoch = copy.deepcopy(head.state_dict()), row["val_loss"], epoch
+            elif epoch - best_epoch >= cfg.patience:
+                history.append(row)
+                break
+        history.append(row)
+    if best is not None:
+        head.load_state_dict(best)
+    return HeadFit(to_arrays(head.eval()), "mlp", {"dropout": cfg.dropout, "hidden": cfg.hidden}, best_epoch or len(history), history)
+
+
+def _val_row(head: nn.Module, xv: Any, yv: Any) -> dict[str, float]:
+    import torch
+    from torch import nn
+
+    head.eval()
+    with torch.no_grad():
+        out = head(xv)
+        return {"val_loss": float(nn.functional.cross_entropy(out, yv)), "val_accuracy": float((out.argmax(1) == yv).float().mean())}
+
+
+@dataclass(frozen=True)
+class HeadType:
+    """One row of the head table."""
+
+    layers: Callable[[int, int, int, float], list[Layer]]  # (dim, n_classes, hidden, dropout) → layers
+    fit: Callable[[FitData, TrainConfig, dict[str, float], int | None], HeadFit]
+    candidates: tuple[dict[str, float], ...]  # parameter settings cross-validated when head="auto"
+    iterative: bool  # trained by epochs with early stopping (the final fit reuses the CV's mean epoch count)
+    needs_torch: bool
+
+
+HEADS: dict[str, HeadType] = {
+    "mlp": HeadType(_mlp_layers, fit_mlp, ({},), iterative=True, needs_torch=True),
+    "linear": HeadType(_linear_layers, fit_linear, ({"C": 0.05}, {"C": 0.5}), iterative=False, needs_torch=False),
+}
+
+
+def candidates(head: str) -> list[tuple[str, dict[str, float]]]:
+    """(kind, parameters) tried by cross-validation: every table entry's for ``auto``, else one kind's."""
+    return [(kind, p) for kind, t in HEADS.items() if head in ("auto", kind) for p in t.candidates]
+
+
+# -------------------------------------------------------------------------------------- cross-validation
+
+
+def with_views(x: np.ndarray, y: np.ndarray, idx: np.ndarray, views: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows ``idx`` plus their cached augmented views (views never cross a CV fold)."""
+    if not views:
+        return x[idx], y[idx]
+    return np.concatenate([x[idx]] + [v[idx] for v in views]), np.tile(y[idx], 1 + len(views))
+
+
+def cv_rank(row: dict[str, Any]) -> tuple[float, float]:
+    """How cross-validation results are ranked: accuracy (to 4 places), then lower log loss."""
+    return round(row["cv_accuracy"], 4), -row["cv_log_loss"]
+
+
+def _cross_validate(kind: str, params: dict[str, float], x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
+                    views: list[np.ndarray], folds: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """One candidate's mean accuracy and log loss over the folds (and, for an iterative head, its mean best epoch)."""
+    acc, nll, epochs = [], [], []
+    weights = class_weights(y, n_classes, cfg.class_weights)
+    for tr, te in folds:
+        xt, yt = with_views(x, y, tr, views)
+        fit = HEADS[kind].fit(FitData(xt, yt, n_classes, weights, x[te], y[te]), cfg, params, None)
+        if HEADS[kind].iterative:
+            epochs.append(fit.epochs)
+        p = proba({"kind": kind, "dim": x.shape[1], "hidden": cfg.hidden, "dropout": cfg.dropout}, fit.state, x[te])
+        acc.append(float((p.argmax(1) == y[te]).mean()))
+        nll.append(float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()))
+    return {"kind": kind, "params": params, "cv_accuracy": float(np.mean(acc)), "cv_log_loss": float(np.mean(nll)),
+            "epochs": int(round(np.mean(epochs))) if epochs else 0}
+
+
+def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[str, dict[str, float], int, list[dict[str, Any]]]:
+    """Cross-validate the candidate heads on the training split; returns the winner and the table."""
+    from sklearn.model_selection import StratifiedKFold
+
+    tried = candidates(cfg.head)
+    n_folds = min(cfg.cv_folds, int(np.bincount(y).min()))
+    if n_folds < 2:
+        kind, params = tried[0]
+        log.info("a class has a single training image: no cross-validation, using the %s head", kind)
+        return kind, params, 0, []
+    folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y))
+    table = [_cross_validate(kind, params, x, y, n_classes, cfg, views or [], folds) for kind, params in tried]
+    best = max(table, key=cv_rank)
+    return best["kind"], best["params"], best["epochs"], table
+
+
+# Everything the head's selection and fit depend on, besides the features and labels themselves.
+_SELECTION_FIELDS = ("head", "hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience", "head_batch_size", "cv_folds",
+                     "class_weights", "seed")
+
+
+def _fit_key(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray]) -> str:
+    """Inputs, settings, the candidates and the library versions that compute a fit."""
+    from importlib.metadata import version
+
+    libs = [version(p) for p in ("torch", "scikit-learn", "numpy")]
+    return cache.key("head-fit", n_classes, candidates(cfg.head), {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs,
+                     arrays=(x, y, *views))
+
+
+def fit(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[HeadFit, list[dict[str, Any]]]:
+    """Choose a head by cross-validation, then fit it on the whole training split (and its augmented views).
+
+    Both are deterministic in the features, labels and settings, so the outcome is remembered in the cache
+    (``<cache>/heads/``): a re-run on cached features reads it back instead of repeating the cross-validation.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    views = views or []
+    store, name = cache.store("heads", cfg.cache_dir), _fit_key(x, y, n_classes, cfg, views)
+    record, state = store.read_json(name), store.read(name, ".safetensors", lambda p: load_file(str(p)))
+    if isinstance(record, dict) and state is not None:
+        log.info("head: cross-validation and fit read back from %s", store.path(name, ".json"))
+        return HeadFit(state, record["kind"], record["params"], record["epochs"], record["history"]), record["table"]
+    with single_thread(torch_too=any(HEADS[k].needs_torch for k, _ in candidates(cfg.head))):
+        kind, params, epochs, table = select(x, y, n_classes, cfg, views)
+        xa, ya = with_views(x, y, np.arange(len(y)), views)
+        data = FitData(xa, ya, n_classes, class_weights(y, n_classes, cfg.class_weights))
+        result = HEADS[kind].fit(data, cfg, params, (max(epochs, 1) if table else 30) if HEADS[kind].iterative else None)
+    record = {"kind": result.kind, "params": result.params, "epochs": result.epochs, "history": result.history, "table": table}
+    store.write_json(name, record, before={".safetensors": lambda p: save_file(result.state, str(p))})
+    return result, table
+
+
+@contextlib.contextmanager
+def single_thread(torch_too: bool = True) -> Iterator[None]:
+    """Head-sized matrices gain nothing from threads, and on a busy CPU thread hand-offs cost 10x or more
+    (measured on 2 busy shared cores: the clothing head's cross-validation took 280 s with 2 threads).
+    ``torch_too=False`` leaves torch alone (and unimported) when only scikit-learn runs."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1), contextlib.ExitStack() as stack:
+        if torch_too:
+            import torch
+
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            stack.callback(torch.set_num_threads, before)
+        yield

@@ -1,13 +1,18 @@
-"""The trained-model bundle: save, load (safely, digest-checked), predict and evaluate.
+"""The models that predict: a trained run (``Classifier``), an average of runs (``Ensemble``), the deployed ONNX
+graph of a run (``OnnxModel``), and the raw ImageNet network (``predict_imagenet``); saving and loading them.
 
 A run folder holds ``config.json`` (backbone, weights digest, classes, preprocessing, metrics) and
 ``model.safetensors`` (backbone + head tensors). Nothing is pickled, so loading a bundle never runs code.
+Every model answers ``proba(paths, engine=, use_cache=, progress=, root=)``, and ``predict_images`` /
+``evaluate_folder`` turn that into ranked predictions or metrics, for any of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -15,34 +20,19 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from safetensors.numpy import save_file
 
-from . import backbones, features
-from .data import HeadstartError, Skipped, scan
+from . import backbones, evaluate, features, heads, onnx
+from .data import IMAGE_EXTENSIONS, HeadstartError, Skipped, scan
 from .files import atomic_path, atomic_write_text, sha256_file
+from .heads import HeadState
 
 if TYPE_CHECKING:  # imported where a network runs; applying a head to cached features needs numpy only
     from torch import nn
 
-    from .ensemble import Ensemble
-
 BUNDLE_FORMAT = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-HeadState = dict[str, np.ndarray]  # the head's tensors, keyed like its torch module's state dict (heads.make_head)
-
-
-def head_logits(state: HeadState, x: np.ndarray) -> np.ndarray:
-    """The head applied to pooled features: standardise → Linear (→ ReLU → Linear), dropout being off at inference."""
-    z = (np.asarray(x, np.float32) - state["0.mean"]) / state["0.std"]
-    z = z @ state["1.weight"].T + state["1.bias"]
-    if "4.weight" in state:
-        z = np.maximum(z, 0) @ state["4.weight"].T + state["4.bias"]
-    return z
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+ENSEMBLE_FILE = "ensemble.json"
+ENSEMBLE_FORMAT = 1
 
 
 @dataclass
@@ -78,16 +68,12 @@ class Classifier:
     @property
     def head(self) -> nn.Sequential:
         if self._head_module is None:
-            from .heads import to_module
-
-            self._head_module = to_module(self.info["head"], len(self.classes), self._head_state)
+            self._head_module = heads.to_torch(self.info["head"], len(self.classes), self._head_state)
         return self._head_module
 
     def head_state(self) -> HeadState:
         if self._head_module is not None:
-            from .heads import to_arrays
-
-            return to_arrays(self._head_module)
+            return heads.to_arrays(self._head_module)
         return self._head_state
 
     # ---------------------------------------------------------------------------------------- inference
@@ -98,15 +84,13 @@ class Classifier:
                                 precision=settings.get("precision", "auto"), runtime=settings.get("runtime", "auto"), **kw)
 
     def proba_from_features(self, x: np.ndarray) -> np.ndarray:
-        return softmax(head_logits(self.head_state(), x))
+        return heads.proba(self.info["head"], self.head_state(), x)
 
     def proba(self, paths: Sequence[Path], *, engine: str = "pytorch", use_cache: bool = True, progress: bool = False,
               root: Path | None = None) -> tuple[np.ndarray, features.Features]:
         """Class probabilities of the images that decode (rows follow ``f.ok``), computed by PyTorch (backbone
         at the run's precision, then the head) or by ONNX Runtime on the exported ``model.onnx`` (fp32)."""
         if engine == "onnxruntime":
-            from .export import open_for
-
             f = open_for(self).proba(list(paths), root=root)
             return f.x, f
         if engine != "pytorch":
@@ -159,10 +143,8 @@ class Classifier:
 
 
 def load(folder: str | os.PathLike) -> Classifier | Ensemble:
-    """A saved run (``Classifier``) or ensemble of runs (``ensemble.Ensemble``): both predict and evaluate."""
-    from . import ensemble
-
-    return ensemble.load(folder) if ensemble.is_ensemble(folder) else load_run(folder)
+    """A saved run (``Classifier``) or ensemble of runs (``Ensemble``): both predict and evaluate."""
+    return load_ensemble(folder) if is_ensemble(folder) else load_run(folder)
 
 
 def load_run(folder: str | os.PathLike) -> Classifier:
@@ -184,8 +166,6 @@ def load_run(folder: str | os.PathLike) -> Classifier:
         raise HeadstartError(f"'{model_path}' does not match the digest in {CONFIG_FILE}: the weights were changed or damaged; refusing to load")
     from safetensors.torch import load_file
 
-    from .heads import make_head
-
     b = cfg["backbone"]
     spec = backbones.Backbone(b["name"], b["timm_name"], "from bundle", kwargs=b.get("kwargs", {}), cfg_overlay=b.get("cfg_overlay", {}))
     try:
@@ -193,8 +173,7 @@ def load_run(folder: str | os.PathLike) -> Classifier:
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a file that is not safetensors
         raise HeadstartError(f"'{model_path}' is not a safetensors file ({e}); refusing to load — retrain or restore the bundle") from None
     model = backbones.create(spec, num_classes=b.get("num_classes", 0))
-    head_cfg = cfg["head"]
-    head = make_head(head_cfg["kind"], head_cfg["dim"], len(cfg["classes"]), head_cfg.get("hidden", 256), head_cfg.get("dropout", 0.5))
+    head = heads.to_torch(cfg["head"], len(cfg["classes"]))
     try:
         model.load_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")}, strict=True)
         head.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("head.")}, strict=True)
@@ -220,8 +199,6 @@ def predict_images(model: Any, paths: Sequence[str | os.PathLike], top_k: int = 
 
 def evaluate_folder(model: Any, folder: str | os.PathLike | None = None, out: str | os.PathLike | None = None, split: str | None = None,
                     progress: bool = False, engine: str = "pytorch") -> dict[str, Any]:
-    from . import evaluate as ev
-
     if folder is None:
         return model.info.get("metrics", {})
     ds = scan(folder, classes=model.classes)
@@ -232,51 +209,34 @@ def evaluate_folder(model: Any, folder: str | os.PathLike | None = None, out: st
     proba, f = model.proba(s.paths, engine=engine, progress=progress, root=ds.root)
     y = np.asarray(s.labels)[f.ok]
     kept = [p for p, ok in zip(s.paths, f.ok) if ok]
-    metrics = ev.evaluate(y, proba, model.classes, [str(p) for p in kept])
+    metrics = evaluate.evaluate(y, proba, model.classes, [str(p) for p in kept])
     metrics["data"] = {"folder": str(ds.root), "split": name, "images": int(f.ok.sum()), "engine": engine,
                        "skipped": [vars(k) for k in ds.skipped + f.skipped]}
     if out is not None:
-        ev.write(metrics, Path(out))
+        evaluate.write(metrics, Path(out))
     return metrics
 
 
-def predict_imagenet(paths: Sequence[str | os.PathLike], backbone: str = backbones.DEFAULT, weights: str | None = None, top_k: int = 5, precision: str = "auto") -> list[Prediction]:
-    """The raw pretrained network with its 1000 ImageNet classes: a quick check that the weights are right."""
-    import torch
+def predict_imagenet(paths: Sequence[str | os.PathLike], backbone: str = backbones.DEFAULT, weights: str | None = None, top_k: int = 5,
+                     precision: str = "auto", runtime: str = "auto") -> list[Prediction]:
+    """The raw pretrained network with its 1000 ImageNet classes: a quick check that the weights are right.
+
+    The same runtime choice as every other prediction (ONNX Runtime fp32 on a CPU), so its numbers agree with
+    ``explain --imagenet`` (PyTorch fp32) to the printed digit."""
     from timm.data import ImageNetInfo
 
     lb = backbones.load(backbone, weights)
-    if getattr(lb.model, "num_classes", 0) != 1000:
+    if lb.num_classes != 1000:
         raise HeadstartError(f"the weights for '{backbone}' have no ImageNet classifier (headless file); give a full ImageNet checkpoint")
     info = ImageNetInfo()
     names = [info.index_to_description(i) for i in range(1000)]
     paths = expand_images(paths)
-    model = features.prepare(lb.model)
-    tf = features.eval_transform(lb.data_config)
-    from .data import open_rgb
-
-    good, errors, tensors = [], {}, []
-    for i, p in enumerate(paths):
-        try:
-            tensors.append(tf(open_rgb(p, features.decode_size(lb.data_config))))
-            good.append(i)
-        except ValueError as e:
-            errors[i] = str(e)
-    proba = np.zeros((0, 1000), np.float32)
-    if tensors:
-        with torch.inference_mode(), features.autocast(features.resolve_precision(precision)):
-            logits = model(torch.stack(tensors).contiguous(memory_format=torch.channels_last))
-        proba = torch.softmax(logits.float(), 1).numpy()
-    ok = np.zeros(len(paths), bool)
-    ok[good] = True
-    f = features.Features(proba, ok, [Skipped(str(paths[i]), e) for i, e in errors.items()])
-    return _rank(paths, f, proba, names, top_k)
+    f = features.extract(paths, lb, use_cache=False, progress=False, precision=precision, runtime=runtime, output="logits")
+    return _rank(paths, f, heads.softmax(f.x), names, top_k)
 
 
 def expand_images(items: Sequence[str | os.PathLike]) -> list[Path]:
     """Files as given, folders expanded to the images inside them (sorted)."""
-    from .data import IMAGE_EXTENSIONS
-
     out: list[Path] = []
     for item in items:
         p = Path(item)
@@ -300,3 +260,116 @@ def _rank(paths: Sequence[Path], f: features.Features, proba: np.ndarray, names:
         out.append(Prediction(str(p), [(names[j], float(proba[row, j])) for j in order]))
         row += 1
     return out
+
+
+# ----------------------------------------------------------------------------------------------- ensembles
+
+
+@dataclass(repr=False)
+class Ensemble:
+    """Several runs trained on the same photos and classes, their class probabilities averaged (``ensemble.build``
+    makes one). It predicts and evaluates like a single run."""
+
+    members: list[Classifier]
+    info: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"Ensemble({' + '.join(m.backbone.spec.name for m in self.members)}, classes={self.classes}, path={self.path})"
+
+    @property
+    def classes(self) -> list[str]:
+        return self.members[0].classes
+
+    def proba(self, paths: Sequence[Path], *, engine: str = "pytorch", use_cache: bool = True, progress: bool = False,
+              root: Path | None = None) -> tuple[np.ndarray, features.Features]:
+        """The members' mean probabilities for the images every member could read (rows follow ``f.ok``)."""
+        parts = [m.proba(paths, engine=engine, use_cache=use_cache, progress=progress, root=root) for m in self.members]
+        ok = np.logical_and.reduce([f.ok for _, f in parts])
+        mean = sum(p[ok[f.ok]] for p, f in parts) / len(parts)
+        skipped = list({s.path: s for _, f in parts for s in f.skipped}.values())
+        return mean, features.Features(mean, ok, skipped, sum(f.computed for _, f in parts), sum(f.seconds for _, f in parts),
+                                       parts[0][1].runtime)
+
+    def predict(self, paths: Sequence[str | os.PathLike], top_k: int = 5, progress: bool = False, engine: str = "pytorch") -> list[Prediction]:
+        return predict_images(self, paths, top_k, progress, engine)
+
+    def evaluate(self, folder: str | os.PathLike | None = None, out: str | os.PathLike | None = None, split: str | None = None,
+                 progress: bool = False, engine: str = "pytorch") -> dict[str, Any]:
+        return evaluate_folder(self, folder, out, split, progress, engine)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Members first, then the record that names them: a reader finds a whole ensemble or none."""
+        folder = Path(folder)
+        names = [f"{i + 1}-{m.backbone.spec.name}" for i, m in enumerate(self.members)]
+        for name, m in zip(names, self.members):
+            m.save(folder / "members" / name)
+        record = {"format": ENSEMBLE_FORMAT, "classes": self.classes, "members": [f"members/{n}" for n in names], **self.info}
+        atomic_write_text(folder / ENSEMBLE_FILE, json.dumps(record, indent=2, default=str))
+        self.path = folder
+        return folder
+
+
+def load_ensemble(folder: str | os.PathLike) -> Ensemble:
+    """An ensemble folder written by ``Ensemble.save``; each member is checked as ``load_run`` checks a run."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / ENSEMBLE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise HeadstartError(f"'{folder / ENSEMBLE_FILE}' cannot be read ({e}); rebuild it with `headstart ensemble`") from None
+    if record.get("format") != ENSEMBLE_FORMAT:
+        raise HeadstartError(f"'{folder}' was written by an incompatible headstart (ensemble format {record.get('format')})")
+    members = [load_run(folder / m) for m in record["members"]]
+    info = {k: v for k, v in record.items() if k not in ("format", "classes", "members")}
+    return Ensemble(members, info, folder)
+
+
+def is_ensemble(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / ENSEMBLE_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------- the exported ONNX graph
+
+
+class OnnxModel:
+    """An exported run folder opened with ONNX Runtime: the ``--engine onnxruntime`` path of predict and evaluate."""
+
+    def __init__(self, folder: str | os.PathLike, bundle_sha256: str | None = None):
+        onnx.need_onnx()
+        folder = Path(folder)
+        onnx_path, meta_path = folder / onnx.ONNX_FILE, folder / onnx.META_FILE
+        if not onnx_path.is_file() or not meta_path.is_file():
+            raise HeadstartError(f"'{folder}' has no exported model ({onnx.ONNX_FILE} + {onnx.META_FILE}): run `headstart export {folder}` first")
+        self.meta = json.loads(meta_path.read_text())
+        if sha256_file(onnx_path) != self.meta.get("onnx_sha256"):
+            raise HeadstartError(f"'{onnx_path}' does not match {onnx.META_FILE}: it was changed or damaged; run `headstart export` again")
+        if bundle_sha256 is not None and self.meta.get("bundle_sha256") != bundle_sha256:
+            raise HeadstartError(f"'{onnx_path}' was exported from another version of this run's weights: run `headstart export {folder}` again")
+        self.classes: list[str] = self.meta["classes"]
+        self.data_config: dict[str, Any] = self.meta["preprocess"]["timm_data_config"]
+        self.session = onnx.session(onnx_path)
+
+    def proba_array(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"image": np.ascontiguousarray(x, np.float32)})[0]
+
+    def proba(self, paths: Sequence[Path], *, batch_size: int = 32, workers: int = -1, root: Path | None = None) -> features.Features:
+        """Probabilities for the photos that decode, as ``Features`` whose ``x`` holds probabilities (rows follow ``ok``)."""
+        start = time.perf_counter()
+        rows, ok, skipped = [], np.zeros(len(paths), bool), []
+        for idx, batch, bad in features.normalized_batches(paths, self.data_config, batch_size, workers):
+            if batch is not None:
+                rows.append(self.proba_array(batch))
+                ok[idx] = True
+            skipped += [Skipped(features.shown_path(paths[j], root), err) for j, err in bad]
+        x = np.concatenate(rows) if rows else np.zeros((0, len(self.classes)), np.float32)
+        return features.Features(x, ok, skipped, computed=int(ok.sum()), seconds=time.perf_counter() - start)
+
+
+def open_for(clf: Classifier) -> OnnxModel:
+    """The exported model that belongs to a loaded bundle (same folder, same weights)."""
+    if clf.path is None:
+        raise HeadstartError("this classifier is not saved: save it and run `headstart export RUN` before using --engine onnxruntime")
+    sha = None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        sha = json.loads((clf.path / CONFIG_FILE).read_text())["model_sha256"]
+    return OnnxModel(clf.path, sha)

@@ -1,0 +1,388 @@
+"""``train()``: a folder of labelled photos in, a trained and evaluated classifier out, as named steps.
+
+    scan → split → backbone → extract → fit head → [fine-tune | train from scratch] → evaluate → save
+
+Each step is a plain function taking and returning small dataclasses, so it can be read, tested and cached on its
+own. The first half of the classic recipe is the head on cached features: a few candidate heads are compared by
+cross-validation on the training split only (``heads.fit``); the validation split is never looked at until the
+final evaluation. The second half, fine-tuning, unfreezes the top of the backbone (``finetune.fit``).
+
+A re-run answered by the cache (embeddings, head fit, backbone facts, Grad-CAM pictures) never imports torch:
+the steps that need a network import it where they run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from . import backbones, cache, distributed, evaluate, features, heads
+from .config import HeadstartError, TrainConfig, __version__
+from .data import Dataset, Skipped, Split, scan, summarize, train_val_split
+from .files import atomic_write_text, sha256_file
+from .plots import plot_history
+from .predict import CONFIG_FILE, Classifier, load_run
+from .report import build_report
+
+log = logging.getLogger("headstart")
+GRADCAM_THUMB = 160  # px, the report's Grad-CAM pictures
+
+
+@dataclass
+class Data:
+    """The scanned folder and the split every later step works on."""
+
+    ds: Dataset
+    splits: dict[str, Split]  # "train", "val" and, when the folder has one, "test"
+
+    @property
+    def train(self) -> Split:
+        return self.splits["train"]
+
+
+@dataclass
+class Extractor:
+    """``features.extract_sharded`` with the run's settings, keeping the tally the run reports: time spent,
+    embeddings computed and read from the cache, and every skipped file (each named once)."""
+
+    cfg: TrainConfig
+    root: Path
+    progress: bool
+    skipped: list[Skipped]
+    seconds: float = 0.0
+    computed: int = 0
+    from_cache: int = 0
+
+    def __call__(self, split: Split, lb: backbones.LoadedBackbone, **kw: Any) -> features.Features:
+        f = features.extract_sharded(split.paths, lb, cache_dir=self.cfg.cache_dir, batch_size=self.cfg.batch_size,
+                                     precision=self.cfg.precision, runtime=self.cfg.runtime, workers=self.cfg.workers,
+                                     progress=self.progress, root=self.root, **kw)
+        self.seconds += f.seconds
+        self.computed += f.computed
+        self.from_cache += int(f.ok.sum()) - f.computed
+        for s in f.skipped:
+            if s not in self.skipped:
+                self.skipped.append(s)
+                log.warning("skipped %s: %s", s.path, s.reason)
+        return f
+
+
+@dataclass
+class Outcome:
+    """Where training got to: the backbone and head that predict, and how they score."""
+
+    lb: backbones.LoadedBackbone
+    head: Any  # the head's arrays, or the torch module once a stage has trained one
+    fit: heads.HeadFit
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    feats: dict[str, features.Features] = field(default_factory=dict)
+    table: list[dict[str, Any]] = field(default_factory=list)  # the head's cross-validation
+    crop_table: list[dict[str, Any]] = field(default_factory=list)  # --crop-pct auto's choice
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stages: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def train(data: str | Path, out: str | Path | None = None, config: TrainConfig | None = None, progress: bool = True,
+          resume: bool = False, reuse: bool = False, **overrides: Any) -> Classifier:
+    """Folder of labelled photos → trained, evaluated classifier (saved to ``out`` when given).
+
+    ``overrides`` are any ``TrainConfig`` field, e.g. ``train("photos/", backbone="mobilenetv2", finetune=True)``.
+    ``resume=True`` continues an interrupted run in ``out`` with the settings it was started with.
+    ``reuse=True`` returns the finished run already in ``out`` when it was trained on the same photos (content),
+    settings and backbone weights: ``compare`` re-runs cost nothing for the backbones that did not change.
+
+    Under torchrun, every rank runs this same function: extraction is sharded, fine-tuning is data-parallel, each
+    rank fits the same deterministic head on the same gathered features, and only rank 0 writes into ``out``.
+    """
+    distributed.init()
+    cfg = settings(config, overrides, resume, out)
+    t0 = time.perf_counter()
+    d = split(data, cfg)
+    lb = load_backbone(cfg, None if cfg.crop_pct == "auto" else cfg.crop_pct)
+    if out is not None and distributed.is_main():  # written once the backbone exists: a refused run leaves no folder behind
+        atomic_write_text(Path(out) / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+    inputs = inputs_digest(cfg, d, lb.digest) if reuse and out is not None else None
+    if inputs is not None and (done := finished_run(Path(out), inputs)) is not None:
+        log.info("reused the finished run in %s (same photos, settings and weights)", out)
+        return done
+    extract = Extractor(cfg, d.ds.root, progress, list(d.ds.skipped))
+    for s in extract.skipped:
+        log.warning("skipped %s: %s", s.path, s.reason)
+    result = fit_head(cfg, d, lb, extract) if lb.spec.pretrained else Outcome(lb, {}, heads.HeadFit({}, "linear", {}))
+    stage = "finetune" if cfg.finetune and lb.spec.pretrained else None if lb.spec.pretrained else "scratch"
+    if stage:
+        result = train_network(cfg, d, result, extract, stage, out, resume, progress, f"headstart train {data} --resume {out}")
+    result.timing |= {"extract_s": extract.seconds, "embeddings_computed": extract.computed, "total_s": time.perf_counter() - t0}
+    clf = Classifier(result.lb, result.head, d.ds.classes, record(cfg, d, result, extract.skipped, inputs))
+    if out is not None and distributed.is_main():
+        save_run(clf, Path(out), result.metrics, summarize(d.ds.classes, d.splits, extract.skipped))
+    distributed.barrier()  # every rank returns once the run folder is complete
+    return clf
+
+
+# ------------------------------------------------------------------------------------------------- steps
+
+
+def settings(config: TrainConfig | None, overrides: dict[str, Any], resume: bool = False, out: str | Path | None = None) -> TrainConfig:
+    """The run's validated settings (a resumed run: the ones it was started with); options that would be ignored
+    are said, and an unknown backbone is refused before any photo is listed."""
+    cfg = dataclasses.replace(config, **overrides) if config is not None else TrainConfig(**overrides)
+    if resume:
+        path = Path(out) / "train_config.json" if out is not None else None
+        if path is None or not path.is_file():
+            raise HeadstartError(f"nothing to resume in '{out}': it has no train_config.json (start the run without --resume)")
+        cfg = dataclasses.replace(TrainConfig.from_dict(json.loads(path.read_text())), workers=cfg.workers, cache_dir=cfg.cache_dir)
+    backbones.lookup(cfg.backbone)
+    for why in getattr(cfg, "ignored", lambda: [])():
+        log.warning("%s", why)
+    return cfg
+
+
+def split(data: str | Path, cfg: TrainConfig) -> Data:
+    """Scan the folder and draw (or take) its train / validation / test split."""
+    ds = scan(data)
+    tr, va, te = train_val_split(ds, cfg.val_fraction, cfg.seed)
+    if len(va) == 0:
+        raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
+    log.info("data: %s (%s layout), %d classes", ds.root, ds.layout, len(ds.classes))
+    return Data(ds, {"train": tr, "val": va} | ({"test": te} if te is not None and len(te) else {}))
+
+
+def load_backbone(cfg: TrainConfig, crop_pct: float | None) -> backbones.LoadedBackbone:
+    """The headless backbone with its weights (the bundle keeps the feature extractor only)."""
+    lb = backbones.load_for_training(cfg.backbone, cfg.weights, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                                     input_size=cfg.input_size, crop_pct=crop_pct)
+    log.info("backbone: %s (timm %s), weights from %s", lb.spec.name, lb.spec.timm_name, lb.source)
+    return lb
+
+
+def fit_head(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extract: Extractor) -> Outcome:
+    """Extract every split's embeddings, choose and fit the head on the training split, evaluate it."""
+    feats: dict[str, features.Features] = {}
+    crop_table: list[dict[str, Any]] = []
+    if cfg.crop_pct == "auto":
+        lb, feats["train"], crop_table = choose_crop(cfg, d, extract)
+    feats |= {name: extract(s, lb) for name, s in d.splits.items() if name not in feats}
+    views = [extract(d.train, lb, augment_policy=cfg.augment, view=k, seed=cfg.seed).x for k in range(cfg.aug_views)]
+    log.info("features: %d computed, %d from cache, %.1f s", extract.computed, extract.from_cache, extract.seconds)
+    y = train_labels(d, feats["train"])
+    t = time.perf_counter()
+    fit, table = heads.fit(feats["train"].x, y, len(d.ds.classes), cfg, views)
+    how = "chosen by cross-validation on train" if len(table) > 1 else (
+        "as asked" if table or cfg.head != "auto" else "the first candidate: too few photos per class to cross-validate")
+    log.info("head: %s %s, %s", fit.kind, fit.params, how)
+    spec = heads.spec(fit.kind, lb.num_features, cfg)
+    return Outcome(lb, fit.state, fit, evaluate_splits(spec, fit.state, feats, d, d.ds.classes), feats, table, crop_table,
+                   [{"stage": "head", **row} for row in fit.history], timing={"head_s": round(time.perf_counter() - t, 3)})
+
+
+def train_labels(d: Data, f: features.Features) -> np.ndarray:
+    """The labels of the training photos that decoded; a class left without any is refused by name."""
+    y = np.asarray(d.train.labels)[f.ok]
+    unlearnable = [c for i, c in enumerate(d.ds.classes) if not (y == i).any()]
+    if unlearnable:
+        raise HeadstartError(
+            f"class(es) {', '.join(unlearnable)} have no readable training images (skipped files are listed above): "
+            "add readable photos to their training folder, or remove the folder"
+        )
+    return y
+
+
+def choose_crop(cfg: TrainConfig, d: Data, extract: Extractor) -> tuple[backbones.LoadedBackbone, features.Features, list[dict[str, Any]]]:
+    """``crop_pct="auto"``: timm's centre crop or the whole frame, whichever scores higher in the head's
+    cross-validation on the training split (ties keep timm's). Costs a second extraction of the training photos;
+    both fits are cached, so the chosen one is read back, not repeated."""
+    rows, tried = [], []
+    for crop_pct in (None, 1.0):  # timm's centre crop, the whole frame
+        lb = load_backbone(cfg, crop_pct)
+        f = extract(d.train, lb)
+        _, table = heads.fit(f.x, np.asarray(d.train.labels)[f.ok], len(d.ds.classes), cfg)
+        if not table:  # too few photos per class to cross-validate: nothing to choose by
+            return lb, f, []
+        best = max(table, key=heads.cv_rank)
+        rows.append({"crop_pct": lb.data_config["crop_pct"], "cv_accuracy": best["cv_accuracy"], "cv_log_loss": best["cv_log_loss"]})
+        tried.append((lb, f))
+    pick = max(range(len(rows)), key=lambda i: heads.cv_rank(rows[i]))  # first of equals: timm's
+    rows[pick]["chosen"] = True
+    log.info("crop: %g chosen by cross-validation on train (%s)", rows[pick]["crop_pct"],
+             ", ".join(f"{r['crop_pct']:g}: {100 * r['cv_accuracy']:.1f}%" for r in rows))
+    return *tried[pick], rows
+
+
+def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor, stage: str, out: str | Path | None,
+                  resume: bool, progress: bool, resume_hint: str) -> Outcome:
+    """Fine-tune the backbone's top with the fitted head (``stage="finetune"``), or train the from-scratch baseline
+    (``"scratch"``), checkpointing every epoch into the run folder; then evaluate the trained network."""
+    import torch
+
+    from . import finetune
+
+    t = time.perf_counter()
+    lb, train_split = start.lb, d.train
+    if stage == "finetune":
+        start.stages["feature_extraction"] = evaluate.headline(start.metrics)
+        log.info("feature extraction: val accuracy %.1f%%; now fine-tuning", 100 * start.metrics["val"]["accuracy"])
+        # only images that decoded: under DDP every rank must take the same number of steps
+        train_split = d.train.subset(np.flatnonzero(start.feats["train"].ok).tolist())
+        head = heads.to_torch(heads.spec(start.fit.kind, lb.num_features, cfg), len(d.ds.classes), start.fit.state)
+    else:
+        with torch.random.fork_rng():  # the scratch net's head starts from the seed too, not from whatever RNG state
+            torch.manual_seed(cfg.seed)
+            head = heads.to_torch(heads.spec("linear", lb.num_features, cfg), len(d.ds.classes))
+    net = finetune.Net(lb.model, head)
+    with checkpoint_dir(out) as ckdir:
+        res = finetune.fit(net, train_split, d.splits["val"], lb.data_config, cfg, stage=stage, checkpoint_dir=ckdir, resume=resume,
+                           progress=progress, resume_hint=resume_hint)
+        lb = backbones.LoadedBackbone(lb.spec, net.backbone, lb.data_config, f"{lb.source}, {stage} here",
+                                      backbones.state_digest(net.backbone.state_dict()), lb.num_features, lb.num_classes)
+        feats = {name: extract(s, lb) for name, s in d.splits.items() if name != "train"}
+        metrics = evaluate_splits(heads.spec(start.fit.kind, lb.num_features, cfg), heads.to_arrays(net.head), feats, d, d.ds.classes)
+        if ckdir is not None and out is not None and distributed.is_main():  # done: the bundle supersedes the checkpoint
+            (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
+    stages = start.stages | {stage: {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch,
+                                     "epochs_run": sum(r["epoch"] > 0 for r in res.history), **evaluate.headline(metrics)}}
+    if stage == "finetune" and res.best_epoch == 0:
+        log.info("fine-tuning never beat the starting head on validation loss: the run keeps the head alone (epoch 0)")
+    return dataclasses.replace(start, lb=lb, head=net.head, metrics=metrics, feats=feats, history=start.history + res.history,
+                               stages=stages, timing=start.timing | {f"{stage}_s": round(time.perf_counter() - t, 3)})
+
+
+def evaluate_splits(spec: dict[str, Any], state: heads.HeadState, feats: dict[str, features.Features], d: Data,
+                    classes: list[str]) -> dict[str, dict[str, Any]]:
+    """Metrics of the head on the validation (and test) features."""
+    out = {}
+    for name in ("val", "test"):
+        f = feats.get(name)
+        if f is None or not f.ok.any():
+            continue
+        y = np.asarray(d.splits[name].labels)[f.ok]
+        kept = [str(p) for p, ok in zip(d.splits[name].paths, f.ok) if ok]
+        out[name] = evaluate.evaluate(y, heads.proba(spec, state, f.x), classes, kept)
+    return out
+
+
+def record(cfg: TrainConfig, d: Data, r: Outcome, skipped: list[Skipped], inputs: str | None) -> dict[str, Any]:
+    """What the run folder's config.json keeps besides the bundle's own facts (``Classifier.info``)."""
+    runtime = r.feats["val"].runtime if r.feats else "pytorch"
+    return {
+        "head": {**heads.spec(r.fit.kind, r.lb.num_features, cfg), **r.fit.params, "epochs": r.fit.epochs},
+        "head_selection": r.table,
+        **({"crop_selection": r.crop_table} if r.crop_table else {}),
+        "features": {"runtime": runtime, "precision": "fp32" if runtime == "onnxruntime" else features.resolve_precision(cfg.precision)},
+        "train_config": cfg.to_dict(),
+        "stages": r.stages,
+        "data": {"root": str(d.ds.root), "layout": d.ds.layout, "classes": d.ds.classes,
+                 "counts": {n: _count(d.splits[n].labels, d.ds.classes) for n in d.splits}, "skipped": [vars(s) for s in skipped]},
+        "metrics": evaluate.headline(r.metrics),
+        "history": r.history,
+        "timing": {k: round(v, 3) for k, v in r.timing.items()},
+        **({"inputs_digest": inputs} if inputs else {}),
+    }
+
+
+def _count(labels: list[int], classes: list[str]) -> dict[str, int]:
+    c = np.bincount(np.asarray(labels, int), minlength=len(classes))
+    return {k: int(v) for k, v in zip(classes, c)}
+
+
+# --------------------------------------------------------------------------------------- reuse and resume
+
+
+def inputs_digest(cfg: TrainConfig, d: Data, weights_digest: str) -> str:
+    """Everything a run's result depends on: settings (less where files go and how many decode workers),
+    the starting weights, and every photo's split, label and content."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("workers", "cache_dir")}
+    lines = [f"{name}\0{Path(path).relative_to(d.ds.root)}\0{label}\0{features.file_digest(Path(path))}\n"
+             for name in sorted(d.splits) for path, label in sorted(zip(map(str, d.splits[name].paths), d.splits[name].labels))]
+    return cache.key(__version__, settings, weights_digest, "".join(lines), length=64)
+
+
+def finished_run(out: Path, inputs: str) -> Classifier | None:
+    """The complete, intact run in ``out`` made from exactly these inputs, or None."""
+    try:
+        if json.loads((out / CONFIG_FILE).read_text()).get("inputs_digest") != inputs:
+            return None
+        clf = load_run(out)
+    except (OSError, ValueError, HeadstartError):
+        return None
+    clf.info["reused"] = True  # in memory only: the run folder stays exactly as it was written
+    return clf
+
+
+@contextlib.contextmanager
+def checkpoint_dir(out: str | Path | None) -> Iterator[Path | None]:
+    """The run folder's checkpoint/ when there is a run folder (made and removed by rank 0 only, which alone
+    writes there; the other ranks only read it when resuming); otherwise a temporary one."""
+    if out is not None:
+        path = Path(out) / "checkpoint"
+        main = distributed.is_main()
+        if main:
+            path.mkdir(parents=True, exist_ok=True)
+        yield path
+        if main:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    else:
+        with tempfile.TemporaryDirectory(prefix="headstart-ckpt-") as tmp:
+            yield Path(tmp)
+
+
+# ------------------------------------------------------------------------------------------------- save
+
+
+def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], summary: str) -> None:
+    """The bundle plus every readable output of the run, each file written atomically, and report.html."""
+    clf.save(out)
+    for name, m in metrics.items():
+        evaluate.write(m, out, prefix="" if name == "val" else f"{name}_")
+    atomic_write_text(out / "data_summary.txt", summary + "\n")
+    history = clf.info.get("history", [])
+    if history:
+        keys = list(dict.fromkeys(k for row in history for k in row))
+        atomic_write_text(out / "history.csv", evaluate.to_csv([keys] + [[row.get(k, "") for k in keys] for row in history]))
+        atomic_write_text(out / "history.json", json.dumps(history, indent=1))
+        plot_history(history, out / "history.png")
+    build_report(out, error_overlay=gradcam_overlay(clf))
+
+
+def gradcam_overlay(clf: Classifier, size: int = GRADCAM_THUMB) -> Callable[[Path], Image.Image]:
+    """The report's picture beside each worst error: a Grad-CAM overlay of the photo (where the network looked),
+    remembered in ``<cache>/overlays/`` by model and photo content, so a re-run with the same model draws its
+    report without running the network (nor importing torch)."""
+    b = clf.backbone
+    state = clf.head_state()
+    model_key = cache.key("gradcam", size, b.spec.timm_name, b.spec.kwargs, b.digest, b.data_config, clf.classes, sorted(state),
+                          arrays=tuple(state[k] for k in sorted(state)))
+    store = cache.store("overlays", clf.info.get("train_config", {}).get("cache_dir"))
+
+    def overlay(photo: Path) -> Image.Image:
+        name = cache.key(model_key, sha256_file(photo), length=32)
+        known = store.read(name, ".png", _read_png)
+        if known is not None:
+            return known
+        from .explain import gradcam_thumbnail  # torch and the network: only when a picture must be drawn
+
+        img = gradcam_thumbnail(clf, photo, size=size).convert("RGB")
+        store.write(name, {".png": lambda p: img.save(p, format="PNG")})
+        return img
+
+    return overlay
+
+
+def _read_png(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
