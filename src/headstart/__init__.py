@@ -14,7 +14,7 @@ from . import ensemble
 from .backbones import REGISTRY, lookup
 from .backbones import load as load_backbone
 from .compare import compare
-from .config import TrainConfig
+from .config import TrainConfig, __version__
 from .data import HeadstartError, scan
 from .predict import Classifier, Prediction, load, predict_imagenet
 from .train import train
@@ -35,7 +35,6 @@ __all__ = [
     "scan",
     "train",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

@@ -15,9 +15,8 @@ import timm
 import torch
 from torchvision import transforms as T
 
+from .config import POLICIES
 from .data import HeadstartError
-
-POLICIES = ("none", "classic", "rrc", "randaugment", "erasing")
 
 
 def seed(n: int) -> None:

@@ -258,7 +258,7 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
     except OSError:
         return load(name, weights, seed, headless=True, input_size=input_size, crop_pct=crop_pct)  # says the file is missing
     versions = [importlib.metadata.version(p) for p in ("timm", "torch")]
-    from . import __version__
+    from .config import __version__
 
     desc = [spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, content, versions, __version__, *([input_size] if input_size else []),
             *([{"crop_pct": crop_pct}] if crop_pct else [])]

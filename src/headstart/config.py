@@ -1,4 +1,5 @@
-"""One place for the defaults: hyper-parameters, where caches live, where shared assets are found."""
+"""One place for the defaults: hyper-parameters, the error type, the version, where caches live, where shared
+assets are found. The bottom layer: it imports nothing from headstart."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+__version__ = "0.1.0"
+
 DEFAULT_BACKBONE = "efficientnet_lite0"
+
+# Augmentation policies (augment.py builds them), combined with "+": named here so a config is checked without torch.
+POLICIES = ("none", "classic", "rrc", "randaugment", "erasing")
+
+
+class HeadstartError(Exception):
+    """An error a person can act on: printed without a traceback by the CLI."""
 
 
 @dataclass

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from .config import HeadstartError  # defined at the bottom layer; re-exported here, where callers have always found it
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -31,10 +33,6 @@ SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "va
 # adjustable for people with genuinely huge scans.
 Image.MAX_IMAGE_PIXELS = int(os.environ.get("HEADSTART_MAX_PIXELS", 89_478_485))
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is reported, not silently padded with grey
-
-
-class HeadstartError(Exception):
-    """An error a person can act on: printed without a traceback by the CLI."""
 
 
 @dataclass(frozen=True)

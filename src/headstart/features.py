@@ -414,7 +414,7 @@ def _exported_file(lb: LoadedBackbone, cache_dir: str | os.PathLike | None) -> P
 def _export_libraries() -> list[str]:
     from importlib.metadata import version
 
-    from . import __version__
+    from .config import __version__
 
     return [__version__] + [version(p) for p in ("torch", "timm", "onnx", "onnxruntime")]
 

@@ -435,7 +435,7 @@ def _choose_crop(cfg: TrainConfig, tr: Split, n_classes: int, load_backbone,
 def _inputs_digest(cfg: TrainConfig, splits: dict[str, Split], root: Path, weights_digest: str) -> str:
     """Everything a run's result depends on: settings (less where files go and how many decode workers),
     the starting weights, and every photo's split, label and content."""
-    from . import __version__
+    from .config import __version__
 
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("workers", "cache_dir")}
     h = hashlib.sha256(json.dumps([__version__, settings, weights_digest], sort_keys=True, default=str).encode())
