@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from conftest import HYMENOPTERA
 from headstart import config
+from headstart.cli import main
 from headstart.config import CHOICES, ConfigError, TrainConfig
 from headstart.data import HeadstartError
 
@@ -164,3 +169,60 @@ def test_mlp_settings_with_a_linear_head_and_top_k_are_ignored():
     assert {line.split("=")[0] for line in TrainConfig(head="linear", hidden=512, dropout=0.2, top_k=3).ignored()} == {
         "hidden", "dropout", "top_k"}
     assert TrainConfig(head="mlp", hidden=512).ignored() == []
+
+
+# ---------------------------------------------------------------------------------------- through the command line
+
+
+def test_cli_refuses_val_fraction_out_of_range_and_makes_no_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no --out: not even the default runs/<data> appears
+    r = CliRunner().invoke(main, ["train", str(HYMENOPTERA), "--val-fraction", "1.5"])
+    assert r.exit_code == 2, r.output
+    assert "headstart: error: val_fraction=1.5 is out of range: give a number between 0 and 1 (exclusive)" in r.output
+    assert "Traceback" not in r.output and list(tmp_path.iterdir()) == []
+    r = CliRunner().invoke(main, ["train", str(HYMENOPTERA), "--val-fraction", "1.5", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_an_unknown_augmentation_before_any_work(tmp_path):
+    r = CliRunner().invoke(main, ["train", str(HYMENOPTERA), "--augment", "foo+classic", "--finetune", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2, r.output
+    assert "headstart: error: augment='foo+classic' has an unknown policy 'foo': give one of none, classic" in r.output
+    assert "data:" not in r.output and "backbone:" not in r.output  # neither the scan nor the backbone ran
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_cli_refuses_crop_pct_and_runtime_out_of_bounds(tmp_path, command):
+    extra = ["--backbones", "efficientnet_lite0"] if command == "compare" else []
+    r = CliRunner().invoke(main, [command, str(HYMENOPTERA), *extra, "--crop-pct", "2", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "headstart: error: crop_pct=2.0 is out of range: give a number from 0.3 to 1.0" in r.output, r.output
+    r = CliRunner().invoke(main, [command, str(HYMENOPTERA), *extra, "--runtime", "foo", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "'foo' is not one of 'auto', 'onnxruntime', 'pytorch'" in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_warns_of_an_ignored_option_and_still_trains(tmp_path):
+    """--augment without --finetune augments nothing: said on stderr, and the run goes ahead."""
+    photos = tmp_path / "photos"
+    for cls in ("ants", "bees"):
+        (photos / cls).mkdir(parents=True)
+        for src in sorted((HYMENOPTERA / "train" / cls).glob("*.jpg"))[:6]:
+            shutil.copy(src, photos / cls / src.name)
+    args = ["train", str(photos), "--head", "linear", "--runtime", "pytorch", "--quiet", "--out", str(tmp_path / "run")]
+    r = CliRunner().invoke(main, [*args, "--augment", "randaugment"])
+    assert r.exit_code == 0, r.output
+    assert "headstart: warning: augment='randaugment' is ignored: augmentation applies only when fine-tuning" in r.stderr
+    assert "warning" not in r.stdout
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["augment"] == "randaugment"  # the checked config ran
+
+
+def test_compare_warns_per_backbone_before_any_work(tmp_path):
+    """compare's settings go to every backbone: what one of them (here the from-scratch net) would not use is said,
+    then the run starts (and here stops at the scan, on a folder with one class)."""
+    (tmp_path / "photos" / "only").mkdir(parents=True)
+    r = CliRunner().invoke(main, ["compare", str(tmp_path / "photos"), "--backbones", "efficientnet_lite0,scratch", "--head", "linear",
+                                  "--out", str(tmp_path / "cmp")])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("headstart: warning: ") == 1
+    assert "headstart: warning: head='linear' is ignored: backbone 'scratch' has no head stage on cached features" in r.stderr

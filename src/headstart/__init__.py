@@ -34,6 +34,7 @@ __all__ = [
     "predict_imagenet",
     "scan",
     "train",
+    "__version__",
 ]
 
 
