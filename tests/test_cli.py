@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import click
 from click.testing import CliRunner
 
 from conftest import HYMENOPTERA
 from headstart.cli import main
+from headstart.config import CHOICES, TrainConfig
 
 
 def test_predict_json_and_csv(ants_run):
@@ -46,4 +49,51 @@ def test_crop_pct_takes_a_share_or_auto(tmp_path):
     for bad in ("2", "0.1", "whole"):
         r = CliRunner().invoke(main, ["train", str(HYMENOPTERA), "--crop-pct", bad, "--out", str(tmp_path / "r")])
         assert r.exit_code == 2 and "from 0.3 to 1.0" in r.output and "or auto" in r.output, r.output
+    assert not (tmp_path / "r").exists()
+
+
+# Options of train/compare that the commands handle themselves; every other option is a TrainConfig field.
+COMMAND_OPTIONS = {
+    "train": ({"out", "resume_run", "nproc", "quiet", "as_json"}, [str(HYMENOPTERA)]),
+    "compare": ({"names", "out", "ensemble", "require_pretrained", "quiet", "as_json"}, [str(HYMENOPTERA), "--backbones", "a,b"]),
+}
+
+
+def test_training_options_are_train_config_fields_with_its_defaults_and_choices():
+    """The command line cannot drift from the API: what a command receives for an option not given is the
+    dataclass's default, and a choice option offers exactly the field's Literal values."""
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, (own, args) in COMMAND_OPTIONS.items():
+        cmd = main.commands[name]
+        received = cmd.make_context(name, list(args)).params  # as the command function gets them
+        options = [p for p in cmd.params if isinstance(p, click.Option)]
+        assert own <= {p.name for p in options}, f"{name}: {own - {p.name for p in options}} no longer exist"
+        checked = 0
+        for p in options:
+            if p.name in own:
+                continue
+            assert p.name in fields, f"{name} {p.opts[0]} maps to no TrainConfig field ({p.name})"
+            assert received[p.name] == fields[p.name], f"{name} {p.opts[0]}: default {received[p.name]!r} != {fields[p.name]!r}"
+            if p.name in CHOICES or isinstance(p.type, click.Choice):
+                assert tuple(p.type.choices) == CHOICES.get(p.name), f"{name} {p.opts[0]}: choices differ from TrainConfig's"
+            checked += 1
+        assert checked >= (20 if name == "train" else 9)
+
+
+def test_every_choice_option_refuses_a_bad_value_listing_the_allowed_ones(tmp_path):
+    for name, (_, args) in COMMAND_OPTIONS.items():
+        for p in main.commands[name].params:
+            if not isinstance(p.type, click.Choice):
+                continue
+            r = CliRunner().invoke(main, [name, *args, p.opts[0], "bogus", "--out", str(tmp_path / "r")])
+            assert r.exit_code == 2 and "'bogus' is not one of" in r.output, r.output
+            assert all(f"'{c}'" in r.output for c in p.type.choices), r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_refused_value_names_the_option_typed(tmp_path):
+    """--epochs sets ft_epochs: the message gives both, so the user finds the option and the field."""
+    r = CliRunner().invoke(main, ["train", str(HYMENOPTERA), "--epochs", "0", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2, r.output
+    assert "headstart: error: --epochs: ft_epochs=0 is out of range: give a whole number of at least 1" in r.output
     assert not (tmp_path / "r").exists()

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import backbones, distributed
-from .config import TrainConfig
+from .config import RANGES, ConfigError, IgnoredSetting, TrainConfig, choices
 from .data import HeadstartError
 
 log = logging.getLogger("headstart")
@@ -46,32 +48,52 @@ def main() -> None:
     """Transfer learning on images: a folder of labelled photos in, an accurate classifier out."""
 
 
+# Defaults and choices of the training options come from TrainConfig, and every value is judged by it (tests/test_cli.py
+# checks that the two agree), so the command line and the Python API cannot drift apart.
 _DEFAULTS = TrainConfig()
 ENGINES = ["pytorch", "onnxruntime"]
 
 
 def _crop_pct(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
+    """A number when the text is one; TrainConfig judges it (and any word other than auto)."""
     if value is None or value == "auto":
         return value
     try:
-        pct = float(value)
+        return float(value)
     except ValueError:
-        pct = -1.0
-    if not 0.3 <= pct <= 1.0:
-        raise click.BadParameter(f"{value!r}: give a number from 0.3 to 1.0 (1.0 = the whole frame), or auto")
-    return pct
+        return value
+
+
+def _config(**opts: Any) -> TrainConfig:
+    """The run's settings from the command's options, checked before any work starts: a bad value exits with
+    status 2 (``headstart: error: field=value ...: allowed``) and leaves no run folder behind."""
+    try:
+        return TrainConfig(**opts)
+    except ConfigError as e:  # name the option the user typed when it is not the field's own name (--epochs)
+        flag = next((p.opts[0] for p in click.get_current_context().command.params if p.name == e.field), None)
+        if flag and flag != "--" + e.field.replace("_", "-"):
+            raise HeadstartError(f"{flag}: {e}") from None
+        raise
+
+
+def _warn_ignored(*configs: TrainConfig) -> None:
+    """Say on stderr which options the run will not use (e.g. --augment without --finetune), each once, so a
+    setting that does nothing is noticed instead of trusted."""
+    for line in dict.fromkeys(s for cfg in configs for s in cfg.ignored()):
+        click.echo(f"headstart: warning: {line}", err=True)
+    warnings.simplefilter("ignore", IgnoredSetting)  # said here, before any work: the pipeline need not say it again
 
 
 def _compute_options(f: Any) -> Any:
     """How the backbone computes: the same options for train and compare."""
     options = [
-        click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=_DEFAULTS.precision, show_default=True,
+        click.option("--precision", type=click.Choice(choices("precision")), default=_DEFAULTS.precision, show_default=True,
                      help="PyTorch's precision (fine-tuning; extraction with --runtime pytorch)."),
-        click.option("--runtime", type=click.Choice(["auto", "onnxruntime", "pytorch"]), default=_DEFAULTS.runtime, show_default=True,
+        click.option("--runtime", type=click.Choice(choices("runtime")), default=_DEFAULTS.runtime, show_default=True,
                      help="What runs the frozen backbone for features: auto = ONNX Runtime fp32 on a CPU, PyTorch on a GPU."),
-        click.option("--input-size", type=click.IntRange(32, 1024), default=_DEFAULTS.input_size,
-                     help="Pixels (square) the backbone sees; default: its timm data config. Networks trained at 224 "
-                          "often do better at 256-288 (the FixRes effect; see README)."),
+        click.option("--input-size", type=int, default=_DEFAULTS.input_size,
+                     help=f"Pixels (square) the backbone sees, {RANGES['input_size'].describe()}; default: its timm data "
+                          "config. Networks trained at 224 often do better at 256-288 (the FixRes effect; see README)."),
         click.option("--crop-pct", default=_DEFAULTS.crop_pct, callback=_crop_pct, metavar="P|auto",
                      help="Share of the shorter side kept by the centre crop; default: the backbone's timm data config "
                           "(about 0.88). 1.0 keeps the whole frame: better for product or catalogue photos. auto: "
@@ -89,19 +111,19 @@ def _compute_options(f: Any) -> Any:
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default: runs/<data folder name>).")
 @click.option("--backbone", default=_DEFAULTS.backbone, show_default=True, help="Registry name or any timm model name.")
 @click.option("--weights", help="Local weight file (.safetensors or torch state dict) for the backbone.")
-@click.option("--head", type=click.Choice(["auto", "mlp", "linear"]), default=_DEFAULTS.head, show_default=True)
+@click.option("--head", type=click.Choice(choices("head")), default=_DEFAULTS.head, show_default=True)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True, help="Used only when the folder has no val/ split.")
 @_compute_options
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
 @click.option("--finetune", is_flag=True, help="After the head, unfreeze the top of the backbone and keep training gently.")
 @click.option("--unfreeze", type=int, default=_DEFAULTS.unfreeze, show_default=True, help="Top blocks to unfreeze when fine-tuning.")
-@click.option("--unfreeze-layers", type=int, default=0, help="Instead: the last N layers with weights (the Keras way).")
+@click.option("--unfreeze-layers", type=int, default=_DEFAULTS.unfreeze_layers, help="Instead: the last N layers with weights (the Keras way).")
 @click.option("--epochs", "ft_epochs", type=int, default=_DEFAULTS.ft_epochs, show_default=True, help="Fine-tuning epochs (early stopping may end sooner).")
 @click.option("--ft-lr", type=float, default=_DEFAULTS.ft_lr, show_default=True, help="Head learning rate while fine-tuning; the backbone gets a tenth.")
 @click.option("--train-bn", is_flag=True, help="Let BatchNorm statistics move while fine-tuning (off: the safe default).")
 @click.option("--augment", default=_DEFAULTS.augment, show_default=True, help="none, classic, rrc, randaugment, erasing (combine with +).")
-@click.option("--aug-views", type=int, default=0, help="Cache K augmented views per training image for the head stage.")
+@click.option("--aug-views", type=int, default=_DEFAULTS.aug_views, help="Cache K augmented views per training image for the head stage.")
 @click.option("--ft-batch-size", type=int, default=_DEFAULTS.ft_batch_size, show_default=True,
               help="Fine-tuning images per step and process (under torchrun the global batch is this × processes).")
 @click.option("--resume", "resume_run", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Continue the interrupted run in this folder.")
@@ -112,13 +134,15 @@ def train(data: Path, out: Path | None, quiet: bool, as_json: bool, resume_run: 
     """Train a classifier on DATA (one sub-folder per class, or train/ + val/ split folders)."""
     from .pipeline import train as run
 
+    cfg = _config(**opts)
+    if not nproc and distributed.rank() == 0:  # under --nproc, the relaunched rank 0 says it
+        _warn_ignored(cfg)
     if nproc:
         _relaunch_under_torchrun(nproc)
     distributed.init()
     _setup_logging(quiet or as_json)
     out = distributed.broadcast(resume_run or out or _free_run_dir(Path("runs") / data.resolve().name))  # one folder for all ranks
-    opts["cache_dir"] = str(opts["cache_dir"]) if opts["cache_dir"] else None
-    clf = run(data, out=out, progress=not (quiet or as_json) and sys.stderr.isatty(), resume=resume_run is not None, **opts)
+    clf = run(data, out=out, config=cfg, progress=not (quiet or as_json) and sys.stderr.isatty(), resume=resume_run is not None)
     distributed.shutdown()
     if not distributed.is_main():
         return
@@ -296,21 +320,25 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option("--finetune", is_flag=True, help="Fine-tune each backbone too, not only train its head.")
 @click.option("--ensemble", is_flag=True, help="Add a row for the pretrained runs averaged (runs/<...>/ensemble; see `headstart ensemble`).")
 @click.option("--require-pretrained", is_flag=True, help="Stop with an error when a backbone has no pretrained weights here (default: list it as skipped).")
-@click.option("--head", type=click.Choice(["auto", "mlp", "linear"]), default=_DEFAULTS.head, show_default=True)
+@click.option("--head", type=click.Choice(choices("head")), default=_DEFAULTS.head, show_default=True)
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @_compute_options
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and the leaderboard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
-def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool, **opts: Any) -> None:
+def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool, ensemble: bool, require_pretrained: bool,
+            **opts: Any) -> None:
     """Train each backbone on the same split of DATA and rank them (leaderboard, plot, report.html)."""
     from .compare import compare as run
     from .report import format_table
 
+    cfg = _config(**opts)
+    _warn_ignored(*(dataclasses.replace(cfg, backbone=name.strip()) for name in names.split(",") if name.strip()))
     _setup_logging(quiet or as_json)
     out = out or _free_run_dir(Path("runs") / f"{data.resolve().name}-compare")
-    opts["cache_dir"] = str(opts["cache_dir"]) if opts["cache_dir"] else None
-    rows = run(data, names.split(","), out, progress=not (quiet or as_json) and sys.stderr.isatty(), **opts)
+    settings = {k: getattr(cfg, k) for k in opts if k != "finetune"}  # as checked (paths as text)
+    rows = run(data, names.split(","), out, finetune=cfg.finetune, require_pretrained=require_pretrained, ensemble=ensemble,
+               progress=not (quiet or as_json) and sys.stderr.isatty(), **settings)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

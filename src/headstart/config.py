@@ -1,14 +1,117 @@
-"""One place for the defaults: hyper-parameters, where caches live, where shared assets are found."""
+"""One place for the defaults and their rules: hyper-parameters and the values each may take, the error type,
+the version, where caches live and where shared assets are found.
+
+The bottom layer: it imports nothing from headstart (and nothing heavy), so a config is checked, and a bad value
+refused, before any photo is read or torch is imported.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+__version__ = "0.1.0"
 
 __version__ = "0.1.0"
 DEFAULT_BACKBONE = "efficientnet_lite0"
+
+# Augmentation policies (augment.py builds them), combined with "+": named here so a config is checked without torch.
+POLICIES = ("none", "classic", "rrc", "randaugment", "erasing")
+
+Head = Literal["auto", "mlp", "linear"]
+ClassWeights = Literal["auto", "none", "balanced"]
+Precision = Literal["auto", "bf16", "fp32"]
+Runtime = Literal["auto", "onnxruntime", "pytorch"]
+
+
+class HeadstartError(Exception):
+    """An error a person can act on: printed without a traceback by the CLI."""
+
+
+class IgnoredSetting(UserWarning):
+    """A setting the run will not use (``TrainConfig.ignored``), warned about so it is noticed, not trusted."""
+
+
+class ConfigError(HeadstartError):
+    """A ``TrainConfig`` value refused at entry; ``field`` lets the CLI name the option the user typed."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field accepts; ``describe()`` is the hint an error message gives."""
+
+    low: float | None = None
+    high: float | None = None
+    whole: bool = False  # integers only
+    low_open: bool = False  # ``low`` itself is refused
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        above = self.low is None or (x > self.low if self.low_open else x >= self.low)
+        below = self.high is None or (x < self.high if self.high_open else x <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        lo, hi = _number(self.low), _number(self.high)
+        if hi is None:
+            return f"{kind} above {lo}" if self.low_open else f"{kind} of at least {lo}"
+        if self.low_open and self.high_open:
+            return f"{kind} between {lo} and {hi} (exclusive)"
+        if self.high_open:
+            return f"{kind} from {lo} up to, not including, {hi}"
+        return f"{kind} from {lo} to {hi}"
+
+
+def _number(x: float | None) -> str | None:
+    """A bound as people write it: 1, 0.3, 4294967295."""
+    return None if x is None else str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+COUNT = Range(1, whole=True)  # epochs, patience, batch sizes: 0 would mean no work at all
+CROP_PCT = Range(0.3, 1.0)
+CROP_PCT_HINT = "give a number from 0.3 to 1.0 (1.0 = the whole frame), or auto"
+
+# The numbers each numeric field accepts, read off how the field is used (train.py, finetune.py, features.py).
+RANGES: dict[str, Range] = {
+    "input_size": Range(32, 1024, whole=True),  # or None: the backbone's own
+    "hidden": COUNT,
+    "dropout": Range(0, 1, high_open=True),
+    "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE,
+    "max_epochs": COUNT,
+    "patience": COUNT,
+    "batch_size": COUNT,
+    "head_batch_size": COUNT,
+    "val_fraction": Range(0, 1, low_open=True, high_open=True),  # 0 leaves no validation, 1 nothing to train on
+    "cv_folds": Range(2, whole=True),  # one fold is no cross-validation
+    "workers": Range(-1, whole=True),  # -1: one per spare core; 0: decode in the calling thread
+    "seed": Range(0, 2**32 - 1, whole=True),  # what scikit-learn's random_state and NumPy's seeding accept
+    "top_k": COUNT,
+    "unfreeze": Range(0, whole=True),  # 0: only the head trains
+    "unfreeze_layers": Range(0, whole=True),  # 0: unfreeze decides
+    "ft_lr": POSITIVE,
+    "backbone_lr_ratio": POSITIVE,
+    "ft_epochs": COUNT,
+    "ft_patience": COUNT,  # 0 would stop before the first epoch (finetune.fit stops once epoch - best > patience)
+    "ft_batch_size": COUNT,
+    "ft_weight_decay": NON_NEGATIVE,
+    "label_smoothing": Range(0, 1, high_open=True),  # 1 would make every target uniform
+    "aug_views": Range(0, whole=True),
+    "scratch_epochs": COUNT,
+    "scratch_patience": COUNT,
+}
 
 
 class HeadstartError(Exception):
@@ -19,14 +122,16 @@ class HeadstartError(Exception):
 class TrainConfig:
     """Every knob of a training run, with the defaults that work first time.
 
-    Saved verbatim into the run folder so a run can be reproduced from its config alone.
+    Saved verbatim into the run folder so a run can be reproduced from its config alone. Every value is checked
+    when the config is made (``TrainConfig(...)``, ``dataclasses.replace``, ``from_dict``): a bad one raises a
+    ``ConfigError`` naming the field, the value and what is allowed, before any work starts.
     """
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None  # explicit weight file; None = package, then hub
     input_size: int | None = None  # pixels (square) the backbone sees; None = its timm data config (see README)
-    crop_pct: float | str | None = None  # centre crop (timm's): 1.0 = whole shorter side; None = timm's; "auto" = by CV
-    head: str = "auto"  # "auto" (chosen by cross-validation on train), "mlp" or "linear"
+    crop_pct: float | Literal["auto"] | None = None  # centre crop (timm's): 1.0 = whole shorter side; None = timm's; "auto" = by CV
+    head: Head = "auto"  # "auto" (chosen by cross-validation on train), "mlp" or "linear"
     hidden: int = 256  # the classic Dense(256, ReLU)
     dropout: float = 0.5
     lr: float = 1e-3  # Adam, as in the classic recipe
@@ -37,9 +142,9 @@ class TrainConfig:
     head_batch_size: int = 64
     val_fraction: float = 0.2  # only when the folder has no validation split
     cv_folds: int = 5
-    class_weights: str = "auto"  # "auto" = balanced when classes are imbalanced, "none", "balanced"
-    precision: str = "auto"  # PyTorch's: "auto" (bf16 where the CPU supports it), "bf16", "fp32"
-    runtime: str = "auto"  # what runs the frozen backbone: "auto" (ONNX Runtime fp32 on a CPU), "onnxruntime", "pytorch"
+    class_weights: ClassWeights = "auto"  # "auto" = balanced when classes are imbalanced, "none", "balanced"
+    precision: Precision = "auto"  # PyTorch's: "auto" (bf16 where the CPU supports it), "bf16", "fp32"
+    runtime: Runtime = "auto"  # what runs the frozen backbone: "auto" (ONNX Runtime fp32 on a CPU), "onnxruntime", "pytorch"
     channels_last: bool = True  # the memory layout oneDNN's CPU convolutions are fastest with
     workers: int = -1  # decode workers (threads for extraction, processes for fine-tuning); -1 = one per spare core
     seed: int = 0
@@ -62,6 +167,50 @@ class TrainConfig:
     scratch_epochs: int = 40
     scratch_patience: int = 8
 
+    def __post_init__(self) -> None:
+        """Refuse a bad value here, at entry, so a run never fails an hour in (or leaves a half-made folder)
+        over a typo; numbers are stored as plain int/float and paths as strings, so the config saves as JSON."""
+        for f in fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name)))
+        if self.runtime == "onnxruntime" and self.precision == "bf16":
+            raise ConfigError("precision", "precision='bf16' cannot go with runtime='onnxruntime', which runs fp32: "
+                                           "give precision auto or fp32, or runtime pytorch")
+
+    def ignored(self) -> list[str]:
+        """A sentence for each setting changed from its default that this run would not use (augmentation without
+        fine-tuning, say): the pipeline logs them and the CLI prints them, so nothing is dropped silently."""
+        why: dict[str, str] = {}
+
+        def unused(names: str, reason: str) -> None:
+            for name in names.split():
+                why.setdefault(name, reason)
+
+        if _is_scratch(self.backbone):  # what train.py and finetune.fit(stage="scratch") read
+            unused("finetune unfreeze unfreeze_layers ft_lr backbone_lr_ratio ft_epochs ft_patience train_bn",
+                   "backbone 'scratch' trains the whole network, BatchNorm included, with lr, scratch_epochs and scratch_patience")
+            unused("head hidden dropout weight_decay max_epochs patience head_batch_size cv_folds class_weights aug_views",
+                   "backbone 'scratch' has no head stage on cached features")
+            if self.crop_pct == "auto":
+                unused("crop_pct", "the crop is chosen by the head's cross-validation, which backbone 'scratch' has none of")
+            if self.weights != "random":
+                unused("weights", "backbone 'scratch' starts from random initialisation")
+        else:
+            unused("scratch_epochs scratch_patience", "it applies to backbone 'scratch' only")
+            if self.head == "linear":
+                unused("hidden dropout lr weight_decay max_epochs patience head_batch_size",
+                       "head='linear' is a logistic regression; this shapes the MLP head")
+            if not self.finetune:
+                unused("unfreeze unfreeze_layers ft_lr backbone_lr_ratio ft_epochs ft_patience ft_batch_size ft_weight_decay "
+                       "label_smoothing train_bn channels_last", "it applies only when fine-tuning (finetune=True, --finetune)")
+                if self.aug_views == 0:
+                    unused("augment", "augmentation applies only when fine-tuning (finetune=True, --finetune), to backbone "
+                                      "'scratch', or to cached views for the head (aug_views > 0)")
+            elif self.unfreeze_layers:
+                unused("unfreeze", f"unfreeze_layers={self.unfreeze_layers} chooses what is unfrozen instead")
+        unused("top_k", "training ranks no predictions; give top_k when predicting (Classifier.predict, headstart predict -k)")
+        changed = [f.name for f in fields(self) if getattr(self, f.name) != f.default]
+        return [f"{name}={getattr(self, name)!r} is ignored: {why[name]}" for name in changed if name in why]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -69,6 +218,67 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+_HINTS = get_type_hints(TrainConfig)
+# The Literal-typed fields and their allowed values: the one list the CLI's choices are made from.
+CHOICES: dict[str, tuple[str, ...]] = {name: get_args(t) for name, t in _HINTS.items() if get_origin(t) is Literal}
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The allowed values of the ``Literal``-typed field ``name`` (what the CLI offers)."""
+    return CHOICES[name]
+
+
+def _is_scratch(backbone: str) -> bool:
+    """The from-scratch baseline, matched as backbones.lookup matches names (any case and punctuation)."""
+    return re.sub(r"[^a-z0-9]", "", backbone.lower()) == "scratch"
+
+
+def _checked(name: str, value: Any) -> Any:
+    """``value`` as field ``name`` stores it, or a ConfigError that names the field, the value and what is allowed."""
+
+    def refuse(problem: str, allowed: str) -> ConfigError:
+        return ConfigError(name, f"{name}={value!r} {problem}: {allowed}")
+
+    if name in CHOICES:
+        if isinstance(value, str) and value in CHOICES[name]:
+            return value
+        raise refuse("is not a choice", "give one of " + ", ".join(CHOICES[name]))
+    if _HINTS[name] is bool:
+        if isinstance(value, bool):
+            return value
+        raise refuse("is not a yes/no value", "give True or False")
+    if name == "backbone":
+        if isinstance(value, str) and value.strip():
+            return value
+        raise refuse("is not a backbone name", "give a registry name (see `headstart backbones`) or any timm model name")
+    if name in ("weights", "cache_dir"):
+        if value is None or isinstance(value, (str, os.PathLike)):
+            return None if value is None else os.fspath(value)
+        raise refuse("is not a path", "give a weight file, 'random' or None" if name == "weights" else "give a folder or None")
+    if name == "augment":
+        unknown = [p for p in value.split("+") if p not in POLICIES] if isinstance(value, str) else [value]
+        if not unknown:
+            return value
+        raise refuse(f"has an unknown policy {unknown[0]!r}",
+                     f"give one of {', '.join(POLICIES)}, or several joined with + (e.g. randaugment+erasing)")
+    if name == "crop_pct":
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise refuse("is not a share of the frame", CROP_PCT_HINT)
+        if not (math.isfinite(value) and value in CROP_PCT):
+            raise refuse("is out of range", CROP_PCT_HINT)
+        return float(value)
+    rule = RANGES[name]
+    if value is None and name == "input_size":
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if rule.whole else numbers.Real):
+        raise refuse(f"is not {'a whole number' if rule.whole else 'a number'}", f"give {rule.describe()}")
+    if not (math.isfinite(value) and value in rule):
+        raise refuse("is out of range", f"give {rule.describe()}")
+    return int(value) if rule.whole else float(value)
 
 
 def repo_root() -> Path:

@@ -19,6 +19,7 @@ import json
 import logging
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from . import backbones, cache, distributed, evaluate, features, heads
-from .config import HeadstartError, TrainConfig, __version__
+from .config import HeadstartError, IgnoredSetting, TrainConfig, __version__
 from .data import Dataset, Skipped, Split, scan, summarize, train_val_split
 from .files import atomic_write_text, sha256_file
 from .plots import plot_history
@@ -147,8 +148,8 @@ def settings(config: TrainConfig | None, overrides: dict[str, Any], resume: bool
             raise HeadstartError(f"nothing to resume in '{out}': it has no train_config.json (start the run without --resume)")
         cfg = dataclasses.replace(TrainConfig.from_dict(json.loads(path.read_text())), workers=cfg.workers, cache_dir=cfg.cache_dir)
     backbones.lookup(cfg.backbone)
-    for why in getattr(cfg, "ignored", lambda: [])():
-        log.warning("%s", why)
+    for why in cfg.ignored():  # Python's warnings say each once (compare trains many backbones alike)
+        warnings.warn(why, IgnoredSetting, stacklevel=3)
     return cfg
 
 

@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from .config import HeadstartError
+from .config import POLICIES, HeadstartError
 
 if TYPE_CHECKING:
     import torch
-
-POLICIES = ("none", "classic", "rrc", "randaugment", "erasing")
 
 
 # ------------------------------------------------------------------------------------------- the size rule
