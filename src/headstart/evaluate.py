@@ -20,6 +20,7 @@ from sklearn.metrics import (
 )
 
 from .files import atomic_write_text
+from .plots import plot_confusion
 
 
 def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], paths: Sequence[str] | None = None, worst: int = 20) -> dict[str, Any]:
@@ -64,8 +65,6 @@ def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def write(metrics: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
     """metrics.json plus the readable files: per-class report, confusion matrix (CSV + PNG), worst errors."""
-    from .report import plot_confusion
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
 

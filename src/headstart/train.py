@@ -28,6 +28,7 @@ from . import backbones, config, distributed, evaluate, features, report
 from .config import TrainConfig
 from .data import HeadstartError, Split, scan, summarize, train_val_split
 from .files import atomic_path, atomic_write_text
+from .plots import plot_history
 from .predict import Classifier, HeadState, head_logits, softmax
 
 # torch, timm and scikit-learn's estimators are imported where they run: a re-run that the cache answers
@@ -504,8 +505,6 @@ def _count(labels: list[int], classes: list[str]) -> dict[str, int]:
 
 def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], summary: str) -> None:
     """The bundle plus every readable output of the run, each file written atomically."""
-    from .report import plot_history
-
     clf.save(out)
     for name, m in metrics.items():
         evaluate.write(m, out, prefix="" if name == "val" else f"{name}_")

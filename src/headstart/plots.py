@@ -1,0 +1,102 @@
+"""The pictures of a run and of a comparison: confusion matrix, training curves, accuracy against latency.
+
+Each plot is its own ``matplotlib.figure.Figure`` written straight to PNG: no ``pyplot`` state and no backend
+switch, so importing headstart never changes how a notebook user's own plots are shown, and a figure is freed
+as soon as it is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .files import atomic_path
+
+
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+    """Counts in each cell, rows normalised for colour so rare classes stay readable."""
+    n = len(classes)
+    size = max(4.0, 0.55 * n + 2.5)
+    fig = Figure(figsize=(size, size * 0.9), dpi=110)
+    ax = fig.subplots()
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9, color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.1%})")
+    return _save(fig, path)
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Loss and accuracy per epoch, one panel each; rows carrying a ``stage`` (head, fine-tuning …) are drawn
+    in order with the stage boundaries marked. ``None`` when there is nothing to draw (a one-shot linear head)."""
+    rows = [r for r in history if any(k.endswith(("loss", "accuracy")) for k in r)]
+    if not rows:
+        return None
+    x = np.arange(1, len(rows) + 1)
+    panels = [("loss", [k for k in _keys(rows) if k.endswith("loss")]), ("accuracy", [k for k in _keys(rows) if k.endswith("accuracy")])]
+    panels = [(t, ks) for t, ks in panels if ks]
+    fig = Figure(figsize=(5.2 * len(panels), 3.6), dpi=110)
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    stages = [r.get("stage") for r in rows]
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            ax.plot(x, [r.get(k, np.nan) for r in rows], label=k.replace("_", " "), lw=1.6)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False, fontsize=8)
+        for i in range(len(rows)):
+            if stages[i] is not None and (i == 0 or stages[i] != stages[i - 1]):
+                if i:
+                    ax.axvline(x[i] - 0.5, color="0.5", ls="--", lw=1)
+                ax.text(x[i], 1.0, f" {stages[i]}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="0.3")
+    return _save(fig, path)
+
+
+def _keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The numeric columns of the history rows, in first-seen order (the epoch number is the x axis, not a curve)."""
+    return list(dict.fromkeys(k for r in rows for k in r if isinstance(r[k], (int, float)) and k != "epoch"))
+
+
+def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The chart people choose a model by: validation accuracy against single-photo latency, one labelled point
+    per backbone (up and to the left is better)."""
+    done = [r for r in rows if r.get("status") == "ok" and r.get("accuracy") is not None and r.get("predict_ms") is not None]
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
+    placed: list[tuple[float, float]] = []
+    x_span = max((r["predict_ms"] for r in done), default=1) or 1
+    y_span = (max((r["accuracy"] for r in done), default=1) - min((r["accuracy"] for r in done), default=0)) or 0.01
+    for r in sorted(done, key=lambda r: r["predict_ms"]):
+        x, y = r["predict_ms"], r["accuracy"]
+        # near-equal accuracy and latency: each further label one line lower, not printed over the first
+        near = sum(abs(x - px) < 0.25 * x_span and abs(y - py) < 0.06 * y_span for px, py in placed)
+        placed.append((x, y))
+        ax.scatter(x, 100 * y, s=40, zorder=3)
+        ax.annotate(r["backbone"], (x, 100 * y), textcoords="offset points", xytext=(6, 4 - 12 * near), fontsize=9)
+    if not done:
+        ax.text(0.5, 0.5, "no backbone finished", ha="center", va="center", transform=ax.transAxes)
+    else:
+        ax.set_xlim(0, max(r["predict_ms"] for r in done) * 1.3)
+    ax.set_xlabel("single-photo predict latency (ms, median)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("accuracy vs latency")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Lay out and write ``fig`` as PNG, atomically: a reader never sees half a picture."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
