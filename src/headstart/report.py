@@ -25,6 +25,51 @@ from .plots import plot_confusion, plot_history, plot_leaderboard
 log = logging.getLogger("headstart")
 
 
+# ------------------------------------------------------------------------------------------ the leaderboard table
+
+TABLE = [  # (heading, key, format)
+    ("#", "rank", "{}"),
+    ("backbone", "backbone", "{}"),
+    ("accuracy", "accuracy", "{:.1%}"),
+    ("balanced", "balanced_accuracy", "{:.1%}"),
+    ("macro-F1", "macro_f1", "{:.3f}"),
+    ("test acc.", "test_accuracy", "{:.1%}"),
+    ("params", "params", "{:,.0f}"),
+    ("input", "input_size", "{} px"),
+    ("extract img/s", "extract_img_s", "{:.1f}"),
+    ("predict ms", "predict_ms", "{:.0f}"),
+    ("train s", "train_s", "{:.1f}"),
+]
+
+
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The table's columns, less test accuracy when no run had a test split."""
+    return [c for c in TABLE if c[1] != "test_accuracy" or any(r.get("test_accuracy") is not None for r in rows)]
+
+
+def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    """One formatted value; a missing one (a skipped backbone has no accuracy) is an empty cell."""
+    v = row.get(key)
+    return "" if v is None else fmt.format(v)
+
+
+def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """The leaderboard as aligned text for a terminal, or as a Markdown table; skipped rows say why."""
+    cols = columns(rows)
+    head = [h for h, _, _ in cols] + ["status"]
+    body = [[cell(r, k, f) for _, k, f in cols] + [r["status"]] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h not in ("backbone", "status") else "---" for h in head) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in b) + " |" for b in body]
+        skipped = [r for r in rows if r["status"] != "ok"]
+        lines += [""] + [f"- **{r['backbone']}** {r['status']}: {r.get('reason', '')}" for r in skipped] if skipped else []
+        return "\n".join(lines) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    left = {1, len(head) - 1}  # backbone and status read better left-aligned
+    return "\n".join("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+                     for cells in [head, *body]) + "\n"
+
+
 # --------------------------------------------------------------------------------------------- the HTML report
 
 ErrorOverlay = Callable[[Path], Image.Image]
@@ -77,8 +122,6 @@ def build_report(folder: str | Path, *, error_overlay: ErrorOverlay | None = Non
 
 
 def _compare_sections(folder: Path, overlay: ErrorOverlay | None) -> tuple[str, list[str]]:
-    from .compare import cell, columns
-
     rows = _read_json(folder / "leaderboard.json")["rows"]
     done = [r for r in rows if r.get("status") == "ok"]
     best = done[0] if done else None
