@@ -17,8 +17,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/headstart demo --out runs/demo
 
-test: setup
+# The report's layout test drives Debian's Chromium: installed here when missing, so CI runs it instead of skipping.
+CHROMIUM := /usr/bin/chromium
+SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+test: setup $(CHROMIUM)
 	$(PY) -m pytest -q
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
 
 # Every benchmark script, each rewriting its own sections of BENCHMARKS.md (the Keras side needs the bench extra).
 # Helper modules that are not scripts of their own are listed in BENCH_HELPERS.

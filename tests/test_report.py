@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import headstart
+from conftest import HYMENOPTERA
 from headstart import report
 from headstart.cli import main
 from headstart.data import HeadstartError
@@ -19,6 +22,18 @@ from headstart.data import HeadstartError
 def external_refs(page: str) -> list[str]:
     refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
     return [r for r in refs if re.match(r"(https?:)?//", r)]
+
+
+def parse_tags(page: str) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    """Every start tag the browser would see, with its attributes."""
+    tags = []
+
+    class Tags(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            tags.append((tag, attrs))
+
+    Tags().feed(page)
+    return tags
 
 
 def copy_run(run: Path, dest: Path) -> Path:
@@ -92,3 +107,29 @@ def test_error_overlay_hook_adds_a_picture_per_error(ants_run, tmp_path):
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(HeadstartError, match="neither a run folder"):
         report.build_report(tmp_path)
+
+
+def test_names_from_the_folder_are_shown_as_text_never_as_markup(tmp_path):
+    """A class folder and file names holding HTML: the page shows them, escaped, and runs nothing."""
+    evil = "<img src=x onerror=alert(1)>"
+    root = tmp_path / "data"
+    for split, n in (("train", 8), ("val", 4)):
+        for cls, src in ((evil, "ants"), ("bees", "bees")):
+            (root / split / cls).mkdir(parents=True)
+            for p in sorted((HYMENOPTERA / split / src).glob("*.jpg"))[:n]:
+                shutil.copy(p, root / split / cls / p.name)
+    # a bee filed under the other class (an error worth showing) and a file that is no image (listed as skipped)
+    shutil.copy(sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[-1], root / "val" / evil / 'a"b<c.jpg')
+    (root / "train" / evil / 'x"y<z.jpg').write_bytes(b"not a photo")
+
+    headstart.train(root, out=tmp_path / "run", progress=False)
+    page = (tmp_path / "run" / "report.html").read_text()
+    errors = json.loads((tmp_path / "run" / "metrics.json").read_text())["worst_errors"]
+    assert any(e["path"].endswith('a"b<c.jpg') for e in errors)  # so its card is on the page
+    assert evil not in page
+    tags = parse_tags(page)
+    assert not [t for t in tags if any(k.startswith("on") for k, _ in t[1])]  # no element got an event handler
+    assert all(dict(a)["src"].startswith("data:image/") for t, a in tags if t == "img")
+    assert "&lt;img src=x onerror=alert(1)&gt;</td>" in page  # the class, in the tables
+    assert 'a"b<c' not in page and "a&#34;b&lt;c.jpg</span>" in page  # the worst error's caption
+    assert 'x"y<z' not in page and "x&#34;y&lt;z.jpg</code>" in page  # the skipped file

@@ -22,21 +22,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
 
-matplotlib.use("Agg")  # files only, no screen needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-
-from . import backbones, transforms  # noqa: E402
-from .config import HeadstartError  # noqa: E402
-from .data import open_rgb, to_rgb  # noqa: E402
-from .files import atomic_path  # noqa: E402
-from .predict import Classifier, load_run  # noqa: E402
+from . import backbones, transforms
+from .config import HeadstartError
+from .data import open_rgb, to_rgb
+from .files import atomic_path
+from .predict import Classifier, load_run
 
 
 @dataclass
@@ -290,7 +287,7 @@ def feature_grid(*panels: FeatureMaps, title: str | None = None) -> Figure:
         grids.append((cols, math.ceil(len(p.maps) / cols)))
     rows = max(r for _, r in grids)
     width = 2.6 + sum(c * 0.95 + 0.3 for c, _ in grids)
-    fig = plt.figure(figsize=(width, max(3.2, rows * 0.95 + 1.0)), dpi=100)
+    fig = Figure(figsize=(width, max(3.2, rows * 0.95 + 1.0)), dpi=100)
     subs = fig.subfigures(1, 1 + len(panels), width_ratios=[2.6] + [c * 0.95 + 0.3 for c, _ in grids])
     ax = subs[0].add_subplot(1, 1, 1)
     ax.imshow(panels[0].image)
@@ -379,7 +376,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndar
 
 def gradcam_figure(cam: GradCam, title: str | None = None) -> Figure:
     """The photo beside its Grad-CAM overlay, titled with the prediction and its confidence."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 4.4), dpi=100)
+    fig = Figure(figsize=(8, 4.4), dpi=100)
+    a, b = fig.subplots(1, 2)
     a.imshow(cam.image)
     a.set_title("input (as the model sees it)", fontsize=9)
     b.imshow(overlay(cam.image, cam.heat))
@@ -401,9 +399,9 @@ def gradcam_thumbnail(source: Source, image: ImageLike, size: int = 224, target:
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write a figure as PNG atomically and close it."""
+    """Write a figure as PNG atomically (a reader never sees half a picture). A ``Figure`` made here belongs to no
+    pyplot window, so nothing needs closing: it is freed with its last reference."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-    plt.close(fig)
     return path

@@ -1,24 +1,27 @@
-"""The pictures of a run: confusion matrix, training curves, accuracy against latency."""
+"""The pictures of a run and of a comparison: confusion matrix, training curves, accuracy against latency.
+
+Each plot is its own ``matplotlib.figure.Figure`` written straight to PNG: no ``pyplot`` state and no backend
+switch, so importing headstart never changes how a notebook user's own plots are shown, and a figure is freed
+as soon as it is written.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, no screen needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .files import atomic_path  # noqa: E402
+from .files import atomic_path
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
     """Counts in each cell, rows normalised for colour so rare classes stay readable."""
     n = len(classes)
     size = max(4.0, 0.55 * n + 2.5)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=110)
+    fig = Figure(figsize=(size, size * 0.9), dpi=110)
+    ax = fig.subplots()
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
@@ -29,11 +32,7 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
         for j in range(n):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9, color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.1%})")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
@@ -45,7 +44,9 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
     x = np.arange(1, len(rows) + 1)
     panels = [("loss", [k for k in _keys(rows) if k.endswith("loss")]), ("accuracy", [k for k in _keys(rows) if k.endswith("accuracy")])]
     panels = [(t, ks) for t, ks in panels if ks]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), dpi=110, squeeze=False)
+    fig = Figure(figsize=(5.2 * len(panels), 3.6), dpi=110)
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    stages = [r.get("stage") for r in rows]
     for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
             ax.plot(x, [r.get(k, np.nan) for r in rows], label=k.replace("_", " "), lw=1.6)
@@ -53,20 +54,16 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, fontsize=8)
-        stages = [r.get("stage") for r in rows]
         for i in range(len(rows)):
             if stages[i] is not None and (i == 0 or stages[i] != stages[i - 1]):
                 if i:
                     ax.axvline(x[i] - 0.5, color="0.5", ls="--", lw=1)
                 ax.text(x[i], 1.0, f" {stages[i]}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="0.3")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The numeric columns of the history rows, in first-seen order (the epoch number is the x axis, not a curve)."""
     return list(dict.fromkeys(k for r in rows for k in r if isinstance(r[k], (int, float)) and k != "epoch"))
 
 
@@ -74,7 +71,8 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
     """The chart people choose a model by: validation accuracy against single-photo latency, one labelled point
     per backbone (up and to the left is better)."""
     done = [r for r in rows if r.get("status") == "ok" and r.get("accuracy") is not None and r.get("predict_ms") is not None]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.subplots()
     placed: list[tuple[float, float]] = []
     x_span = max((r["predict_ms"] for r in done), default=1) or 1
     y_span = (max((r["accuracy"] for r in done), default=1) - min((r["accuracy"] for r in done), default=0)) or 0.01
@@ -88,14 +86,17 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
     if not done:
         ax.text(0.5, 0.5, "no backbone finished", ha="center", va="center", transform=ax.transAxes)
     else:
-        ms = [r["predict_ms"] for r in done]
-        ax.set_xlim(0, max(ms) * 1.3)
+        ax.set_xlim(0, max(r["predict_ms"] for r in done) * 1.3)
     ax.set_xlabel("single-photo predict latency (ms, median)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("accuracy vs latency")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Lay out and write ``fig`` as PNG, atomically: a reader never sees half a picture."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path

@@ -1,32 +1,37 @@
-"""Pictures of a run — confusion matrix, training curves, accuracy against latency — and ``report.html``,
-the one page a person reads: data, training, metrics, the worst errors with thumbnails, and for a comparison
-the leaderboard. The page is self-contained (inline CSS, images as data URIs) so it opens offline and can be
-mailed as one file."""
+"""``report.html``, the one page a person reads: data, training, metrics, the worst errors with thumbnails, and
+for a comparison the leaderboard (whose table, also printed by ``headstart compare``, is formatted here).
+
+Python gathers plain values from the run folder; the Jinja2 templates in ``templates/`` lay them out, with
+autoescape on, so a class or file name is always shown as text. The page is self-contained (inline CSS, images
+as data URIs, no script) so it opens offline and can be mailed as one file. The pictures come from plots.py.
+"""
 
 from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import io
 import json
 import logging
-from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
+import jinja2
 import numpy as np
 from PIL import Image
 
+from . import cache
 from .config import HeadstartError
 from .data import open_rgb, to_rgb
-from .files import atomic_write_bytes, atomic_write_text
-from .plots import plot_confusion, plot_history
+from .files import atomic_write_text
+from .plots import plot_confusion, plot_history, plot_leaderboard
 
 log = logging.getLogger("headstart")
 
 
-# ------------------------------------------------------------------------------------------ the leaderboard
+# ------------------------------------------------------------------------------------------ the leaderboard table
 
 TABLE = [  # (heading, key, format)
     ("#", "rank", "{}"),
@@ -49,6 +54,7 @@ def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 
 def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    """One formatted value; a missing one (a skipped backbone has no accuracy) is an empty cell."""
     v = row.get(key)
     return "" if v is None else fmt.format(v)
 
@@ -84,99 +90,82 @@ def build_report(folder: str | Path, *, error_overlay: ErrorOverlay | None = Non
     ``error_overlay(photo) -> PIL image`` adds an extra picture to each worst error (e.g. a Grad-CAM heat map).
     """
     folder = Path(folder)
+    page: dict[str, Any] = {"when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
     if (folder / "leaderboard.json").is_file():
-        title, body = _compare_sections(folder, error_overlay)
+        page["comparison"] = _comparison(folder, error_overlay)
+        page["title"] = f"compare — {page['comparison']['dataset']}"
     elif (folder / "config.json").is_file() or (folder / "ensemble.json").is_file():
         cfg = _read_json(folder / ("config.json" if (folder / "config.json").is_file() else "ensemble.json"))
-        title = f"{Path(cfg.get('data', {}).get('root', folder.name)).name} — {cfg.get('backbone', {}).get('name', '?')}"
-        body = _run_sections(folder, cfg, error_overlay)
+        page["run"] = _run(folder, cfg, error_overlay)
+        page["title"] = f"{page['run']['dataset']} — {page['run']['backbone']['name']}"
     else:
         raise HeadstartError(f"'{folder}' is neither a run folder (config.json), an ensemble (ensemble.json) nor a comparison folder (leaderboard.json)")
-    page = _PAGE.format(title=escape(title), css=_CSS, body="\n".join(body),
-                        when=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
-    atomic_write_text(folder / "report.html", page)
+    atomic_write_text(folder / "report.html", _templates().get_template("report.html").render(page))
     return folder / "report.html"
 
 
-def _compare_sections(folder: Path, overlay: ErrorOverlay | None) -> tuple[str, list[str]]:
+@functools.lru_cache(maxsize=1)
+def _templates() -> jinja2.Environment:
+    """The page's templates, shipped inside the package. Autoescape is on for everything: class names, file
+    names and error messages come from the user's folders and must never become markup."""
+    return jinja2.Environment(loader=jinja2.PackageLoader("headstart", "templates"), autoescape=True,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+
+
+def _comparison(folder: Path, overlay: ErrorOverlay | None) -> dict[str, Any]:
+    """The comparison page's data: the leaderboard as formatted cells, the chart, and the best run."""
     rows = _read_json(folder / "leaderboard.json")["rows"]
     done = [r for r in rows if r.get("status") == "ok"]
     best = done[0] if done else None
-    root = "?"
-    if best and (folder / best["run"] / "config.json").is_file():
-        root = Path(_read_json(folder / best["run"] / "config.json")["data"]["root"]).name
+    best_run = folder / best["run"] if best else None
+    has_best = best_run is not None and (best_run / "config.json").is_file()
+    best_cfg = _read_json(best_run / "config.json") if has_best else None
     cols = columns(rows)
-    head = "".join(f"<th>{escape(h)}</th>" for h, _, _ in cols) + "<th>status</th>"
-    body_rows = []
-    for r in rows:
-        cells = []
-        for _, k, f in cols:
-            v = escape(cell(r, k, f))
-            if k == "backbone" and r.get("run") and (folder / r["run"] / "report.html").is_file():
-                v = f'<a href="{escape(r["run"])}/report.html">{v}</a>'
-            cells.append(f"<td>{v}</td>")
-        status = escape(r["status"]) + (f'<div class="why">{escape(r["reason"])}</div>' if r.get("reason") else "")
-        cls = ' class="skipped"' if r["status"] != "ok" else (' class="best"' if r is best else "")
-        body_rows.append(f"<tr{cls}>{''.join(cells)}<td>{status}</td></tr>")
-    out = [
-        f"<h1>Backbone comparison <span class=sub>{escape(root)}</span></h1>",
-        f"<p class=lede>{len(done)} of {len(rows)} backbones trained on the same split; ranked by validation accuracy."
-        + (f" Best: <b>{escape(best['backbone'])}</b> at {best['accuracy']:.1%}." if best else "") + "</p>",
-        "<h2>Leaderboard</h2>",
-        f'<table class="board"><thead><tr>{head}</tr></thead><tbody>{"".join(body_rows)}</tbody></table>',
-        "<p class=note>Extraction images/s: measured when the backbone computed the embeddings (a run that reads them "
-        "from the cache does no extraction); see <code>extract_note</code> in leaderboard.csv. Predict latency: the "
-        "median of repeated single-photo predictions (decode, preprocess, backbone and head). Train time includes "
-        "extraction, so it is short when the features were cached.</p>",
-    ]
+    table = [{
+        "cells": [cell(r, k, f) for _, k, f in cols],
+        "href": f"{r['run']}/report.html" if r.get("run") and (folder / r["run"] / "report.html").is_file() else None,
+        "status": r["status"],
+        "reason": r.get("reason"),
+        "cls": "skipped" if r["status"] != "ok" else ("best" if r is best else None),
+    } for r in rows]
     plot = folder / "accuracy_vs_latency.png"
-    if plot.is_file():
-        out += ["<h2>Accuracy against latency</h2>", _img(plot.read_bytes(), "accuracy against latency", "plot")]
-    if best and (folder / best["run"] / "config.json").is_file():
-        run = folder / best["run"]
-        out.append(f"<h2 class=part>The best backbone in detail: {escape(best['backbone'])}</h2>")
-        out += _run_sections(run, _read_json(run / "config.json"), overlay, level=3)
-    return f"compare — {root}", out
+    if not plot.is_file():  # an older folder, or the chart was deleted: it is drawn from leaderboard.json alone
+        plot_leaderboard(rows, plot)
+    return {
+        "dataset": Path(best_cfg["data"]["root"]).name if best_cfg else "?",
+        "n_done": len(done),
+        "n_rows": len(rows),
+        "best": {"backbone": best["backbone"], "accuracy": f"{best['accuracy']:.1%}"} if best else None,
+        "headings": [h for h, _, _ in cols],
+        "link_column": [k for _, k, _ in cols].index("backbone"),
+        "rows": table,
+        "plot": _img(plot.read_bytes(), "accuracy against latency", "plot"),
+        "run": _run(best_run, best_cfg, overlay) if best_cfg else None,
+    }
 
 
-def _run_sections(run: Path, cfg: dict[str, Any], overlay: ErrorOverlay | None, level: int = 2) -> list[str]:
-    h = f"h{level}"
-    b, data, timing = cfg.get("backbone", {}), cfg.get("data", {}), cfg.get("timing", {})
-    head = cfg.get("head", {})
-    out = []
-    if level == 2:
-        out.append(f"<h1>{escape(Path(data.get('root', run.name)).name)} <span class=sub>{escape(b.get('name', ''))}</span></h1>")
-    out.append(
-        f"<p class=lede>Backbone <b>{escape(b.get('name', '?'))}</b> (timm <code>{escape(b.get('timm_name', '?'))}</code>, "
-        f"weights from {escape(b.get('weights_source', '?'))}), head <b>{escape(head.get('kind', '?'))}</b>, "
-        f"data <code>{escape(data.get('root', '?'))}</code>.</p>")
+def _run(run: Path, cfg: dict[str, Any], overlay: ErrorOverlay | None) -> dict[str, Any]:
+    """A run's (or an ensemble's) part of the page, as plain values the template lays out."""
+    b, data, head = cfg.get("backbone", {}), cfg.get("data", {}), cfg.get("head", {})
     splits = [(n, _read_json(_split_file(run, n, "metrics.json"))) for n in ("val", "test") if _split_file(run, n, "metrics.json").is_file()]
     splits = [(n, m) for n, m in splits if m.get("n")]
-    cards = []
-    for n, m in splits:
-        for label, value in (("accuracy", f"{m['accuracy']:.1%}"), ("balanced accuracy", f"{m['balanced_accuracy']:.1%}"),
-                             ("macro-F1", f"{m['macro_f1']:.3f}"), ("images", str(m["n"]))):
-            cards.append(f"<div class=card><div class=num>{value}</div><div class=lab>{n} {label}</div></div>")
-    out += [f"<{h}>Metrics</{h}>", f"<div class=cards>{''.join(cards) or '<p>no evaluated split</p>'}</div>"]
-    out += [f"<{h}>Data</{h}>", _counts_table(data)]
-    skipped = data.get("skipped", [])
-    if skipped:
-        items = "".join(f"<li><code>{escape(s['path'])}</code>: {escape(s['reason'])}</li>" for s in skipped)
-        out.append(f"<p>Skipped {len(skipped)} file(s):</p><ul class=skiplist>{items}</ul>")
-    else:
-        out.append("<p>No file was skipped.</p>")
-    if "member_metrics" in cfg:  # an ensemble: its members instead of a training story
-        out += [f"<{h}>Members</{h}>", _members(run, cfg["member_metrics"])]
-    else:
-        out += [f"<{h}>Training</{h}>", _training(run, cfg, timing)]
-    for n, m in splits:
-        out += [f"<{h}>Per class ({n})</{h}>", _per_class(m)]
-        png = _split_file(run, n, "confusion_matrix.png")
-        if not png.is_file():
-            plot_confusion(np.asarray(m["confusion_matrix"]), m["classes"], png)
-        out += [f"<{h}>Confusion matrix ({n})</{h}>", _img(png.read_bytes(), f"confusion matrix ({n})", "plot cm")]
-        out += [f"<{h}>Worst errors ({n})</{h}>", _gallery(run, m.get("worst_errors", []), overlay)]
-    return out
+    cards = [{"value": value, "label": f"{n} {label}"} for n, m in splits
+             for label, value in (("accuracy", f"{m['accuracy']:.1%}"), ("balanced accuracy", f"{m['balanced_accuracy']:.1%}"),
+                                  ("macro-F1", f"{m['macro_f1']:.3f}"), ("images", str(m["n"])))]
+    ensemble = "member_metrics" in cfg  # an ensemble: its members instead of a training story
+    return {
+        "dataset": Path(data.get("root", run.name)).name,
+        "backbone": {k: b.get(k, "?") for k in ("name", "timm_name", "weights_source")},
+        "head": head.get("kind", "?"),
+        "data_root": data.get("root", "?"),
+        "cards": cards,
+        "counts": _counts(data),
+        "skipped": [{"path": s["path"], "reason": s["reason"]} for s in data.get("skipped", [])],
+        "members": [_member(m) for m in cfg["member_metrics"]] if ensemble else None,
+        "members_dir": str(run / "members"),
+        "training": None if ensemble else _training(run, cfg),
+        "splits": [_split(run, n, m, overlay) for n, m in splits],
+    }
 
 
 def _split_file(run: Path, split: str, name: str) -> Path:
@@ -184,94 +173,75 @@ def _split_file(run: Path, split: str, name: str) -> Path:
     return run / (name if split == "val" else f"{split}_{name}")
 
 
-def _counts_table(data: dict[str, Any]) -> str:
+def _counts(data: dict[str, Any]) -> dict[str, Any] | None:
+    """Images per class (rows) and split (columns), with the totals; ``None`` when the run recorded none."""
     counts, classes = data.get("counts", {}), data.get("classes", [])
     if not counts:
-        return "<p>No counts recorded.</p>"
+        return None
     names = list(counts)
-    rows = "".join(f"<tr><td>{escape(c)}</td>" + "".join(f"<td>{counts[n].get(c, 0)}</td>" for n in names) + "</tr>" for c in classes)
-    total = "".join(f"<td>{sum(counts[n].values())}</td>" for n in names)
-    head = "".join(f"<th>{escape(n)}</th>" for n in names)
-    return (f"<table><thead><tr><th>class</th>{head}</tr></thead><tbody>{rows}"
-            f"<tr class=total><td>total</td>{total}</tr></tbody></table>")
+    return {"splits": names, "rows": [[c, *(counts[n].get(c, 0) for n in names)] for c in classes],
+            "total": [sum(counts[n].values()) for n in names]}
 
 
-def _training(run: Path, cfg: dict[str, Any], timing: dict[str, Any]) -> str:
-    parts = []
-    table = cfg.get("head_selection", [])
-    if table:
-        chosen = cfg.get("head", {}).get("kind")
-        rows = "".join(
-            f"<tr><td>{escape(' '.join([r['kind'], *(f'{k}={v}' for k, v in r.get('params', {}).items())]))}</td>"
-            f"<td>{r['cv_accuracy']:.1%}</td><td>{r['cv_log_loss']:.3f}</td></tr>" for r in table)
-        parts.append(f"<p>Head chosen by {len(table)}-candidate cross-validation on the training split (chosen: <b>{escape(str(chosen))}</b>).</p>"
-                     f"<table><thead><tr><th>candidate</th><th>CV accuracy</th><th>CV log-loss</th></tr></thead><tbody>{rows}</tbody></table>")
-    crops = cfg.get("crop_selection", [])
-    if crops:  # --crop-pct auto
-        rows = "".join(f"<tr><td>{r['crop_pct']:g}{' (chosen)' if r.get('chosen') else ''}</td><td>{r['cv_accuracy']:.1%}</td>"
-                       f"<td>{r['cv_log_loss']:.3f}</td></tr>" for r in crops)
-        parts.append("<p>Centre crop chosen by the same cross-validation (1 = the whole frame):</p>"
-                     f"<table><thead><tr><th>crop_pct</th><th>CV accuracy</th><th>CV log-loss</th></tr></thead><tbody>{rows}</tbody></table>")
+def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """How the head (and with --crop-pct auto, the crop) was chosen, the curves, and where the time went."""
+    heads = [[" ".join([r["kind"], *(f"{k}={v}" for k, v in r.get("params", {}).items())]), f"{r['cv_accuracy']:.1%}", f"{r['cv_log_loss']:.3f}"]
+             for r in cfg.get("head_selection", [])]
+    crops = [[f"{r['crop_pct']:g}" + (" (chosen)" if r.get("chosen") else ""), f"{r['cv_accuracy']:.1%}", f"{r['cv_log_loss']:.3f}"]
+             for r in cfg.get("crop_selection", [])]
     png = plot_history(cfg.get("history") or [], run / "training_curves.png")
-    if png is not None:
-        parts.append(_img(png.read_bytes(), "training curves", "plot"))
-    else:
-        parts.append("<p>No per-epoch curve: the chosen head is fitted in one solve (logistic regression).</p>")
+    timing = cfg.get("timing", {})
+    said = None
     if timing:
-        t = [f"{timing['embeddings_computed']} embeddings computed" if "embeddings_computed" in timing else ""]
+        t = [f"{timing['embeddings_computed']} embeddings computed"] if "embeddings_computed" in timing else []
         t += [f"{label} {timing[k]:.1f} s" for label, k in (("extraction", "extract_s"), ("head", "head_s"), ("total", "total_s")) if k in timing]
-        parts.append(f"<p class=note>Timing: {escape(', '.join(x for x in t if x))} (extraction is short when the features were cached).</p>")
-    return "\n".join(parts)
+        said = ", ".join(t)
+    return {"heads": heads, "chosen": str(cfg.get("head", {}).get("kind")), "crops": crops,
+            "curves": _img(png.read_bytes(), "training curves", "plot") if png is not None else None, "timing": said}
 
 
-def _members(run: Path, members: list[dict[str, Any]]) -> str:
-    def acc(m: dict[str, Any], split: str) -> str:
-        return f"{m[split]['accuracy']:.1%}" if split in m else ""
-
-    rows = "".join(f"<tr><td>{escape(m['backbone'])}</td><td>{acc(m, 'val')}</td><td>{acc(m, 'test')}</td><td><code>{escape(m['run'])}</code></td></tr>"
-                   for m in members)
-    return ("<p>The ensemble's probabilities are the mean of its members'; each member's bundle is in "
-            f"<code>{escape(str(run / 'members'))}</code>.</p><table><thead><tr><th>member</th><th>val accuracy</th><th>test accuracy</th>"
-            f"<th>trained as</th></tr></thead><tbody>{rows}</tbody></table>")
+def _member(m: dict[str, Any]) -> dict[str, str]:
+    """One ensemble member's row: its accuracy on each split it was measured on, and the run it came from."""
+    return {"backbone": m["backbone"], "run": m["run"],
+            **{split: f"{m[split]['accuracy']:.1%}" if split in m else "" for split in ("val", "test")}}
 
 
-def _per_class(m: dict[str, Any]) -> str:
-    rows = "".join(
-        f"<tr><td>{escape(c)}</td><td>{r['precision']:.3f}</td><td>{r['recall']:.3f}</td><td>{r['f1-score']:.3f}</td><td>{int(r['support'])}</td></tr>"
-        for c, r in m.get("per_class", {}).items())
-    return f"<table><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>images</th></tr></thead><tbody>{rows}</tbody></table>"
+def _split(run: Path, name: str, m: dict[str, Any], overlay: ErrorOverlay | None) -> dict[str, Any]:
+    """One evaluated split: the per-class table, the confusion matrix (drawn if missing), the worst errors."""
+    png = _split_file(run, name, "confusion_matrix.png")
+    if not png.is_file():
+        plot_confusion(np.asarray(m["confusion_matrix"]), m["classes"], png)
+    per_class = [[c, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1-score']:.3f}", int(r["support"])]
+                 for c, r in m.get("per_class", {}).items()]
+    return {"name": name, "per_class": per_class, "confusion": _img(png.read_bytes(), f"confusion matrix ({name})", "plot cm"),
+            "errors": [_error(run, e, overlay) for e in m.get("worst_errors", [])]}
 
 
-def _gallery(run: Path, errors: list[dict[str, Any]], overlay: ErrorOverlay | None) -> str:
-    if not errors:
-        return "<p>No errors.</p>"
-    tiles = []
-    for e in errors:
-        photo = Path(e["path"])
-        thumb = thumbnail(run, photo)
-        pics = _img(thumb, escape(photo.name), "thumb", "image/jpeg") if thumb else f"<div class=missing>{escape(photo.name)} not found</div>"
-        if overlay is not None and photo.is_file():
-            try:
-                pics += _img(_jpeg(overlay(photo)), f"{escape(photo.name)} overlay", "thumb", "image/jpeg")
-            except Exception as err:  # noqa: BLE001 - an optional picture must not cost the whole report
-                log.warning("report: no overlay for %s (%s)", photo, err)
-        tiles.append(
-            f'<figure class=err><div class=pics>{pics}</div><figcaption><b>{escape(e["predicted"])}</b> '
-            f'{e["confidence"]:.0%}<br>true: {escape(e["true"])} ({e.get("p_true", 0):.0%})'
-            f'<br><span class=path title="{escape(str(photo))}">{escape(photo.name)}</span></figcaption></figure>')
-    return f"<p class=note>Most confident mistakes first: predicted class and its probability, the true class and its probability.</p><div class=gallery>{''.join(tiles)}</div>"
+def _error(run: Path, e: dict[str, Any], overlay: ErrorOverlay | None) -> dict[str, Any]:
+    """One worst error's card: the photo's thumbnail (kept in the run folder) and, if asked, its overlay."""
+    photo = Path(e["path"])
+    thumb = thumbnail(run, photo)
+    pictures = [_img(thumb, photo.name, "thumb", "image/jpeg")] if thumb else []
+    if overlay is not None and photo.is_file():
+        try:
+            pictures.append(_img(_jpeg(overlay(photo)), f"{photo.name} overlay", "thumb", "image/jpeg"))
+        except Exception as err:  # noqa: BLE001 - an optional picture must not cost the whole report
+            log.warning("report: no overlay for %s (%s)", photo, err)
+    return {"pictures": pictures, "missing": thumb is None, "name": photo.name, "path": str(photo),
+            "predicted": e["predicted"], "confidence": f"{e['confidence']:.0%}", "true": e["true"], "p_true": f"{e.get('p_true', 0):.0%}"}
 
 
 def thumbnail(run: Path, photo: Path) -> bytes | None:
-    """A small JPEG of ``photo``, kept in ``run/thumbnails/`` so the report can be rebuilt after the photos moved."""
-    kept = run / "thumbnails" / f"{hashlib.sha1(str(photo).encode()).hexdigest()[:16]}.jpg"
+    """A small JPEG of ``photo``, kept in the run's own store ``run/thumbnails/`` (keyed by the photo's path) so
+    the report can be rebuilt after the photos moved."""
+    store, name = cache.Store(run / "thumbnails"), hashlib.sha1(str(photo).encode()).hexdigest()[:16]
     try:
         img = open_rgb(photo, THUMB)
     except ValueError:
-        return kept.read_bytes() if kept.is_file() else None
+        return store.read_bytes(name, ".jpg")
     img.thumbnail((THUMB, THUMB))
     data = _jpeg(img)
-    atomic_write_bytes(kept, data)
+    store.write_bytes(name, ".jpg", data)
     return data
 
 
@@ -283,8 +253,9 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _img(data: bytes, alt: str, cls: str, mime: str = "image/png") -> str:
-    return f'<img class="{cls}" alt="{alt}" src="data:{mime};base64,{base64.b64encode(data).decode()}">'
+def _img(data: bytes, alt: str, cls: str, mime: str = "image/png") -> dict[str, str]:
+    """A picture for the template: embedded as a data URI so the page needs no other file."""
+    return {"src": f"data:{mime};base64,{base64.b64encode(data).decode()}", "alt": alt, "cls": cls}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -292,57 +263,3 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise HeadstartError(f"cannot read '{path}' ({e}): the run folder is incomplete; train again to rebuild it") from None
-
-
-_CSS = """
-:root{--ink:#1d2330;--muted:#5b6475;--line:#e3e6ec;--accent:#2456c9;--bg:#fbfbfd;--bad:#b3261e}
-*{box-sizing:border-box}
-body{margin:0;background:var(--bg);color:var(--ink);font:16px/1.55 -apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
-main{max-width:1080px;margin:0 auto;padding:32px 28px 64px}
-h1{font-size:30px;margin:0 0 6px;letter-spacing:-.01em}
-h1 .sub{font-weight:400;color:var(--muted);font-size:20px;margin-left:8px}
-h2{font-size:21px;margin:40px 0 12px;padding-bottom:6px;border-bottom:1px solid var(--line)}
-h2.part{margin-top:56px;font-size:24px;border-bottom:2px solid var(--ink)}
-h3{font-size:18px;margin:30px 0 10px}
-p.lede{color:var(--muted);margin:0 0 8px}
-p.note,.why{color:var(--muted);font-size:13.5px}
-code{font:13px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;background:#eef0f4;padding:1px 4px;border-radius:3px}
-table{border-collapse:collapse;margin:8px 0 12px;font-variant-numeric:tabular-nums;font-size:14.5px}
-th,td{padding:6px 12px;border-bottom:1px solid var(--line);text-align:right}
-th:first-child,td:first-child{text-align:left}
-th{font-weight:600;color:var(--muted);font-size:13px;text-transform:uppercase;letter-spacing:.03em}
-tbody tr:nth-child(even){background:#f3f4f8}
-tr.total td{font-weight:600}
-table.board td:nth-child(2),table.board th:nth-child(2),table.board td:last-child,table.board th:last-child{text-align:left}
-tr.best td{background:#e8f0ff}
-tr.skipped td{color:var(--muted)}
-a{color:var(--accent);text-decoration:none}
-a:hover{text-decoration:underline}
-.cards{display:flex;flex-wrap:wrap;gap:12px}
-.card{background:#fff;border:1px solid var(--line);border-radius:8px;padding:12px 16px;min-width:140px}
-.card .num{font-size:24px;font-weight:600}
-.card .lab{color:var(--muted);font-size:13px}
-img.plot{max-width:100%;height:auto;border:1px solid var(--line);border-radius:6px;background:#fff}
-img.cm{max-width:620px}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:14px}
-figure.err{margin:0;background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px}
-figure.err .pics{display:flex;gap:4px;justify-content:center}
-img.thumb{max-width:100%;max-height:200px;border-radius:4px}
-figcaption{font-size:13.5px;margin-top:6px}
-figcaption b{color:var(--bad)}
-.path{color:var(--muted);font-size:12px;word-break:break-all}
-.missing{color:var(--muted);font-size:12px;padding:40px 8px;text-align:center}
-ul.skiplist{font-size:14px}
-footer{margin-top:48px;color:var(--muted);font-size:12.5px}
-"""
-
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>headstart · {title}</title>
-<style>{css}</style></head>
-<body><main>
-{body}
-<footer>Written by headstart on {when}. Self-contained: every picture is embedded; nothing is fetched when it opens.</footer>
-</main></body></html>
-"""

@@ -1,0 +1,121 @@
+"""report.html as a person sees it: opened in headless Chromium at a desktop and a phone-like width, the
+layout measured by the browser itself. Reading the HTML cannot catch a picture that spills out of its card."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from conftest import HYMENOPTERA
+from headstart.compare import compare
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (Playwright's own download is not used)
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+WIDTHS = [1280, 500]
+SLACK = 0.5  # px: layout rounding
+
+# Every worst-error card with the boxes of the pictures inside it, plus how wide the page lays out.
+LAYOUT_JS = """() => {
+  const box = e => { const r = e.getBoundingClientRect(); return {x: r.left + scrollX, y: r.top + scrollY, w: r.width, h: r.height}; };
+  return {
+    cards: [...document.querySelectorAll('figure.err')].map(card => ({
+      card: box(card),
+      pics: [...card.querySelectorAll('.pics > *')].map(p => ({...box(p), loaded: p.tagName !== 'IMG' || p.naturalWidth > 0})),
+    })),
+    pageWidth: document.documentElement.scrollWidth,
+    viewWidth: document.documentElement.clientWidth,
+  };
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
+        pytest.skip(f"no {CHROMIUM} here (apt-get install chromium); CI installs it and runs this test")
+    if os.environ.get("CI"):
+        from playwright.sync_api import sync_playwright
+    else:
+        sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def comparison(ants_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-backbone comparison on a few real photos (their features are cached by ``ants_run``). Three bee
+    photos filed under val/ants make sure the best run has worst errors for the gallery."""
+    root = tmp_path_factory.mktemp("small") / "ants_bees"
+    for split, n in (("train", 10), ("val", 6)):
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
+                (root / split / cls / p.name).symlink_to(p)
+    for p in sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[-3:]:
+        (root / "val" / "ants" / p.name).symlink_to(p)
+    out = tmp_path_factory.mktemp("cmp") / "cmp"
+    compare(root, ["efficientnet_lite0"], out, progress=False, head="linear")
+    return out
+
+
+def overlap(a: dict[str, float], b: dict[str, float]) -> float:
+    """Area two boxes share (0 when they only touch)."""
+    w = min(a["x"] + a["w"], b["x"] + b["w"]) - max(a["x"], b["x"])
+    h = min(a["y"] + a["h"], b["y"] + b["h"]) - max(a["y"], b["y"])
+    return max(w, 0) * max(h, 0)
+
+
+def inside(inner: dict[str, float], outer: dict[str, float]) -> bool:
+    return (inner["x"] >= outer["x"] - SLACK and inner["y"] >= outer["y"] - SLACK
+            and inner["x"] + inner["w"] <= outer["x"] + outer["w"] + SLACK
+            and inner["y"] + inner["h"] <= outer["y"] + outer["h"] + SLACK)
+
+
+def check_layout(browser: Any, page_path: Path, width: int, shot: Path) -> dict[str, Any]:
+    """Open the page at ``width``, save a full-page screenshot and assert the gallery and page fit."""
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    try:
+        page.goto(page_path.resolve().as_uri())
+        page.wait_for_load_state("load")
+        layout = page.evaluate(LAYOUT_JS)
+        page.screenshot(path=str(shot), full_page=True)
+    finally:
+        page.close()
+    cards = layout["cards"]
+    assert cards, f"no worst-error card in {page_path}"
+    for i, c in enumerate(cards):
+        assert c["pics"] and all(p["loaded"] for p in c["pics"]), f"card {i}: a picture did not load"
+        for p in c["pics"]:
+            assert p["w"] > 20 and p["h"] > 20, f"card {i}: a picture shrank to nothing ({p})"
+            assert inside(p, c["card"]), f"card {i} at {width}px: picture {p} spills out of its card {c['card']}"
+        for j, d in enumerate(cards[:i]):
+            assert overlap(c["card"], d["card"]) == 0, f"cards {j} and {i} overlap at {width}px"
+    assert layout["pageWidth"] <= layout["viewWidth"], f"the page is wider than the {width}px window"
+    return layout
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_run_report_gallery_fits_its_cards(browser, ants_run, width, tmp_path):
+    run = ants_run[1]
+    layout = check_layout(browser, run / "report.html", width, tmp_path / f"run-{width}.png")
+    errors = json.loads((run / "metrics.json").read_text())["worst_errors"]
+    assert len(layout["cards"]) == len(errors)
+    assert all(len(c["pics"]) == 2 for c in layout["cards"])  # the photo and its Grad-CAM, side by side
+    assert (tmp_path / f"run-{width}.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_comparison_report_gallery_fits_its_cards(browser, comparison, width, tmp_path):
+    layout = check_layout(browser, comparison / "report.html", width, tmp_path / f"compare-{width}.png")
+    best = json.loads((comparison / "leaderboard.json").read_text())["rows"][0]
+    errors = json.loads((comparison / best["run"] / "metrics.json").read_text())["worst_errors"]
+    assert len(layout["cards"]) == len(errors)
+    assert (tmp_path / f"compare-{width}.png").stat().st_size > 10_000
