@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 __version__ = "0.1.0"
 
@@ -235,42 +235,61 @@ def _is_scratch(backbone: str) -> bool:
     return re.sub(r"[^a-z0-9]", "", backbone.lower()) == "scratch"
 
 
+Refuse = Callable[[str, str], "ConfigError"]  # (problem, what is allowed) → the error to raise
+
+
 def _checked(name: str, value: Any) -> Any:
     """``value`` as field ``name`` stores it, or a ConfigError that names the field, the value and what is allowed."""
 
     def refuse(problem: str, allowed: str) -> ConfigError:
         return ConfigError(name, f"{name}={value!r} {problem}: {allowed}")
 
-    if name in CHOICES:
-        if isinstance(value, str) and value in CHOICES[name]:
-            return value
-        raise refuse("is not a choice", "give one of " + ", ".join(CHOICES[name]))
-    if _HINTS[name] is bool:
-        if isinstance(value, bool):
-            return value
-        raise refuse("is not a yes/no value", "give True or False")
-    if name == "backbone":
-        if isinstance(value, str) and value.strip():
-            return value
-        raise refuse("is not a backbone name", "give a registry name (see `headstart backbones`) or any timm model name")
-    if name in ("weights", "cache_dir"):
-        if value is None or isinstance(value, (str, os.PathLike)):
-            return None if value is None else os.fspath(value)
-        raise refuse("is not a path", "give a weight file, 'random' or None" if name == "weights" else "give a folder or None")
-    if name == "augment":
-        unknown = [p for p in value.split("+") if p not in POLICIES] if isinstance(value, str) else [value]
-        if not unknown:
-            return value
-        raise refuse(f"has an unknown policy {unknown[0]!r}",
-                     f"give one of {', '.join(POLICIES)}, or several joined with + (e.g. randaugment+erasing)")
-    if name == "crop_pct":
-        if value is None or value == "auto":
-            return value
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise refuse("is not a share of the frame", CROP_PCT_HINT)
-        if not (math.isfinite(value) and value in CROP_PCT):
-            raise refuse("is out of range", CROP_PCT_HINT)
-        return float(value)
+    check = _CHECKS.get(name) or (_choice if name in CHOICES else _flag if _HINTS[name] is bool else _in_range)
+    return check(name, value, refuse)
+
+
+def _choice(name: str, value: Any, refuse: Refuse) -> Any:
+    if isinstance(value, str) and value in CHOICES[name]:
+        return value
+    raise refuse("is not a choice", "give one of " + ", ".join(CHOICES[name]))
+
+
+def _flag(name: str, value: Any, refuse: Refuse) -> Any:
+    if isinstance(value, bool):
+        return value
+    raise refuse("is not a yes/no value", "give True or False")
+
+
+def _backbone(name: str, value: Any, refuse: Refuse) -> Any:
+    if isinstance(value, str) and value.strip():
+        return value
+    raise refuse("is not a backbone name", "give a registry name (see `headstart backbones`) or any timm model name")
+
+
+def _path(name: str, value: Any, refuse: Refuse) -> Any:
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return None if value is None else os.fspath(value)
+    raise refuse("is not a path", "give a weight file, 'random' or None" if name == "weights" else "give a folder or None")
+
+
+def _augment(name: str, value: Any, refuse: Refuse) -> Any:
+    unknown = [p for p in value.split("+") if p not in POLICIES] if isinstance(value, str) else [value]
+    if not unknown:
+        return value
+    raise refuse(f"has an unknown policy {unknown[0]!r}", f"give one of {', '.join(POLICIES)}, or several joined with + (e.g. randaugment+erasing)")
+
+
+def _crop(name: str, value: Any, refuse: Refuse) -> Any:
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise refuse("is not a share of the frame", CROP_PCT_HINT)
+    if not (math.isfinite(value) and value in CROP_PCT):
+        raise refuse("is out of range", CROP_PCT_HINT)
+    return float(value)
+
+
+def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
     rule = RANGES[name]
     if value is None and name == "input_size":
         return None
@@ -279,6 +298,11 @@ def _checked(name: str, value: Any) -> Any:
     if not (math.isfinite(value) and value in rule):
         raise refuse("is out of range", f"give {rule.describe()}")
     return int(value) if rule.whole else float(value)
+
+
+_CHECKS: dict[str, Callable[[str, Any, Refuse], Any]] = {
+    "backbone": _backbone, "weights": _path, "cache_dir": _path, "augment": _augment, "crop_pct": _crop,
+}
 
 
 def repo_root() -> Path:

@@ -127,38 +127,15 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise HeadstartError(f"'{root}' is not a folder: give a folder with one sub-folder per class")
-    top = _subdirs(root)
-    split_dirs = {SPLIT_NAMES[p.name.lower()]: p for p in top if p.name.lower() in SPLIT_NAMES}
+    layout, folders = _layout(root)
     skipped: list[Skipped] = []
-    if "train" in split_dirs or ("val" in split_dirs or "test" in split_dirs) and len(split_dirs) == len(top):
-        layout, folders = "splits", split_dirs
-    else:
-        layout, folders = "classes", {"all": root}
-
-    per_split: dict[str, dict[str, list[Path]]] = {}
-    for split, folder in folders.items():
-        per_split[split] = {d.name: _image_files(d, root, skipped) for d in _subdirs(folder)}
-
+    per_split = {split: {d.name: _image_files(d, root, skipped) for d in _subdirs(folder)} for split, folder in folders.items()}
     found = sorted({c for by_class in per_split.values() for c in by_class})
     _refuse_case_clashes(found, root)
     if classes is None:
-        empty = [c for c in found if not any(by_class.get(c) for by_class in per_split.values())]
-        for c in empty:
-            where = [_rel(folders[s] / c, root) for s, by_class in per_split.items() if c in by_class]
-            skipped += [Skipped(w + "/", "empty class folder (ignored)") for w in where]
-        classes = [c for c in found if c not in empty]
-        if len(classes) < 2:
-            raise HeadstartError(
-                f"'{root}' has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}): "
-                "a classifier needs at least two, one sub-folder per class"
-            )
+        classes = _classes_with_images(root, found, folders, per_split, skipped)
     else:
-        unknown = [c for c in found if c not in classes and any(by_class.get(c) for by_class in per_split.values())]
-        if unknown:
-            raise HeadstartError(
-                f"'{root}' has class folder(s) the model was not trained on: {', '.join(unknown)}; "
-                f"it knows {', '.join(classes)}"
-            )
+        _refuse_unknown(root, found, classes, per_split)
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split, by_class in per_split.items():
@@ -169,6 +146,40 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
                 s.labels += [index[c]] * len(paths)
         splits[split] = s
     return Dataset(root=root, classes=classes, splits=splits, skipped=skipped, layout=layout)
+
+
+def _layout(root: Path) -> tuple[str, dict[str, Path]]:
+    """("splits", {split: folder}) when the top level holds train/ (or only split folders), else ("classes", {"all": root})."""
+    top = _subdirs(root)
+    split_dirs = {SPLIT_NAMES[p.name.lower()]: p for p in top if p.name.lower() in SPLIT_NAMES}
+    if "train" in split_dirs or ("val" in split_dirs or "test" in split_dirs) and len(split_dirs) == len(top):
+        return "splits", split_dirs
+    return "classes", {"all": root}
+
+
+def _classes_with_images(root: Path, found: list[str], folders: dict[str, Path], per_split: dict[str, dict[str, list[Path]]],
+                         skipped: list[Skipped]) -> list[str]:
+    """The class folders that hold images (empty ones are noted as skipped); fewer than two is refused."""
+    empty = [c for c in found if not any(by_class.get(c) for by_class in per_split.values())]
+    for c in empty:
+        where = [_rel(folders[s] / c, root) for s, by_class in per_split.items() if c in by_class]
+        skipped += [Skipped(w + "/", "empty class folder (ignored)") for w in where]
+    classes = [c for c in found if c not in empty]
+    if len(classes) < 2:
+        raise HeadstartError(
+            f"'{root}' has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}): "
+            "a classifier needs at least two, one sub-folder per class"
+        )
+    return classes
+
+
+def _refuse_unknown(root: Path, found: list[str], classes: list[str], per_split: dict[str, dict[str, list[Path]]]) -> None:
+    unknown = [c for c in found if c not in classes and any(by_class.get(c) for by_class in per_split.values())]
+    if unknown:
+        raise HeadstartError(
+            f"'{root}' has class folder(s) the model was not trained on: {', '.join(unknown)}; "
+            f"it knows {', '.join(classes)}"
+        )
 
 
 def _refuse_case_clashes(names: list[str], root: Path) -> None:
