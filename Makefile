@@ -21,7 +21,10 @@ demo: setup
 CHROMIUM := /usr/bin/chromium
 SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# The structure is checked before the behaviour: layers (import-linter, pyproject.toml) and a complexity ceiling.
 test: setup $(CHROMIUM)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/xenon --max-absolute C src/
 	$(PY) -m pytest -q
 
 $(CHROMIUM):

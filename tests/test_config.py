@@ -226,3 +226,12 @@ def test_compare_warns_per_backbone_before_any_work(tmp_path):
     assert r.exit_code == 2, r.output
     assert r.stderr.count("headstart: warning: ") == 1
     assert "headstart: warning: head='linear' is ignored: backbone 'scratch' has no head stage on cached features" in r.stderr
+
+
+def test_an_unknown_backbone_is_refused_before_the_folder_is_listed(tmp_path):
+    """The name is checked first: here the folder does not even exist, and the error is about the backbone."""
+    import headstart
+
+    with pytest.raises(HeadstartError, match="unknown backbone 'nosuchnet'"):
+        headstart.train(tmp_path / "no-such-folder", out=tmp_path / "run", backbone="nosuchnet", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -166,7 +166,7 @@ def test_cached_run_reads_the_head_selection_back(ants_run, monkeypatch):
     def no_cv(*_a, **_k):
         raise AssertionError("cross-validation ran again")
 
-    monkeypatch.setattr(sys.modules["headstart.train"], "select_head", no_cv)
+    monkeypatch.setattr(sys.modules["headstart.heads"], "select", no_cv)
     clf = headstart.train(HYMENOPTERA, progress=False)
     assert clf.info["head_selection"] == ants_run[0].info["head_selection"]
     assert clf.info["head"] == ants_run[0].info["head"]

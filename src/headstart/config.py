@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 __version__ = "0.1.0"
-
-__version__ = "0.1.0"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
-# Augmentation policies (augment.py builds them), combined with "+": named here so a config is checked without torch.
+# Augmentation policies (transforms.py builds them), combined with "+": named here so a config is checked without torch.
 POLICIES = ("none", "classic", "rrc", "randaugment", "erasing")
 
 Head = Literal["auto", "mlp", "linear"]
@@ -112,10 +110,6 @@ RANGES: dict[str, Range] = {
     "scratch_epochs": COUNT,
     "scratch_patience": COUNT,
 }
-
-
-class HeadstartError(Exception):
-    """An error a person can act on: printed without a traceback by the CLI."""
 
 
 @dataclass

@@ -1,0 +1,49 @@
+"""The head table: one definition per head type, from which the torch module and the numpy forward both follow;
+and the one cache store every cache uses."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from headstart import cache, heads
+from headstart.config import TrainConfig, choices
+
+
+def test_the_config_offers_exactly_the_head_table():
+    assert set(choices("head")) == {"auto", *heads.HEADS}
+    assert [k for k, _ in heads.candidates("auto")] == ["mlp", "linear", "linear"]  # every candidate of every row
+
+
+@pytest.mark.parametrize("kind", sorted(heads.HEADS))
+def test_numpy_forward_equals_the_torch_module(kind):
+    """Evaluation from cached features (numpy) and fine-tuning/Grad-CAM/export (torch) compute the same head."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 24)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int) + (x[:, 2] > 1).astype(int)
+    fit, table = heads.fit(x, y, 3, TrainConfig(head=kind, max_epochs=20, cache_dir=None))
+    assert fit.kind == kind and len(table) == len(heads.HEADS[kind].candidates)
+    spec = heads.spec(kind, 24, TrainConfig())
+    module = heads.to_torch(spec, 3, fit.state)
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(heads.logits(spec, fit.state, x), want, rtol=1e-4, atol=1e-4)
+    assert heads.to_arrays(module).keys() == fit.state.keys()
+    assert (heads.proba(spec, fit.state, x).argmax(1) == y).mean() > 0.8  # it learned the rule
+
+
+def test_a_damaged_entry_reads_as_absent_and_an_unwritable_store_says_so_once(tmp_path, caplog):
+    store = cache.Store(tmp_path / "kind")
+    assert store.write_json("a", {"x": 1}) and store.read_json("a") == {"x": 1}
+    store.path("a", ".json").write_text("{not json")
+    assert store.read_json("a") is None  # damaged: computed again by the caller, never a crash
+    ro = tmp_path / "ro"
+    ro.write_text("a file where the store's folder should be")
+    blocked = cache.Store(ro / "sub")
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        assert blocked.write_json("b", {}) is False and blocked.write_json("c", {}) is False
+    assert caplog.text.count("cannot write the cache folder") == 1
+    assert cache.key("x", arrays=(np.zeros(3),)) != cache.key("x", arrays=(np.ones(3),)) == cache.key("x", arrays=(np.ones(3),))
