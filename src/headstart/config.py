@@ -81,7 +81,7 @@ COUNT = Range(1, whole=True)  # epochs, patience, batch sizes: 0 would mean no w
 CROP_PCT = Range(0.3, 1.0)
 CROP_PCT_HINT = "give a number from 0.3 to 1.0 (1.0 = the whole frame), or auto"
 
-# The numbers each numeric field accepts, read off how the field is used (train.py, finetune.py, features.py).
+# The numbers each numeric field accepts, read off how the field is used (pipeline.py, heads.py, finetune.py, features.py).
 RANGES: dict[str, Range] = {
     "input_size": Range(32, 1024, whole=True),  # or None: the backbone's own
     "hidden": COUNT,
@@ -179,7 +179,7 @@ class TrainConfig:
             for name in names.split():
                 why.setdefault(name, reason)
 
-        if _is_scratch(self.backbone):  # what train.py and finetune.fit(stage="scratch") read
+        if _is_scratch(self.backbone):  # what pipeline.train_network and finetune.fit(stage="scratch") read
             unused("finetune unfreeze unfreeze_layers ft_lr backbone_lr_ratio ft_epochs ft_patience train_bn",
                    "backbone 'scratch' trains the whole network, BatchNorm included, with lr, scratch_epochs and scratch_patience")
             unused("head hidden dropout weight_decay max_epochs patience head_batch_size cv_folds class_weights aug_views",
