@@ -123,6 +123,15 @@ def lookup(name: str) -> Backbone:
     )
 
 
+def from_bundle(name: str, timm_name: str, kwargs: dict[str, Any], cfg_overlay: dict[str, Any]) -> Backbone:
+    """The entry a saved bundle names: its registry entry's architecture (a non-timm ``build`` included) when the
+    name is registered with the same timm model, else the timm model it was built from."""
+    known = REGISTRY.get(name)
+    same = known is not None and known.timm_name == timm_name
+    return Backbone(name, timm_name, "from bundle", kwargs=kwargs, cfg_overlay=cfg_overlay,
+                    pretrained=known.pretrained if same else True, build=known.build if same else None)
+
+
 class LoadedBackbone:
     """A backbone with its weights: what it is (spec, preprocessing, digest, widths) and, built when first asked
     for, the network itself. A re-run that finds everything in the cache never builds it."""

@@ -167,7 +167,7 @@ def load_run(folder: str | os.PathLike) -> Classifier:
     from safetensors.torch import load_file
 
     b = cfg["backbone"]
-    spec = backbones.Backbone(b["name"], b["timm_name"], "from bundle", kwargs=b.get("kwargs", {}), cfg_overlay=b.get("cfg_overlay", {}))
+    spec = backbones.from_bundle(b["name"], b["timm_name"], b.get("kwargs", {}), b.get("cfg_overlay", {}))
     try:
         sd = load_file(str(model_path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a file that is not safetensors
