@@ -11,7 +11,7 @@ import pytest
 import headstart
 from conftest import CLOTHING, HYMENOPTERA
 from headstart.config import TrainConfig
-from headstart.train import class_weights, fit_head
+from headstart.train import class_weights, fit_head, single_thread
 
 
 def test_ants_vs_bees_default_backbone_reaches_93_percent(ants_run):
@@ -149,6 +149,26 @@ def test_mlp_head_learns_separable_features():
     fit, table = fit_head(x, y, 3, TrainConfig(head="mlp"))
     assert fit.kind == "mlp" and len(table) == 1 and table[0]["cv_accuracy"] > 0.9
     assert len(fit.history) == fit.epochs >= 1
+
+
+def test_the_head_fit_gives_torch_every_thread_back():
+    """The head is fitted on one thread; afterwards every pool torch computes with, MKL's included, must be as before.
+    MKL once stayed on 1 thread, so fine-tuning ran on other thread counts in a process that had fitted the head than
+    in one that read it from the cache, and a resumed run could end 0.05 % off the uninterrupted one."""
+    import torch
+
+    def pools() -> tuple:
+        return torch.get_num_threads(), re.findall(r"(?:omp|mkl)_get_max_threads\(\) : (\d+)", torch.__config__.parallel_info())
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # at least 2, so that a pool left on 1 thread shows on any machine
+    try:
+        before = pools()
+        with single_thread():
+            assert torch.get_num_threads() == 1
+        assert pools() == before
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_class_weights_only_when_imbalanced():

@@ -201,6 +201,9 @@ def fit(
     epochs = cfg.scratch_epochs if scratch else cfg.ft_epochs
     patience = cfg.scratch_patience if scratch else cfg.ft_patience
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # oneDNN and MKL give the same bits only for the same thread counts: set them alike in every process, whatever
+    # ran in it before (a process that fitted the head itself had MKL left at 1 thread, one that read it back not).
+    torch.set_num_threads(torch.get_num_threads())
     epoch = start - 1
     if start == 1:  # epoch 0: the starting point is a candidate too, so fine-tuning can only keep or improve it
         val_loss, val_acc = evaluate_loss(net, val_ds, cfg.ft_batch_size, precision, workers, layout)
