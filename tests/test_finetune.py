@@ -49,6 +49,7 @@ def test_unfreeze_top_blocks_or_last_layers():
     assert sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}) == ["bn2", "conv_head"]
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_statistics_do_not_move(small, tmp_path):
     from safetensors import safe_open
 
@@ -83,6 +84,7 @@ def _run(args: list[str], env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_killed_fine_tuning_resumes_to_the_same_result(small, tmp_path):
     env = dict(os.environ)
     common = [str(small), "--finetune", "--epochs", "3", "--quiet", "--seed", "7"]
@@ -112,6 +114,7 @@ def test_killed_fine_tuning_resumes_to_the_same_result(small, tmp_path):
     assert not ckpt.exists()  # a finished run keeps the bundle, not the checkpoint
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path):
     clf = headstart.train(HYMENOPTERA, out=tmp_path / "ft", finetune=True, progress=False)
     frozen = clf.info["stages"]["feature_extraction"]["val"]["accuracy"]
@@ -125,6 +128,7 @@ def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path):
     assert reloaded.evaluate(HYMENOPTERA / "val")["accuracy"] == pytest.approx(tuned)
 
 
+@pytest.mark.slow
 def test_scratch_baseline_trains_and_shows_the_gap(ants_run, tmp_path):
     clf = headstart.train(HYMENOPTERA, out=tmp_path / "scratch", backbone="scratch", scratch_epochs=4, progress=False)
     acc = clf.info["metrics"]["val"]["accuracy"]
@@ -133,6 +137,7 @@ def test_scratch_baseline_trains_and_shows_the_gap(ants_run, tmp_path):
     assert headstart.load(tmp_path / "scratch").predict([next((HYMENOPTERA / "val" / "ants").glob("*.jpg"))])[0].top
 
 
+@pytest.mark.slow
 def test_scratch_is_reproducible_with_the_same_seed(small):
     """Same seed, same machine, same metrics: the scratch net's new head must start from the seed as well
     (it once drew from whatever state the global RNG was in)."""
@@ -158,6 +163,7 @@ def test_augmentation_policies_give_model_sized_tensors(policy):
         assert not torch.equal(a, tf(img))  # and random from call to call
 
 
+@pytest.mark.slow
 def test_augmented_views_are_cached_for_the_head(small):
     first = headstart.train(small, aug_views=2, progress=False)
     assert first.info["timing"]["embeddings_computed"] >= 2 * 48

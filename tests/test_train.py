@@ -43,6 +43,7 @@ def test_second_train_computes_zero_embeddings(ants_run, tmp_path):
     assert clf.info["metrics"]["val"]["accuracy"] == pytest.approx(ants_run[0].info["metrics"]["val"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_clothing_reaches_82_percent(tmp_path):
     clf = headstart.train(CLOTHING, out=tmp_path / "clothing", progress=False)
     assert clf.info["metrics"]["val"]["accuracy"] >= 0.82
@@ -50,6 +51,7 @@ def test_clothing_reaches_82_percent(tmp_path):
     assert (tmp_path / "clothing" / "test_metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_cached_rerun_imports_no_torch_and_writes_the_same_run(ants_run, tmp_path):
     """A re-run the cache answers in full (features, head fit, Grad-CAM pictures, the backbone's facts and
     weights) never imports torch, timm or torchvision: that is what makes it 2 s instead of 8. Its run folder is
@@ -87,6 +89,7 @@ def test_damaged_cached_backbone_weights_are_rebuilt(ants_run, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_crop_pct_keeps_the_whole_frame_and_travels_in_the_bundle(ants_run, tmp_path):
     """--crop-pct 1.0: the shorter side is resized straight to the input size, nothing cropped away (measured on
     clothing: Lite1 88.0 % against 87.1 % with timm's 0.882). Only the crop changes, the cache keeps the two apart,
@@ -110,6 +113,7 @@ def test_crop_pct_keeps_the_whole_frame_and_travels_in_the_bundle(ants_run, tmp_
     assert json.loads(exported.meta_path.read_text())["preprocess"]["crop_pct"] == 1.0
 
 
+@pytest.mark.slow
 def test_crop_pct_auto_picks_the_crop_that_cross_validates_better(tmp_path):
     """--crop-pct auto: both crops are cross-validated on the training photos only; the better one is used and
     recorded, and a re-run reads both choices back from the cache instead of extracting again."""
@@ -125,6 +129,7 @@ def test_crop_pct_auto_picks_the_crop_that_cross_validates_better(tmp_path):
     assert again.info["timing"]["embeddings_computed"] == 0 and again.info["crop_selection"] == rows
 
 
+@pytest.mark.slow
 def test_input_size_changes_only_the_size_and_travels_in_the_bundle(ants_run, tmp_path):
     """--input-size 256: timm's preprocessing of the same model at another size (the FixRes effect: measured on
     ants/bees 96.1 % against 94.8 % at 224). Its embeddings are not the 224 px ones from the cache, the ONNX
@@ -142,6 +147,7 @@ def test_input_size_changes_only_the_size_and_travels_in_the_bundle(ants_run, tm
     assert again.predict([photo])[0].top[0][0] == clf.predict([photo])[0].top[0][0] == "bees"
 
 
+@pytest.mark.slow
 def test_mlp_head_learns_separable_features():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 40)
