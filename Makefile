@@ -1,10 +1,11 @@
-# The commands of the README: `make demo`, `make test` and `make bench`. Each sets everything up first.
+# The commands of the README: `make demo`, `make test` and `make bench` (and `make test-fast` for developers).
+# Each sets everything up first.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export HEADSTART_SHARED ?= $(abspath ../shared)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +31,10 @@ test: setup $(CHROMIUM)
 $(CHROMIUM):
 	$(SUDO) apt-get update -q
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium
+
+# The tests not marked slow: the quick check while editing (`make test`, which CI runs, still runs everything).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 # Every benchmark script, each rewriting its own sections of BENCHMARKS.md (the Keras side needs the bench extra).
 # Helper modules that are not scripts of their own are listed in BENCH_HELPERS.

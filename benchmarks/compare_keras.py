@@ -41,6 +41,19 @@ def runs(xs: list[float]) -> str:
 # ---------------------------------------------------------------------------------------------- keras
 
 
+def check_keras_weights() -> dict:
+    """Before anything is timed: Keras' MobileNetV2 with the transplanted weights must recognise the ImageNet cat.
+    Otherwise the Keras side would be timed and scored with a broken network; stop, saying so."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "keras_recipe.py"), "--check-cat", "--weights", str(MNV2)],
+                       capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines = p.stdout.strip().splitlines()
+    if p.returncode != 0 or not lines:
+        hint = " (install the bench extra: pip install -e .[bench])" if "No module named" in p.stderr else ""
+        raise SystemExit(f"keras_recipe.py --check-cat failed{hint}: the Keras side's weights are not shown to be right, "
+                         f"so nothing is timed.\n{p.stdout[-1000:]}{p.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
 def keras_once() -> dict:
     """One run of the Keras recipe in its own Python process; phase times from inside, wall time from outside."""
     t = time.perf_counter()
@@ -72,6 +85,8 @@ def predict_rate(run: str) -> float:
 
 
 def keras() -> None:
+    cat = check_keras_weights()
+    print(f"Keras MobileNetV2 with {MNV2.name}: {cat['layers']} layers copied, the cat photo is {cat['name']} {cat['probability']:.2f}")
     load_before = load_line()
     mnv2 = ["--backbone", "mobilenetv2", "--weights", str(MNV2)]
     configs = {  # name: (args, timed twice with the same cache: empty, then warm)
@@ -96,7 +111,7 @@ def keras() -> None:
                         acc[key].append(a)
                         inner[key].append(timing)
         rate = {"lite0": predict_rate(f"{keep}/lite0"), "mnv2": predict_rate(f"{keep}/mnv2")}
-    raw = {"times": times, "acc": acc, "inner": inner, "kr": kr, "rate": rate, "load": [load_before, load_line()]}
+    raw = {"times": times, "acc": acc, "inner": inner, "kr": kr, "rate": rate, "load": [load_before, load_line()], "cat": cat}
     (Path(tempfile.gettempdir()) / "headstart-bench-keras.json").write_text(json.dumps(raw))  # to re-render the text
     keras_section(raw)
 
@@ -105,6 +120,7 @@ def keras_section(raw: dict) -> None:
     """The table and the verdict from the measurements (kept apart so the wording can change without re-running)."""
     times, acc, inner, kr, rate = raw["times"], raw["acc"], raw["inner"], raw["kr"], raw["rate"]
     load_before, load_after = raw["load"]
+    cat = raw.get("cat", {"name": "Egyptian cat", "probability": 0.80})  # measurements saved before the check was recorded
     REPEAT = len(kr)  # noqa: N806 - the number of runs these medians are of
     k = {f: med([r[f] for r in kr]) for f in ("wall_s", "import_s", "frozen_s", "finetune_s", "predict_s", "val_accuracy")}
     k_rate = kr[0]["val_images"] / k["predict_s"]
@@ -141,7 +157,7 @@ Notes, so the comparison is fair:
 - **Keras weights.** `MobileNetV2(include_top=False, weights="imagenet")` downloads its weights, which fails on these
   machines, so the recipe builds `weights=None` and `keras_recipe.py` copies in the same real ImageNet file headstart
   uses for `mobilenetv2` ({kr[0]['weights']}; both networks list their conv/BN layers in the same order, checked on
-  the ImageNet cat photo: Egyptian cat 0.80). So the Keras accuracy is real too. Speed does not depend on the values.
+  the ImageNet cat photo before timing: {cat['name']} {cat['probability']:.2f}). So the Keras accuracy is real too. Speed does not depend on the values.
 - **The recipe is kept as tutorials write it**, mistakes included: `rescale=1/255` feeds [0, 1] to a network trained
   on [-1, 1]; unfreezing "the last 4 layers" of `base_model.layers` unfreezes `block_16_project_BN`, `Conv_1`,
   `Conv_1_bn`, `out_relu`; no validation during `fit` (that would only make Keras slower).

@@ -1,6 +1,7 @@
 """The classic Keras transfer-learning recipe, as tutorials teach it, timed phase by phase.
 
     python benchmarks/keras_recipe.py DATA [--weights mobilenetv2_100.safetensors] [--json]
+    python benchmarks/keras_recipe.py --check-cat --weights mobilenetv2_100.safetensors
 
 DATA has ``train/`` and ``val/`` folders of class sub-folders. Runs in a process of its own (TensorFlow and torch
 never share one); ``compare_keras.py`` starts it and reads the JSON line it prints. Needs ``pip install -e .[bench]``.
@@ -8,7 +9,8 @@ never share one); ``compare_keras.py`` starts it and reads the JSON line it prin
 Keras' own ImageNet weights are a download, which fails on these machines, so MobileNetV2 is built with
 ``weights=None``. With ``--weights`` the same real ImageNet file headstart's ``mobilenetv2`` uses is copied in layer by
 layer (both networks list the same 104 weighted layers in the same order), so the accuracy means something; speed
-does not depend on the weight values either way.
+does not depend on the weight values either way. ``--check-cat`` shows the copy is right before anything is timed:
+with the file's classifier copied in as well, the whole network must call scikit-image's ImageNet cat photo a cat.
 """
 
 from __future__ import annotations
@@ -49,14 +51,49 @@ def transplant(model, path: str) -> int:
     return len(keras_layers)
 
 
+CATS = {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"}  # ImageNet classes a cat photo may rightly get
+
+
+def check_cat(weights: str) -> dict:
+    """Keras' whole MobileNetV2 (classifier included) with ``weights`` copied in, on the ImageNet cat photo.
+
+    A wrong layer order or mixed-up BatchNorm statistics still train and still get a speed, but recognise nothing:
+    the comparison's Keras accuracy is only real if this says cat."""
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+    from safetensors.numpy import load_file
+    from skimage import data
+
+    model = tf.keras.applications.MobileNetV2(include_top=True, weights=None, input_shape=(224, 224, 3))
+    copied = transplant(model, weights)
+    sd = load_file(weights)
+    model.layers[-1].set_weights([sd["classifier.weight"].T, sd["classifier.bias"]])
+    x = np.asarray(Image.fromarray(data.chelsea()).resize((224, 224)), np.float32) / 127.5 - 1  # [-1, 1], as trained
+    proba = model.predict(x[None], verbose=0)[0]
+    top = int(proba.argmax())
+    return {"layers": copied, "class": top, "name": CATS.get(top, f"ImageNet class {top}, not a cat"),
+            "probability": round(float(proba[top]), 3), "ok": copied == 104 and top in CATS}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("data")
+    ap.add_argument("data", nargs="?")
     ap.add_argument("--weights", help="timm mobilenetv2_100 safetensors file to copy in (default: random weights)")
+    ap.add_argument("--check-cat", action="store_true",
+                    help="only check the copied --weights on the cat photo: print one JSON line, exit 1 unless it is a cat")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="print one JSON line with phase times and accuracy")
     args = ap.parse_args()
+    if args.check_cat:
+        if not args.weights:
+            ap.error("--check-cat needs --weights")
+        result = check_cat(args.weights)
+        print(json.dumps(result))
+        sys.exit(0 if result["ok"] else 1)
+    if not args.data:
+        ap.error("DATA is required")
 
     import numpy as np
     import tensorflow as tf

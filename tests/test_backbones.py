@@ -38,7 +38,8 @@ def _chelsea_and_coffee(tmp_path):
 CATS = {"tiger cat", "Egyptian cat", "tabby, tabby cat", "Persian cat", "Siamese cat, Siamese"}
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+# Seconds each: the fast tier checks the default backbone's weights, the full suite every packaged file.
+@pytest.mark.parametrize("name", ["efficientnet_lite0", *(pytest.param(n, marks=pytest.mark.slow) for n in ("efficientnet_lite1", "efficientnet_lite2"))])
 def test_package_weights_are_real_imagenet_weights(tmp_path, name):
     cat, coffee = _chelsea_and_coffee(tmp_path)
     p_cat, p_coffee = predict_imagenet([cat, coffee], backbone=name, top_k=3)
@@ -46,6 +47,7 @@ def test_package_weights_are_real_imagenet_weights(tmp_path, name):
     assert p_coffee.top[0][0] == "espresso"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,file", [("mobilenet", "mobilenetv1_100"), ("mobilenetv2", "mobilenetv2_100"),
                                        ("mobilenetv3_small", "tf_mobilenetv3_small_100"), ("regnetx_002", "regnetx_002")])
 def test_user_supplied_files_load_strict(tmp_path, name, file):

@@ -271,6 +271,7 @@ def test_empty_class_folder_is_ignored_and_noted(tmp_path):
     assert [(s.path, s.reason) for s in ds.skipped] == [("train/wasps/", "empty class folder (ignored)")]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # val holds no wasp: expected
 def test_class_with_one_image_trains_and_class_with_no_readable_image_is_refused(tmp_path):
     import headstart
@@ -374,6 +375,7 @@ def _assert_entries_whole(cache: Path, dim: int) -> None:
         assert v.shape == (dim,) and v.dtype == np.float32 and np.isfinite(v).all(), e
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_with_only_the_missing_embeddings(tmp_path, lite0):
     import signal
     import time
@@ -398,6 +400,7 @@ def test_killed_extraction_resumes_with_only_the_missing_embeddings(tmp_path, li
     assert features.extract(paths, lite0, cache_dir=cache, workers=0, progress=False).computed == 0
 
 
+@pytest.mark.slow
 def test_two_processes_extracting_into_one_cache_at_once(tmp_path, lite0):
     from headstart import features
 
@@ -415,6 +418,7 @@ def test_two_processes_extracting_into_one_cache_at_once(tmp_path, lite0):
     np.testing.assert_allclose(shared.x[:3], fresh.x, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_full_disk_fails_clearly_and_keeps_earlier_entries(tmp_path, lite0, monkeypatch):
     import errno
 
@@ -461,6 +465,7 @@ def test_full_disk_while_saving_a_bundle_keeps_the_previous_one(ants_run, tmp_pa
     assert headstart.load(copy).classes == ["ants", "bees"]
 
 
+@pytest.mark.slow
 def test_pickled_cache_entry_is_never_unpickled(tmp_path, lite0):
     """A cache entry replaced by a pickle that would run code: it is ignored and recomputed, the code never runs."""
     from headstart import features
@@ -527,6 +532,7 @@ def to_model_input(lite0):
     return lambda data: tf(open_rgb(data, size))
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
 @given(data=st.one_of(encoded_images(), st.binary(max_size=64)))
 def test_any_file_becomes_a_model_input_or_a_reason(to_model_input, data):

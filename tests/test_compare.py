@@ -54,6 +54,7 @@ def cmp(subset: Path, offline, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return rows, out
 
 
+@pytest.mark.slow
 def test_leaderboard_files_and_skipped_backbone(cmp):
     rows, out = cmp
     with open(out / "leaderboard.csv", newline="") as f:
@@ -79,6 +80,7 @@ def test_leaderboard_files_and_skipped_backbone(cmp):
     assert Image.open(out / "accuracy_vs_latency.png").size[0] > 300
 
 
+@pytest.mark.slow
 def test_leaderboard_ranks_by_accuracy_skipped_last(cmp):
     rows, _ = cmp
     done = [r for r in rows if r["status"] == "ok"]
@@ -97,6 +99,7 @@ def test_rank_orders_by_accuracy_then_f1_then_speed():
     assert [r["backbone"] for r in rank(rows)] == ["best", "fast", "slow", "none"]
 
 
+@pytest.mark.slow
 def test_compare_report_is_self_contained(cmp):
     rows, out = cmp
     page = (out / "report.html").read_text()
@@ -111,6 +114,7 @@ def test_compare_report_is_self_contained(cmp):
     assert page.count("data:image/jpeg;base64,") == len(best["worst_errors"]) > 0  # worst-error thumbnails
 
 
+@pytest.mark.slow
 def test_warm_rerun_reuses_measured_throughput(cmp, subset, tmp_path):
     rows, out = cmp
     first = {r["backbone"]: r for r in rows}["efficientnet_lite1"]
@@ -145,6 +149,7 @@ def test_cli_compare_prints_the_table(subset, offline, tmp_path):
     assert r.exit_code == 2 and "no pretrained weights" in r.output
 
 
+@pytest.mark.slow
 def test_rerun_reuses_finished_runs_until_a_photo_changes(tmp_path, offline):
     """Re-running compare must not retrain what did not change, and must retrain what did (by content)."""
     data = make_subset(tmp_path / "data")
@@ -164,6 +169,7 @@ def test_rerun_reuses_finished_runs_until_a_photo_changes(tmp_path, offline):
     assert not changed["efficientnet_lite0"].get("reused")  # same file name, other content: trained again
 
 
+@pytest.mark.slow
 def test_a_comparison_folder_makes_an_ensemble_of_its_pretrained_runs(cmp, tmp_path):
     rows, out = cmp
     ens = headstart.ensemble.build([out], tmp_path / "ens")
@@ -172,6 +178,7 @@ def test_a_comparison_folder_makes_an_ensemble_of_its_pretrained_runs(cmp, tmp_p
     assert ens.info["metrics"]["val"]["accuracy"] >= 0.85
 
 
+@pytest.mark.slow
 def test_compare_with_ensemble_adds_the_averaged_row(cmp, subset, tmp_path):
     """Same subset and settings as the fixture: every run reads its features and head from the cache."""
     out = tmp_path / "c"

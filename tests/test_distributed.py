@@ -51,6 +51,7 @@ def _torchrun(nproc: int, *args: str, env: dict[str, str]) -> subprocess.Complet
     return done
 
 
+@pytest.mark.slow
 def test_sharded_extraction_equals_a_single_process(tmp_path):
     script = tmp_path / "extract.py"
     script.write_text(EXTRACT)
@@ -72,6 +73,7 @@ def test_sharded_extraction_equals_a_single_process(tmp_path):
     assert len(entries) == len({features.file_digest(p) for p in paths})
 
 
+@pytest.mark.slow
 def test_ddp_fine_tuning_matches_one_process_and_only_rank_0_writes(tmp_path):
     small = _subset(tmp_path / "small", {"train": 24, "val": 12})
     common = [str(small), "--finetune", "--epochs", "2", "--seed", "3", "--json"]

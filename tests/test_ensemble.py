@@ -25,6 +25,7 @@ def two_runs(ants_run, tmp_path_factory) -> tuple[Path, Path]:
     return ants_run[1], other
 
 
+@pytest.mark.slow
 def test_an_ensemble_averages_its_members_and_travels_as_one_folder(two_runs, tmp_path):
     out = tmp_path / "ens"
     r = CliRunner().invoke(main, ["ensemble", *map(str, two_runs), "--out", str(out), "--json"])
@@ -54,6 +55,7 @@ def test_an_ensemble_averages_its_members_and_travels_as_one_folder(two_runs, tm
     assert r.exit_code == 0 and json.loads(r.output)[0]["label"] == "bees", r.output
 
 
+@pytest.mark.slow
 def test_an_unreadable_photo_is_reported_not_fatal(two_runs, tmp_path):
     ens = headstart.ensemble.build(list(two_runs))
     bad = tmp_path / "broken.jpg"
@@ -64,6 +66,7 @@ def test_an_unreadable_photo_is_reported_not_fatal(two_runs, tmp_path):
     assert preds[1].top[0][0] == "ants"
 
 
+@pytest.mark.slow
 def test_members_must_share_classes_and_split(two_runs, tmp_path):
     folder = tmp_path / "cats_dogs"
     for cls in ("cats", "dogs"):
@@ -80,6 +83,7 @@ def test_members_must_share_classes_and_split(two_runs, tmp_path):
         headstart.ensemble.build(list(two_runs), out=stranger)
 
 
+@pytest.mark.slow
 def test_one_network_apis_name_the_members_and_the_cli_exports_each(two_runs, tmp_path):
     out = headstart.ensemble.build(list(two_runs), tmp_path / "ens").path
     with pytest.raises(HeadstartError, match="is an ensemble.*1-efficientnet_lite0"):

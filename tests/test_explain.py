@@ -48,6 +48,7 @@ def test_gradcam_of_the_imagenet_model_lies_on_the_cat(lite0):
     assert espresso.heat[cat].mean() < espresso.heat[~cat].mean()
 
 
+@pytest.mark.slow
 def test_gradcam_confidence_is_the_prediction(lite0, tmp_path):
     photo = tmp_path / "chelsea.png"
     Image.fromarray(skimage.data.chelsea()).save(photo)
@@ -63,6 +64,7 @@ def test_gradcam_confidence_is_the_prediction(lite0, tmp_path):
     assert f"{cam.confidence:7.2%}  {cam.predicted}" in r_pred.output and f"({cam.confidence:.1%})" in r_cam.output
 
 
+@pytest.mark.slow
 def test_feature_grid_of_the_first_conv(lite0):
     cat = explain.feature_maps(lite0, skimage.data.chelsea(), count=16)
     coffee = explain.feature_maps(lite0, skimage.data.coffee(), count=16)
@@ -79,6 +81,7 @@ def test_feature_grid_of_the_first_conv(lite0):
     assert len(few.maps) == few.channels == 32
 
 
+@pytest.mark.slow
 def test_early_and_late_layers_side_by_side(lite0, tmp_path):
     early = explain.feature_maps(lite0, skimage.data.coffee(), layer="first", count=16)
     late = explain.feature_maps(lite0, skimage.data.coffee(), layer="last", count=16)
@@ -89,6 +92,7 @@ def test_early_and_late_layers_side_by_side(lite0, tmp_path):
     assert Image.open(path).size[0] > 800
 
 
+@pytest.mark.slow
 def test_layer_listing_has_shapes_and_the_default(lite0):
     rows = {r.name: r for r in explain.layers(lite0)}
     assert rows["conv_stem"].shape == (32, 112, 112) and rows["conv_stem"].params == 32 * 3 * 3 * 3
@@ -108,6 +112,7 @@ def test_mistakes_get_errors_that_say_what_to_do(lite0):
         explain.gradcam(lite0, "nothere.jpg")
 
 
+@pytest.mark.slow  # seconds per backbone, ten for the big ones
 @pytest.mark.parametrize("name", list(backbones.REGISTRY))
 def test_every_registry_backbone_can_be_explained(name):
     subj = explain.as_subject(backbones.load(name, weights="random"))
@@ -123,6 +128,7 @@ def test_every_registry_backbone_can_be_explained(name):
     assert np.isfinite(cam.heat).all() and 0 <= cam.heat.min() and cam.heat.max() <= 1
 
 
+@pytest.mark.slow
 def test_gradcam_on_a_trained_bundle(ants_run, tmp_path):
     clf, out = ants_run
     bee = sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[0]
@@ -148,6 +154,7 @@ def test_gradcam_on_a_trained_bundle(ants_run, tmp_path):
     assert r.exit_code == 0 and f"Grad-CAM for '{other}'" in r.output and (tmp_path / "o.png").is_file()
 
 
+@pytest.mark.slow
 def test_cli_layers_and_feature_maps(ants_run, tmp_path):
     _, out = ants_run
     r = CliRunner().invoke(main, ["layers", str(out), "--depth", "1"])

@@ -46,6 +46,7 @@ def assert_same_predictions(run: Path) -> None:
     assert np.abs(got - want).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_default_backbone_exports_and_matches_pytorch_on_every_val_photo(ants_run):
     clf, run = ants_run
     r = CliRunner().invoke(main, ["export", str(run), "--json"])
@@ -106,6 +107,7 @@ def test_every_shared_backbone_exports_and_matches_pytorch(backbone, file, tmp_p
     assert_same_predictions(run)
 
 
+@pytest.mark.slow
 def test_a_graph_that_disagrees_is_refused_and_nothing_is_written(ants_run, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
@@ -124,6 +126,7 @@ def test_a_graph_that_disagrees_is_refused_and_nothing_is_written(ants_run, tmp_
     assert sorted(p.name for p in out.iterdir()) == [export.ONNX_FILE]  # no meta, no temporary files
 
 
+@pytest.mark.slow
 def test_onnxruntime_engine_refuses_missing_changed_or_stale_exports(ants_run, tmp_path):
     copy_ = tmp_path / "run"
     shutil.copytree(ants_run[1], copy_, ignore=shutil.ignore_patterns("model.onnx", "onnx_meta.json"))
@@ -167,6 +170,7 @@ def _example_venv() -> Path:
     return python
 
 
+@pytest.mark.slow
 def test_standalone_example_needs_only_onnxruntime_numpy_pillow(ants_run, tmp_path):
     run = ants_run[1]
     deploy = tmp_path / "deploy"  # what a user ships: only the exported folder

@@ -15,6 +15,7 @@ def lite0():
     return backbones.load("efficientnet_lite0")
 
 
+@pytest.mark.slow
 def test_second_extraction_computes_nothing_and_matches(tmp_path, lite0):
     paths = scan(HYMENOPTERA).splits["val"].paths[:40]
     first = features.extract(paths, lite0, cache_dir=tmp_path, progress=False)
@@ -60,6 +61,7 @@ def test_tiny_and_odd_images_still_embed(tmp_path, lite0):
     assert f.ok.all() and np.isfinite(f.x).all()
 
 
+@pytest.mark.slow
 def test_onnxruntime_embeddings_equal_pytorch_fp32(tmp_path, lite0):
     """The default CPU runtime must compute the embeddings PyTorch computes, not something close to them."""
     paths = scan(HYMENOPTERA).splits["val"].paths[:24]
@@ -70,6 +72,7 @@ def test_onnxruntime_embeddings_equal_pytorch_fp32(tmp_path, lite0):
     assert list((tmp_path / "onnx").glob("*.onnx")), "the exported backbone is kept in the cache folder"
 
 
+@pytest.mark.slow
 def test_exported_backbone_is_reused_and_a_failed_export_falls_back_to_pytorch(tmp_path, lite0, monkeypatch, caplog):
     from headstart import onnx
 
@@ -119,6 +122,7 @@ def test_a_refused_export_is_remembered_by_later_runs(tmp_path, lite0, monkeypat
         features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False)
 
 
+@pytest.mark.slow
 def test_damaged_exported_backbone_is_exported_again(tmp_path, lite0, caplog):
     paths = scan(HYMENOPTERA).splits["val"].paths[:3]
     want = features.extract(paths, lite0, cache_dir=tmp_path, use_cache=False, progress=False).x
@@ -141,6 +145,7 @@ def test_runtime_choice():
         features.resolve_runtime("onnxruntime", "bf16", "cpu")
 
 
+@pytest.mark.slow
 def test_unwritable_cache_folder_still_uses_onnxruntime(tmp_path, lite0, caplog):
     """A cache folder that cannot be written (here: a file stands where it should be) only costs the export next
     time: the run goes on, in ONNX Runtime, and says why."""
@@ -152,6 +157,7 @@ def test_unwritable_cache_folder_still_uses_onnxruntime(tmp_path, lite0, caplog)
     assert "cannot write the cache folder" in caplog.text and "computed again next run" in caplog.text
 
 
+@pytest.mark.slow
 def test_decode_threads_change_nothing_not_even_augmented_views(lite0):
     """Threads decode in parallel; an augmented view seeds global RNGs, so the result must still not depend on
     how many threads there are (or on which batch an image falls in)."""

@@ -18,6 +18,7 @@ import headstart
 from conftest import HYMENOPTERA
 from headstart import backbones
 from headstart.transforms import seed, train_transform
+from headstart.features import resolve_precision
 from headstart.finetune import CHECKPOINT, freeze_batchnorm, unfreeze_top
 
 
@@ -48,6 +49,7 @@ def test_unfreeze_top_blocks_or_last_layers():
     assert sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}) == ["bn2", "conv_head"]
 
 
+@pytest.mark.slow
 def test_frozen_batchnorm_statistics_do_not_move(small, tmp_path):
     from safetensors import safe_open
 
@@ -82,6 +84,7 @@ def _run(args: list[str], env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_killed_fine_tuning_resumes_to_the_same_result(small, tmp_path):
     env = dict(os.environ)
     common = [str(small), "--finetune", "--epochs", "3", "--quiet", "--seed", "7"]
@@ -103,15 +106,15 @@ def test_killed_fine_tuning_resumes_to_the_same_result(small, tmp_path):
     a = json.loads((killed / "config.json").read_text())
     b = json.loads((clean / "config.json").read_text())
     assert a["metrics"] == b["metrics"]
-    # Every epoch's losses, before and after the interruption. Resume bugs move them by 6-25 % here (measured:
-    # optimizer moments not restored, an epoch's augmentation seeds shifted by one); oneDNN's bf16 backward pass
-    # is not bit-reproducible across processes on every run (seen once in CI: 0.05 % after one epoch), hence 0.5 %.
-    for key in ("val_loss", "train_loss"):
-        got, want = ([r.get(key, 0.0) for r in h["history"]] for h in (a, b))  # epoch 0 has no train loss
-        assert len(got) == len(want) == 4 and got == pytest.approx(want, rel=5e-3), key
+    # Every epoch, before and after the interruption, to the last bit: same seed and same thread counts in every
+    # process (only the killed one fitted the head; the others read it from the cache) give the same numbers.
+    got, want = ([{k: v for k, v in r.items() if k != "seconds"} for r in h["history"]] for h in (a, b))
+    assert [r["epoch"] for r in want if r["stage"] == "finetune"] == [0, 1, 2, 3]
+    assert got == want, f"precision {a['train_config']['precision']} (auto: {resolve_precision('auto')} here), {torch.get_num_threads()} threads"
     assert not ckpt.exists()  # a finished run keeps the bundle, not the checkpoint
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path):
     clf = headstart.train(HYMENOPTERA, out=tmp_path / "ft", finetune=True, progress=False)
     frozen = clf.info["stages"]["feature_extraction"]["val"]["accuracy"]
@@ -125,6 +128,7 @@ def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path):
     assert reloaded.evaluate(HYMENOPTERA / "val")["accuracy"] == pytest.approx(tuned)
 
 
+@pytest.mark.slow
 def test_scratch_baseline_trains_and_shows_the_gap(ants_run, tmp_path):
     clf = headstart.train(HYMENOPTERA, out=tmp_path / "scratch", backbone="scratch", scratch_epochs=4, progress=False)
     acc = clf.info["metrics"]["val"]["accuracy"]
@@ -133,6 +137,7 @@ def test_scratch_baseline_trains_and_shows_the_gap(ants_run, tmp_path):
     assert headstart.load(tmp_path / "scratch").predict([next((HYMENOPTERA / "val" / "ants").glob("*.jpg"))])[0].top
 
 
+@pytest.mark.slow
 def test_scratch_is_reproducible_with_the_same_seed(small):
     """Same seed, same machine, same metrics: the scratch net's new head must start from the seed as well
     (it once drew from whatever state the global RNG was in)."""
@@ -158,6 +163,7 @@ def test_augmentation_policies_give_model_sized_tensors(policy):
         assert not torch.equal(a, tf(img))  # and random from call to call
 
 
+@pytest.mark.slow
 def test_augmented_views_are_cached_for_the_head(small):
     first = headstart.train(small, aug_views=2, progress=False)
     assert first.info["timing"]["embeddings_computed"] >= 2 * 48

@@ -13,6 +13,7 @@ from conftest import CLOTHING, HYMENOPTERA
 from headstart.config import TrainConfig
 from headstart.heads import class_weights
 from headstart.heads import fit as fit_head
+from headstart.heads import single_thread
 
 
 def test_ants_vs_bees_default_backbone_reaches_93_percent(ants_run):
@@ -44,6 +45,7 @@ def test_second_train_computes_zero_embeddings(ants_run, tmp_path):
     assert clf.info["metrics"]["val"]["accuracy"] == pytest.approx(ants_run[0].info["metrics"]["val"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_clothing_reaches_82_percent(tmp_path):
     clf = headstart.train(CLOTHING, out=tmp_path / "clothing", progress=False)
     assert clf.info["metrics"]["val"]["accuracy"] >= 0.82
@@ -51,6 +53,7 @@ def test_clothing_reaches_82_percent(tmp_path):
     assert (tmp_path / "clothing" / "test_metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_cached_rerun_imports_no_torch_and_writes_the_same_run(ants_run, tmp_path):
     """A re-run the cache answers in full (features, head fit, Grad-CAM pictures, the backbone's facts and
     weights) never imports torch, timm or torchvision: that is what makes it 2 s instead of 8. Its run folder is
@@ -88,6 +91,7 @@ def test_damaged_cached_backbone_weights_are_rebuilt(ants_run, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_crop_pct_keeps_the_whole_frame_and_travels_in_the_bundle(ants_run, tmp_path):
     """--crop-pct 1.0: the shorter side is resized straight to the input size, nothing cropped away (measured on
     clothing: Lite1 88.0 % against 87.1 % with timm's 0.882). Only the crop changes, the cache keeps the two apart,
@@ -111,6 +115,7 @@ def test_crop_pct_keeps_the_whole_frame_and_travels_in_the_bundle(ants_run, tmp_
     assert json.loads(exported.meta_path.read_text())["preprocess"]["crop_pct"] == 1.0
 
 
+@pytest.mark.slow
 def test_crop_pct_auto_picks_the_crop_that_cross_validates_better(tmp_path):
     """--crop-pct auto: both crops are cross-validated on the training photos only; the better one is used and
     recorded, and a re-run reads both choices back from the cache instead of extracting again."""
@@ -126,6 +131,7 @@ def test_crop_pct_auto_picks_the_crop_that_cross_validates_better(tmp_path):
     assert again.info["timing"]["embeddings_computed"] == 0 and again.info["crop_selection"] == rows
 
 
+@pytest.mark.slow
 def test_input_size_changes_only_the_size_and_travels_in_the_bundle(ants_run, tmp_path):
     """--input-size 256: timm's preprocessing of the same model at another size (the FixRes effect: measured on
     ants/bees 96.1 % against 94.8 % at 224). Its embeddings are not the 224 px ones from the cache, the ONNX
@@ -143,6 +149,7 @@ def test_input_size_changes_only_the_size_and_travels_in_the_bundle(ants_run, tm
     assert again.predict([photo])[0].top[0][0] == clf.predict([photo])[0].top[0][0] == "bees"
 
 
+@pytest.mark.slow
 def test_mlp_head_learns_separable_features():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 40)
@@ -150,6 +157,26 @@ def test_mlp_head_learns_separable_features():
     fit, table = fit_head(x, y, 3, TrainConfig(head="mlp"))
     assert fit.kind == "mlp" and len(table) == 1 and table[0]["cv_accuracy"] > 0.9
     assert len(fit.history) == fit.epochs >= 1
+
+
+def test_the_head_fit_gives_torch_every_thread_back():
+    """The head is fitted on one thread; afterwards every pool torch computes with, MKL's included, must be as before.
+    MKL once stayed on 1 thread, so fine-tuning ran on other thread counts in a process that had fitted the head than
+    in one that read it from the cache, and a resumed run could end 0.05 % off the uninterrupted one."""
+    import torch
+
+    def pools() -> tuple:
+        return torch.get_num_threads(), re.findall(r"(?:omp|mkl)_get_max_threads\(\) : (\d+)", torch.__config__.parallel_info())
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # at least 2, so that a pool left on 1 thread shows on any machine
+    try:
+        before = pools()
+        with single_thread():
+            assert torch.get_num_threads() == 1
+        assert pools() == before
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_class_weights_only_when_imbalanced():

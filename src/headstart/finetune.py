@@ -225,6 +225,9 @@ def fit(
 ) -> FitResult:
     """Train ``net`` in place; on return it holds the best epoch's weights."""
     loop = _setup(net, train, val, data_config, cfg, stage)
+    # oneDNN and MKL give the same bits only for the same thread counts: set them alike in every process, whatever
+    # ran in it before (a process that fitted the head itself had MKL left at 1 thread, one that read it back not).
+    torch.set_num_threads(torch.get_num_threads())
     ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
     start = _resume(loop, ckpt) if resume and ckpt else 1
     if start == 1:  # epoch 0: the starting point is a candidate too, so fine-tuning can only keep or improve it

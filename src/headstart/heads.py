@@ -339,11 +339,11 @@ def single_thread(torch_too: bool = True) -> Iterator[None]:
     ``torch_too=False`` leaves torch alone (and unimported) when only scikit-learn runs."""
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(1), contextlib.ExitStack() as stack:
-        if torch_too:
+    with contextlib.ExitStack() as stack:
+        if torch_too:  # torch's count first: inside threadpool_limits it would read 1 and "restore" that
             import torch
 
-            before = torch.get_num_threads()
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(1)
-            stack.callback(torch.set_num_threads, before)
+        stack.enter_context(threadpool_limits(1))
         yield
