@@ -257,7 +257,7 @@ def test_file_deleted_after_listing_is_skipped(tmp_path):
         _copy(f"{c}/a.jpg")(tmp_path, Image.new("RGB", (1, 1)), photo)
     ds = scan(tmp_path)
     ds.splits["all"].paths[0].unlink()
-    assert _decode(ds.splits["all"].paths[0]) == "file not found (moved or deleted since the folder was listed)"
+    assert _decode(ds.splits["all"].paths[0]) == "no such file (a mistyped path, or moved or deleted since the folder was listed)"
 
 
 def test_empty_class_folder_is_ignored_and_noted(tmp_path):

@@ -97,3 +97,8 @@ def test_a_refused_value_names_the_option_typed(tmp_path):
     assert r.exit_code == 2, r.output
     assert "headstart: error: --epochs: ft_epochs=0 is out of range: give a whole number of at least 1" in r.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_mistyped_photo_path_says_no_such_file(ants_run, tmp_path):
+    r = CliRunner().invoke(main, ["predict", str(ants_run[1]), str(tmp_path / "phtoo.jpg")])
+    assert r.exit_code == 1 and "error: no such file (a mistyped path" in r.output, r.output

@@ -95,3 +95,16 @@ def test_large_jpeg_is_decoded_at_reduced_scale_but_not_below_need(tmp_path):
     path = save_image(tmp_path / "big.jpg", size=(2400, 1800), fmt="JPEG")
     img = open_rgb(path, min_size=256)
     assert 256 <= min(img.size) < 900
+
+
+def test_files_loose_in_a_split_folder_are_named_not_silently_dropped(tmp_path):
+    for split, cls in (("train", "ants"), ("train", "bees"), ("val", "ants"), ("val", "bees")):
+        save_image(tmp_path / split / cls / "a.jpg")
+    save_image(tmp_path / "train" / "stray.jpg")
+    (tmp_path / "val" / "notes.txt").write_text("labels to check")
+    ds = scan(tmp_path)
+    loose = {s.path: s.reason for s in ds.skipped}
+    assert set(loose) == {"train/stray.jpg", "val/notes.txt"}
+    assert all("not inside a class folder" in why for why in loose.values())
+    assert sum(len(s) for s in ds.splits.values()) == 4  # only the photos in class folders are used
+

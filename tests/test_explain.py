@@ -108,7 +108,7 @@ def test_mistakes_get_errors_that_say_what_to_do(lite0):
         explain.feature_maps(lite0, skimage.data.coffee(), layer="classifier")
     with pytest.raises(HeadstartError, match="unknown class 'expresso'.*espresso"):
         explain.gradcam(lite0, skimage.data.coffee(), target="expresso")
-    with pytest.raises(HeadstartError, match="cannot read '.*nothere.jpg': file not found"):
+    with pytest.raises(HeadstartError, match="cannot read '.*nothere.jpg': no such file"):
         explain.gradcam(lite0, "nothere.jpg")
 
 

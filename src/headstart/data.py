@@ -111,6 +111,12 @@ def _image_files(folder: Path, root: Path, skipped: list[Skipped]) -> list[Path]
     return found
 
 
+def _loose_files(folders: dict[str, Path], root: Path) -> list[Skipped]:
+    """Files lying directly in a split folder (train/, val/ …), outside every class folder: named, not used."""
+    return [Skipped(_rel(p, root), "not inside a class folder (ignored): move it into its class's folder")
+            for folder in folders.values() for p in sorted(folder.iterdir()) if p.is_file() and not _is_hidden(p.name)]
+
+
 def _rel(path: Path, root: Path) -> str:
     try:
         return str(path.relative_to(root))
@@ -130,6 +136,8 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
     layout, folders = _layout(root)
     skipped: list[Skipped] = []
     per_split = {split: {d.name: _image_files(d, root, skipped) for d in _subdirs(folder)} for split, folder in folders.items()}
+    if layout == "splits":
+        skipped += _loose_files(folders, root)
     found = sorted({c for by_class in per_split.values() for c in by_class})
     _refuse_case_clashes(found, root)
     if classes is None:
@@ -255,7 +263,7 @@ def open_rgb(source: str | os.PathLike | bytes, min_size: int | None = None) -> 
     except FileNotFoundError:
         if isinstance(source, (str, os.PathLike)) and os.path.islink(source):
             raise ValueError("broken symbolic link (its target is missing)") from None
-        raise ValueError("file not found (moved or deleted since the folder was listed)") from None
+        raise ValueError("no such file (a mistyped path, or moved or deleted since the folder was listed)") from None
     except PermissionError:
         raise ValueError("permission denied (not readable by this user): fix with chmod, or remove it") from None
     except Image.UnidentifiedImageError:
