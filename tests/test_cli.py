@@ -102,3 +102,20 @@ def test_a_refused_value_names_the_option_typed(tmp_path):
 def test_a_mistyped_photo_path_says_no_such_file(ants_run, tmp_path):
     r = CliRunner().invoke(main, ["predict", str(ants_run[1]), str(tmp_path / "phtoo.jpg")])
     assert r.exit_code == 1 and "error: no such file (a mistyped path" in r.output, r.output
+
+
+def test_class_weights_option_and_the_imbalance_is_said(tmp_path):
+    """12 ants against 4 bees: the balanced loss is applied and said; --class-weights none is taken and recorded."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    for cls, n in (("ants", 12), ("bees", 4)):
+        (photos / cls).mkdir(parents=True)
+        for src in sorted((HYMENOPTERA / "train" / cls).glob("*.jpg"))[:n]:
+            shutil.copy(src, photos / cls / src.name)
+    r = CliRunner().invoke(main, ["train", str(photos), "--head", "linear", "--out", str(tmp_path / "auto")])
+    assert r.exit_code == 0, r.output
+    assert "class weights: balanced (auto)" in r.stderr and "'ants' has 10 training photos, 'bees' 3" in r.stderr
+    r = CliRunner().invoke(main, ["train", str(photos), "--head", "linear", "--class-weights", "none", "--out", str(tmp_path / "none")])
+    assert r.exit_code == 0 and "class weights" not in r.stderr, r.output
+    assert json.loads((tmp_path / "none" / "train_config.json").read_text())["class_weights"] == "none"

@@ -112,6 +112,8 @@ def _compute_options(f: Any) -> Any:
 @click.option("--backbone", default=_DEFAULTS.backbone, show_default=True, help="Registry name or any timm model name.")
 @click.option("--weights", help="Local weight file (.safetensors or torch state dict) for the backbone.")
 @click.option("--head", type=click.Choice(choices("head")), default=_DEFAULTS.head, show_default=True)
+@click.option("--class-weights", type=click.Choice(choices("class_weights")), default=_DEFAULTS.class_weights, show_default=True,
+              help="Loss weights per class: auto = balanced when the largest class has over 1.5x the smallest's photos.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True, help="Used only when the folder has no val/ split.")
 @_compute_options
@@ -321,6 +323,8 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option("--ensemble", is_flag=True, help="Add a row for the pretrained runs averaged (runs/<...>/ensemble; see `headstart ensemble`).")
 @click.option("--require-pretrained", is_flag=True, help="Stop with an error when a backbone has no pretrained weights here (default: list it as skipped).")
 @click.option("--head", type=click.Choice(choices("head")), default=_DEFAULTS.head, show_default=True)
+@click.option("--class-weights", type=click.Choice(choices("class_weights")), default=_DEFAULTS.class_weights, show_default=True,
+              help="Loss weights per class: auto = balanced when the largest class has over 1.5x the smallest's photos.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @_compute_options
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")

@@ -181,6 +181,7 @@ def fit_head(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extract: E
     views = [extract(d.train, lb, augment_policy=cfg.augment, view=k, seed=cfg.seed).x for k in range(cfg.aug_views)]
     log.info("features: %d computed, %d from cache, %.1f s", extract.computed, extract.from_cache, extract.seconds)
     y = train_labels(d, feats["train"])
+    _say_class_weights(y, d.ds.classes, cfg)
     t = time.perf_counter()
     fit, table = heads.fit(feats["train"].x, y, len(d.ds.classes), cfg, views)
     how = "chosen by cross-validation on train" if len(table) > 1 else (
@@ -189,6 +190,16 @@ def fit_head(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extract: E
     spec = heads.spec(fit.kind, lb.num_features, cfg)
     return Outcome(lb, fit.state, fit, evaluate_splits(spec, fit.state, feats, d, d.ds.classes), feats, table, crop_table,
                    [{"stage": "head", **row} for row in fit.history], timing={"head_s": round(time.perf_counter() - t, 3)})
+
+
+def _say_class_weights(y: np.ndarray, classes: list[str], cfg: TrainConfig) -> None:
+    """Imbalanced classes change the loss: say so, and how to choose otherwise."""
+    counts = np.bincount(y, minlength=len(classes))
+    if heads.class_weights(y, len(classes), cfg.class_weights) is None:
+        return
+    big, small = int(counts.argmax()), int(counts.argmin())
+    log.info("class weights: balanced (%s) — '%s' has %d training photos, '%s' %d; each class counts alike in the loss "
+             "(--class-weights none to weigh every photo alike)", cfg.class_weights, classes[big], counts[big], classes[small], counts[small])
 
 
 def train_labels(d: Data, f: features.Features) -> np.ndarray:
