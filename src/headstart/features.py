@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import cache, distributed, onnx, transforms
 from .backbones import LoadedBackbone
+from .config import choices
 from .data import Skipped, open_rgb
 from .files import sha256_file
 from .transforms import decode_size, normalize, pixel_transform
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # imported where the backbone runs: a fully cached extraction
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "onnxruntime", "pytorch")
+RUNTIMES = choices("runtime")  # TrainConfig's list: the one place it is written
 # ONNX Runtime is fastest here with small batches (they stay in cache): Lite0, 2 threads, img/s at batch
 # 1/8/16/32/64 = 136/145/132/118/115. PyTorch keeps the configured batch size.
 ORT_BATCH = 8

@@ -271,7 +271,7 @@ def _cross_validate(kind: str, params: dict[str, float], x: np.ndarray, y: np.nd
         fit = HEADS[kind].fit(FitData(xt, yt, n_classes, weights, x[te], y[te]), cfg, params, None)
         if HEADS[kind].iterative:
             epochs.append(fit.epochs)
-        p = proba({"kind": kind, "dim": x.shape[1], "hidden": cfg.hidden, "dropout": cfg.dropout}, fit.state, x[te])
+        p = proba(spec(kind, x.shape[1], cfg), fit.state, x[te])
         acc.append(float((p.argmax(1) == y[te]).mean()))
         nll.append(float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()))
     return {"kind": kind, "params": params, "cv_accuracy": float(np.mean(acc)), "cv_log_loss": float(np.mean(nll)),
