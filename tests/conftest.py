@@ -22,14 +22,17 @@ if not HYMENOPTERA.is_dir():
 
 @pytest.fixture(scope="session", autouse=True)
 def _fresh_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Every test session starts with an empty feature cache, so cache behaviour is really exercised."""
-    old = os.environ.get("HEADSTART_CACHE")
+    """Every test session starts with an empty feature cache, so cache behaviour is really exercised, and an empty
+    weights folder, so a developer's $HEADSTART_WEIGHTS cannot change which backbones have weights."""
+    old = {k: os.environ.get(k) for k in ("HEADSTART_CACHE", "HEADSTART_WEIGHTS")}
     os.environ["HEADSTART_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["HEADSTART_WEIGHTS"] = str(tmp_path_factory.mktemp("weights"))  # empty: a test says where weights are
     yield
-    if old is None:
-        os.environ.pop("HEADSTART_CACHE", None)
-    else:
-        os.environ["HEADSTART_CACHE"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -83,8 +83,31 @@ def test_offline_without_weights_says_how_to_supply_them(monkeypatch):
         backbones.load("resnet50")
     msg = str(e.value)
     assert "no pretrained weights for backbone 'resnet50'" in msg and "--weights PATH" in msg and "offline" in msg
-    with pytest.raises(HeadstartError, match="--weights"):
-        backbones.load("mobilenet")  # TF-style MobileNet: only a converted file fits
+    assert "resnet50.tv_in1k.safetensors" in msg and "$HEADSTART_WEIGHTS" in msg and "run once online" in msg
+    with pytest.raises(HeadstartError) as e:
+        backbones.load("mobilenet")  # TF-style MobileNet: only a converted file fits, so the hub is no fix
+    msg = str(e.value)
+    assert "do not fit" in msg and "mobilenetv1_100.safetensors" in msg and "pad_type='same'" in msg
+    assert "online" not in msg
+
+
+def test_weights_folder_is_searched_by_timm_name(tmp_path, monkeypatch):
+    """A file named after the timm model in $HEADSTART_WEIGHTS is found without --weights (and listed as found)."""
+    monkeypatch.setenv("HEADSTART_WEIGHTS", f"{tmp_path / 'none'}:{tmp_path / 'w'}")
+    spec = backbones.lookup("mobilenetv2")
+    assert backbones.availability(spec) == "needs mobilenetv2_100.safetensors"
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "mobilenetv2_100.safetensors").symlink_to(WEIGHTS / "mobilenetv2_100.safetensors")
+    assert backbones.availability(spec) == "weights folder: mobilenetv2_100.safetensors"
+    lb = backbones.load("mobilenetv2")
+    assert "weights folder" in lb.source and lb.digest == backbones.load("mobilenetv2", weights=WEIGHTS / "mobilenetv2_100.safetensors").digest
+
+
+def test_nasnetmobile_is_known_and_points_to_the_nearest_backbone():
+    with pytest.raises(HeadstartError) as e:
+        backbones.lookup("NASNetMobile")
+    msg = str(e.value)
+    assert "timm has no NASNet-Mobile" in msg and "--backbone efficientnet_lite0" in msg and "unknown" not in msg
 
 
 def test_weights_digest_ignores_file_format(tmp_path):

@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from conftest import HYMENOPTERA
@@ -55,7 +56,7 @@ def test_crop_pct_takes_a_share_or_auto(tmp_path):
 # Options of train/compare that the commands handle themselves; every other option is a TrainConfig field.
 COMMAND_OPTIONS = {
     "train": ({"out", "resume_run", "nproc", "quiet", "as_json"}, [str(HYMENOPTERA)]),
-    "compare": ({"names", "out", "ensemble", "require_pretrained", "quiet", "as_json"}, [str(HYMENOPTERA), "--backbones", "a,b"]),
+    "compare": ({"names", "out", "ensemble", "require_pretrained", "weight_files", "quiet", "as_json"}, [str(HYMENOPTERA), "--backbones", "a,b"]),
 }
 
 
@@ -92,10 +93,10 @@ def test_every_choice_option_refuses_a_bad_value_listing_the_allowed_ones(tmp_pa
 
 
 def test_a_refused_value_names_the_option_typed(tmp_path):
-    """--epochs sets ft_epochs: the message gives both, so the user finds the option and the field."""
+    """--epochs is the short spelling of --ft-epochs (fine-tuning's, beside --ft-lr): the message names the setting."""
     r = CliRunner().invoke(main, ["train", str(HYMENOPTERA), "--epochs", "0", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2, r.output
-    assert "headstart: error: --epochs: ft_epochs=0 is out of range: give a whole number of at least 1" in r.output
+    assert "headstart: error: ft_epochs=0 is out of range: give a whole number of at least 1" in r.output
     assert not (tmp_path / "r").exists()
 
 
@@ -119,3 +120,65 @@ def test_class_weights_option_and_the_imbalance_is_said(tmp_path):
     r = CliRunner().invoke(main, ["train", str(photos), "--head", "linear", "--class-weights", "none", "--out", str(tmp_path / "none")])
     assert r.exit_code == 0 and "class weights" not in r.stderr, r.output
     assert json.loads((tmp_path / "none" / "train_config.json").read_text())["class_weights"] == "none"
+
+
+def _first_stderr_line_on_a_terminal(args: list[str]) -> tuple[str, str]:
+    """Run the installed command with stderr on a pseudo-terminal (as in a user's shell) and stdout on a pipe; the
+    first line it wrote to the terminal, and its stdout."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    main_fd, child_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "headstart", *args], stdout=subprocess.PIPE, stderr=child_fd,
+                            stdin=subprocess.DEVNULL, text=True)
+    os.close(child_fd)
+    said = b""
+    while b"\n" not in said and select.select([main_fd], [], [], 120)[0]:
+        try:
+            chunk = os.read(main_fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        said += chunk
+    out = proc.communicate(timeout=300)[0]
+    os.close(main_fd)
+    return said.decode().splitlines()[0] if said else "", out
+
+
+def test_a_command_says_what_it_is_doing_at_once_on_a_terminal():
+    """Loading torch and timm takes seconds: on a terminal the first line comes before the work, on a pipe never."""
+    line, out = _first_stderr_line_on_a_terminal(["backbones"])
+    assert line.startswith("headstart: reading each backbone's input size"), line
+    assert out.startswith("name ")
+    import subprocess
+    import sys
+
+    piped = subprocess.run([sys.executable, "-m", "headstart", "backbones", "--json"], capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stderr == "" and json.loads(piped.stdout)
+
+
+def test_backbones_lists_nasnetmobile_and_the_weights_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HEADSTART_WEIGHTS", str(tmp_path))
+    r = CliRunner().invoke(main, ["backbones"])
+    assert r.exit_code == 0, r.output
+    nasnet = next(line for line in r.output.splitlines() if line.startswith("nasnetmobile"))
+    assert "not in timm" in nasnet and "efficientnet_lite0" in nasnet
+    assert f"weights folder {tmp_path} (set $HEADSTART_WEIGHTS)" in r.output.replace("\n", " ")
+    r = CliRunner().invoke(main, ["train", str(HYMENOPTERA), "--backbone", "nasnetmobile", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "timm has no NASNet-Mobile" in r.output and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_every_option_says_what_it_does(command):
+    """--help is the first documentation a user reads: no option without a description."""
+    silent = [p.opts[0] for p in main.commands[command].params if isinstance(p, click.Option) and not p.help]
+    assert silent == []
+
+
+def test_demo_help_says_where_its_photos_come_from():
+    r = CliRunner().invoke(main, ["demo", "--help"])
+    assert "downloaded once" in r.output and "bundled" not in r.output

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import headstart
-from conftest import HYMENOPTERA
+from conftest import HYMENOPTERA, WEIGHTS
 from headstart.cli import main
 from headstart.compare import compare, rank
 from headstart.data import HeadstartError
@@ -142,9 +142,13 @@ def test_unknown_backbone_or_option_fails_before_training(subset, tmp_path):
 
 
 def test_cli_compare_prints_the_table(subset, offline, tmp_path):
-    r = CliRunner().invoke(main, ["compare", str(subset), "--backbones", "resnet50", "--out", str(tmp_path / "c")])
+    r = CliRunner().invoke(main, ["compare", str(subset), "--backbones", "resnet50,mobilenetv2", "--out", str(tmp_path / "c"),
+                                  "--weights", f"MobileNetV2={WEIGHTS / 'mobilenetv2_100.safetensors'}", "--head", "linear"])
     assert r.exit_code == 0, r.output
     assert "skipped: no weights" in r.output and (tmp_path / "c" / "leaderboard.csv").is_file()
+    assert "--weights resnet50=PATH" in r.output  # the fix named in compare's own terms
+    rows = {row["backbone"]: row for row in csv.DictReader((tmp_path / "c" / "leaderboard.csv").open())}
+    assert rows["mobilenetv2"]["status"] == "ok" and "mobilenetv2_100.safetensors" in rows["mobilenetv2"]["weights"]
     r = CliRunner().invoke(main, ["compare", str(subset), "--backbones", "resnet50", "--require-pretrained", "--out", str(tmp_path / "d")])
     assert r.exit_code == 2 and "no pretrained weights" in r.output
 
@@ -189,3 +193,12 @@ def test_compare_with_ensemble_adds_the_averaged_row(cmp, subset, tmp_path):
     assert ens["predict_ms"] > 0 and ens["weights"] == "efficientnet_lite0 + efficientnet_lite1"
     assert (out / "ensemble" / "ensemble.json").is_file() and "ensemble" in (out / "leaderboard.csv").read_text()
     assert len(headstart.ensemble.build([out]).members) == 2  # its own ensemble is not a member
+
+
+@pytest.mark.parametrize("given,words", [("mobilenetv2", "give BACKBONE=FILE"), ("mobilenetv2=/nowhere.safetensors", "no such file"),
+                                         (f"resnet50={WEIGHTS / 'mobilenetv2_100.safetensors'}", "'resnet50' is not among the compared")])
+def test_compare_weights_option_is_checked_before_training(subset, tmp_path, given, words):
+    r = CliRunner().invoke(main, ["compare", str(subset), "--backbones", "mobilenetv2,efficientnet_lite0",
+                                  "--weights", given, "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2 and words in r.output, r.output
+    assert not (tmp_path / "c").exists()

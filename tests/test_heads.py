@@ -47,3 +47,24 @@ def test_a_damaged_entry_reads_as_absent_and_an_unwritable_store_says_so_once(tm
         assert blocked.write_json("b", {}) is False and blocked.write_json("c", {}) is False
     assert caplog.text.count("cannot write the cache folder") == 1
     assert cache.key("x", arrays=(np.zeros(3),)) != cache.key("x", arrays=(np.ones(3),)) == cache.key("x", arrays=(np.ones(3),))
+
+
+def test_scikit_learns_warnings_are_retold_once_in_headstarts_words(monkeypatch, caplog, recwarn):
+    """A logistic regression stopped by its iteration limit warns from inside scikit-learn on every fit of the
+    search; the user gets one line that says what it means and what to do."""
+    import sklearn.linear_model
+
+    real = sklearn.linear_model.LogisticRegression
+
+    def capped(**kw):
+        return real(**{**kw, "max_iter": 1})
+
+    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", capped)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        heads.fit(x, y, 2, TrainConfig(head="linear", cache_dir=None))
+    retold = [r.getMessage() for r in caplog.records if "iteration limit" in r.getMessage()]
+    assert len(retold) == 1 and "--head mlp" in retold[0]
+    assert not [w for w in recwarn if "sklearn" in w.filename], [str(w.message) for w in recwarn]

@@ -10,38 +10,41 @@
     headstart.compare("photos/", ["efficientnet_lite0", "efficientnet_lite1"], out="runs/cmp")  # leaderboard
 """
 
-from . import ensemble
-from .backbones import REGISTRY, lookup
-from .backbones import load as load_backbone
-from .compare import compare
+from typing import Any
+
 from .config import HeadstartError, TrainConfig, __version__
-from .data import scan
-from .pipeline import train
-from .predict import Classifier, Prediction, load, predict_imagenet
 
-__all__ = [
-    "REGISTRY",
-    "Classifier",
-    "HeadstartError",
-    "Prediction",
-    "TrainConfig",
-    "__version__",
-    "compare",
-    "ensemble",
-    "load",
-    "export_onnx",
-    "load_backbone",
-    "lookup",
-    "predict_imagenet",
-    "scan",
-    "train",
-]
+# Where each public name lives. They load on first use, so `import headstart` (and every CLI command) starts in a
+# fraction of a second instead of importing scikit-learn, PIL and the pipeline up front.
+_PUBLIC = {
+    "REGISTRY": ("backbones", "REGISTRY"),
+    "lookup": ("backbones", "lookup"),
+    "load_backbone": ("backbones", "load"),
+    "compare": ("compare", "compare"),
+    "ensemble": ("ensemble", None),
+    "export_onnx": ("export", "export_onnx"),
+    "scan": ("data", "scan"),
+    "train": ("pipeline", "train"),
+    "Classifier": ("predict", "Classifier"),
+    "Prediction": ("predict", "Prediction"),
+    "load": ("predict", "load"),
+    "predict_imagenet": ("predict", "predict_imagenet"),
+}
+
+__all__ = ["HeadstartError", "TrainConfig", "__version__", *_PUBLIC]
 
 
-def __getattr__(name: str):
-    """``export_onnx`` on first use: the export module imports torch, which a cached re-run never needs."""
-    if name == "export_onnx":
-        from .export import export_onnx
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'headstart' has no attribute {name!r}")
+    import importlib
 
-        return export_onnx
-    raise AttributeError(f"module 'headstart' has no attribute {name!r}")
+    module, attr = _PUBLIC[name]
+    mod = importlib.import_module(f".{module}", __name__)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value  # once found, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -1,7 +1,8 @@
 """The backbone registry: a name people know → a timm model, its preprocessing, and where its weights come from.
 
-Weights are resolved offline first: an explicit file (``--weights``), then a file shipped inside an installed
-package, then the timm / Hugging Face hub (when it is reachable or already cached). Files are read with
+Weights are resolved offline first: an explicit file (``--weights``), then a file named after the timm model in the
+weights folder (``$HEADSTART_WEIGHTS``), then a file shipped inside an installed package, then the timm / Hugging
+Face hub (when it is reachable or already cached). Files are read with
 safetensors or ``torch.load(weights_only=True)``: nothing is ever unpickled.
 """
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # torch and timm are imported where a network is built: they 
     from torch import nn
 
 from . import cache
-from .config import DEFAULT_BACKBONE, HeadstartError, __version__
+from .config import DEFAULT_BACKBONE, HeadstartError, __version__, weights_dirs
 from .files import sha256_file
 
 StateDict = dict[str, Any]  # parameter name → torch.Tensor
@@ -97,6 +98,14 @@ REGISTRY: dict[str, Backbone] = {
 }
 DEFAULT = DEFAULT_BACKBONE  # the fact lives in config, with the other defaults
 
+# Classic names that timm cannot build: known, so the answer is what to use instead rather than "unknown backbone".
+UNAVAILABLE: dict[str, str] = {
+    "nasnetmobile": "timm has no NASNet-Mobile (Keras' NASNetMobile: 5.3 M parameters, 564 M multiply-adds, about 74 % "
+                    "ImageNet top-1). Nearest in cost and accuracy: efficientnet_lite0 (4.7 M, 407 M, 75.1 %; weights "
+                    "from PyPI, works offline) or mobilenetv2 (3.5 M, 300 M, about 72 %). Use --backbone efficientnet_lite0",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
 
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
@@ -111,6 +120,9 @@ def lookup(name: str) -> Backbone:
     key = _ALIASES.get(_norm(name))
     if key:
         return REGISTRY[key]
+    missing = next((why for known, why in UNAVAILABLE.items() if _norm(known) == _norm(name)), None)
+    if missing:
+        raise HeadstartError(f"backbone '{name}' is not available: {missing}")
     import timm
 
     if timm.is_model(name):
@@ -237,12 +249,15 @@ def _random_init(spec: Backbone, weights: str | os.PathLike | None) -> bool:
 
 
 def _local_weights(spec: Backbone, weights: str | os.PathLike | None) -> tuple[Path, str] | None:
-    """The weight file to read and where it came from (``--weights``, else the package's); None for random init
-    or the hub."""
+    """The weight file to read and where it came from (``--weights``, else the weights folder's, else the
+    package's); None for random init or the hub."""
     if _random_init(spec, weights):
         return None
     if weights is not None:
         return Path(weights), f"file {weights}"
+    found = folder_weights(spec)
+    if found is not None:
+        return found, f"file {found} (weights folder)"
     if spec.package:
         path = package_weights(spec)
         if path is None:
@@ -357,6 +372,24 @@ def state_digest(sd: StateDict) -> str:
     return h.hexdigest()
 
 
+def weight_file_names(spec: Backbone) -> list[str]:
+    """The names a weight file for ``spec`` may have in the weights folder: the timm model's full name, without its
+    pretrained tag (``vgg16.tv_in1k`` → ``vgg16``), or the registry name; each .safetensors first."""
+    stems = dict.fromkeys([spec.timm_name, spec.timm_name.split(".")[0], spec.name])
+    return [stem + suffix for suffix in WEIGHT_SUFFIXES for stem in stems]
+
+
+def folder_weights(spec: Backbone) -> Path | None:
+    """The first file in the weights folders named after ``spec`` (see ``weight_file_names``)."""
+    if not spec.pretrained:
+        return None
+    for folder in weights_dirs():
+        for name in weight_file_names(spec):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
 def package_weights(spec: Backbone) -> Path | None:
     """The weight file inside an installed package, found without importing the package."""
     if not spec.package or not spec.package_file:
@@ -406,7 +439,8 @@ def convert_lukemelas(sd: StateDict, target: nn.Module) -> StateDict:
 def _hub_state_dict(spec: Backbone) -> tuple[StateDict, str]:
     """timm's own pretrained weights: from the local hub cache, else downloaded when the hub answers."""
     if not spec.hub:
-        raise _no_weights(spec, "timm's hub weights for this architecture use other padding/preprocessing")
+        raise _no_weights(spec, "timm's hub weights for this architecture were trained with other padding and "
+                          "preprocessing than this entry's, so they do not fit it")
     cfg = _pretrained_cfg(spec)
     hub_id = cfg.get("hf_hub_id")
     cached = _hub_cached_file(hub_id) if hub_id else None
@@ -457,16 +491,18 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 
 
 def _no_weights(spec: Backbone, why: str) -> HeadstartError:
-    looked = ["--weights (none given)"]
+    folders = " or ".join(str(d) for d in weights_dirs())
+    looked = ["--weights (none given)", f"the weights folder {folders} ($HEADSTART_WEIGHTS)"]
     if spec.package:
         looked.append(f"package '{spec.package}'")
     if spec.hub:
         looked.append("the timm / Hugging Face hub")
+    online = ", or run once online so the hub cache holds them" if spec.hub else ""
     return HeadstartError(
         f"no pretrained weights for backbone '{spec.name}' (timm '{spec.timm_name}'): {why}. "
-        f"Looked in: {', '.join(looked)}. Fix: pass a local file with --weights PATH "
-        f"(.safetensors or a torch state dict saved from timm.create_model('{spec.timm_name}')), "
-        "or run once online so the hub cache holds them."
+        f"Looked in: {', '.join(looked)}. Fix: put the file in the weights folder as {spec.timm_name}.safetensors, "
+        f"or pass it with --weights PATH (.safetensors or a torch state dict saved from "
+        f"timm.create_model('{spec.timm_name}'){''.join(f', {k}={v!r}' for k, v in spec.kwargs.items())}){online}."
     )
 
 
@@ -483,12 +519,15 @@ def availability(spec: Backbone) -> str:
     """Where weights for this entry would come from on this machine, without loading anything."""
     if not spec.pretrained:
         return "none needed (random init)"
+    found = folder_weights(spec)
+    if found is not None:
+        return f"weights folder: {found.name}"
     if spec.package:
         return "package" if package_weights(spec) else f"missing: pip install {spec.package}"
     if not spec.hub:
-        return "needs --weights FILE"
+        return f"needs {spec.timm_name}.safetensors"
     hub_id = _pretrained_cfg(spec).get("hf_hub_id")
     if hub_id and _hub_cached_file(hub_id):
         return "hub cache"
-    return "hub (online only) or --weights FILE"
+    return "hub (online only) or a file"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import backbones, distributed
+from . import backbones, config, distributed
 from .config import RANGES, ConfigError, IgnoredSetting, TrainConfig, choices
 from .data import HeadstartError
 
@@ -28,6 +28,13 @@ def _setup_logging(quiet: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+
+def _say(text: str, quiet: bool = False) -> None:
+    """A first line at once, on a terminal: loading torch, timm and scikit-learn takes seconds before a command has
+    anything else to say. Not written when stderr is a pipe or a file (logs stay clean) or when asked to be quiet."""
+    if not quiet and sys.stderr.isatty():
+        click.echo(f"headstart: {text}", err=True)
 
 
 class _Group(click.Group):
@@ -98,8 +105,26 @@ def _compute_options(f: Any) -> Any:
                      help="Share of the shorter side kept by the centre crop; default: the backbone's timm data config "
                           "(about 0.88). 1.0 keeps the whole frame: better for product or catalogue photos. auto: "
                           "whichever of the two cross-validates better on the training photos (see README)."),
-        click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True),
+        click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True,
+                     help="Photos per forward pass while extracting features: memory and speed, not results."),
         click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode workers (-1: automatic)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _head_options(f: Any) -> Any:
+    """What the head is and how it learns: the same options for train and compare."""
+    options = [
+        click.option("--head", type=click.Choice(choices("head")), default=_DEFAULTS.head, show_default=True,
+                     help="The classifier on the frozen backbone's features: linear (logistic regression), mlp (Dense 256 "
+                          "+ ReLU + dropout + softmax, the classic), auto = whichever cross-validates better on train."),
+        click.option("--class-weights", type=click.Choice(choices("class_weights")), default=_DEFAULTS.class_weights,
+                     show_default=True,
+                     help="Loss weights per class: auto = balanced when the largest class has over 1.5x the smallest's photos."),
+        click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True,
+                     help="Seeds the split, the cross-validation folds and every training run: the same seed gives the same run."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -111,21 +136,22 @@ def _compute_options(f: Any) -> Any:
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default: runs/<data folder name>).")
 @click.option("--backbone", default=_DEFAULTS.backbone, show_default=True, help="Registry name or any timm model name.")
 @click.option("--weights", help="Local weight file (.safetensors or torch state dict) for the backbone.")
-@click.option("--head", type=click.Choice(choices("head")), default=_DEFAULTS.head, show_default=True)
-@click.option("--class-weights", type=click.Choice(choices("class_weights")), default=_DEFAULTS.class_weights, show_default=True,
-              help="Loss weights per class: auto = balanced when the largest class has over 1.5x the smallest's photos.")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@_head_options
 @click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True, help="Used only when the folder has no val/ split.")
 @_compute_options
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
 @click.option("--finetune", is_flag=True, help="After the head, unfreeze the top of the backbone and keep training gently.")
 @click.option("--unfreeze", type=int, default=_DEFAULTS.unfreeze, show_default=True, help="Top blocks to unfreeze when fine-tuning.")
 @click.option("--unfreeze-layers", type=int, default=_DEFAULTS.unfreeze_layers, help="Instead: the last N layers with weights (the Keras way).")
-@click.option("--epochs", "ft_epochs", type=int, default=_DEFAULTS.ft_epochs, show_default=True, help="Fine-tuning epochs (early stopping may end sooner).")
+@click.option("--ft-epochs", "--epochs", "ft_epochs", type=int, default=_DEFAULTS.ft_epochs, show_default=True,
+              help="Fine-tuning epochs (--epochs: the same); early stopping may end sooner.")
 @click.option("--ft-lr", type=float, default=_DEFAULTS.ft_lr, show_default=True, help="Head learning rate while fine-tuning; the backbone gets a tenth.")
 @click.option("--train-bn", is_flag=True, help="Let BatchNorm statistics move while fine-tuning (off: the safe default).")
-@click.option("--augment", default=_DEFAULTS.augment, show_default=True, help="none, classic, rrc, randaugment, erasing (combine with +).")
-@click.option("--aug-views", type=int, default=_DEFAULTS.aug_views, help="Cache K augmented views per training image for the head stage.")
+@click.option("--augment", default=_DEFAULTS.augment, show_default=True,
+              help="Augmentation of the training photos: none, classic, rrc, randaugment, erasing (combine with +). Applies "
+                   "when fine-tuning, to --backbone scratch, and to --aug-views; the frozen-backbone head alone sees each photo once.")
+@click.option("--aug-views", type=int, default=_DEFAULTS.aug_views,
+              help="Also cache K augmented views (--augment) of each training photo for the head: K more extractions.")
 @click.option("--ft-batch-size", type=int, default=_DEFAULTS.ft_batch_size, show_default=True,
               help="Fine-tuning images per step and process (under torchrun the global batch is this × processes).")
 @click.option("--resume", "resume_run", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Continue the interrupted run in this folder.")
@@ -134,9 +160,11 @@ def _compute_options(f: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 def train(data: Path, out: Path | None, quiet: bool, as_json: bool, resume_run: Path | None, nproc: int, **opts: Any) -> None:
     """Train a classifier on DATA (one sub-folder per class, or train/ + val/ split folders)."""
+    cfg = _config(**opts)
+    _say(f"training on {data} with {cfg.backbone}: loading libraries and listing the photos…",
+         quiet or as_json or bool(nproc) or distributed.rank() > 0)
     from .pipeline import train as run
 
-    cfg = _config(**opts)
     if not nproc and distributed.rank() == 0:  # under --nproc, the relaunched rank 0 says it
         _warn_ignored(cfg)
     if nproc:
@@ -158,10 +186,13 @@ def train(data: Path, out: Path | None, quiet: bool, as_json: bool, resume_run: 
 
 def _print_summary(clf: Any, out: Path) -> None:
     for name, m in clf.info["metrics"].items():
-        click.echo(f"{name}: accuracy {m['accuracy']:.1%}  balanced {m['balanced_accuracy']:.1%}  macro-F1 {m['macro_f1']:.3f}  ({m['n']} images)")
+        absent = f"; no photos of {', '.join(m['absent'])}" if m.get("absent") else ""
+        click.echo(f"{name}: accuracy {m['accuracy']:.1%}  balanced {m['balanced_accuracy']:.1%}  macro-F1 {m['macro_f1']:.3f}  "
+                   f"({m['n']} images{absent})")
     for stage, m in clf.info.get("stages", {}).items():
         if "val" in m:
-            click.echo(f"  {stage}: val accuracy {m['val']['accuracy']:.1%}")
+            kept = "  (kept epoch 0: fine-tuning did not improve on the head)" if m.get("best_epoch") == 0 and stage == "finetune" else ""
+            click.echo(f"  {stage}: val accuracy {m['val']['accuracy']:.1%}{kept}")
     t = clf.info["timing"]
     click.echo(f"{t['embeddings_computed']} embeddings computed, {t['total_s']:.1f} s in all; head: {clf.info['head']['kind']}")
     click.echo(f"saved to {out}  (predict: headstart predict {out} PHOTO.jpg)")
@@ -209,6 +240,7 @@ def _free_run_dir(base: Path) -> Path:
 @click.option("--json", "as_json", is_flag=True)
 def evaluate(run: Path, data: Path, out: Path | None, split: str | None, engine: str, quiet: bool, as_json: bool) -> None:
     """Evaluate the trained model in RUN on another labelled folder DATA."""
+    _say(f"evaluating {run} on {data}: loading the model…", quiet or as_json)
     from .predict import load
 
     _setup_logging(quiet or as_json)
@@ -236,6 +268,7 @@ def evaluate(run: Path, data: Path, out: Path | None, split: str | None, engine:
 @click.option("--csv", "as_csv", is_flag=True, help="CSV: path, label, probability (top-1), then the top-k.")
 def predict(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str | None, top_k: int, engine: str, as_json: bool, as_csv: bool) -> None:
     """Predict: `headstart predict RUN PHOTO… ` or `headstart predict --imagenet PHOTO…` (folders are expanded)."""
+    _say("loading the " + (f"ImageNet network {backbone}" if imagenet else "model") + "…")
     from .predict import load, predict_imagenet
 
     _setup_logging(True)
@@ -276,6 +309,7 @@ def predict(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str 
 def export(run: Path, fmt: str, out: Path | None, check_images: tuple[str, ...], as_json: bool) -> None:
     """Export RUN as one ONNX graph (image → probabilities), refused unless ONNX Runtime matches PyTorch.
     An ensemble folder exports each member into its own folder."""
+    _say(f"exporting {run}: tracing the network and checking it against PyTorch…", as_json)
     from .export import export_onnx
     from .predict import is_ensemble, load_ensemble
 
@@ -301,7 +335,9 @@ def export(run: Path, fmt: str, out: Path | None, check_images: tuple[str, ...],
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 def demo(out: Path, quiet: bool) -> None:
-    """Train on the bundled demo photos (10 clothing types) and print the report."""
+    """Train on the demo photos (the CC0 clothing set, 10 types) and print the report. They are read from
+    $HEADSTART_SHARED/datasets/clothing when present, else downloaded once and checked against headstart's manifest."""
+    _say("demo: loading libraries and the demo photos…", quiet)
     from .demo import demo_data
 
     _setup_logging(quiet)
@@ -321,28 +357,29 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Folder for the leaderboard and one run per backbone (default: runs/<data>-compare).")
 @click.option("--finetune", is_flag=True, help="Fine-tune each backbone too, not only train its head.")
 @click.option("--ensemble", is_flag=True, help="Add a row for the pretrained runs averaged (runs/<...>/ensemble; see `headstart ensemble`).")
+@click.option("--weights", "weight_files", multiple=True, metavar="BACKBONE=FILE",
+              help="A local weight file for one backbone, e.g. --weights mobilenetv2=mobilenetv2_100.safetensors (repeat per "
+                   "backbone; others are looked for as train does: the weights folder, packages, the hub).")
 @click.option("--require-pretrained", is_flag=True, help="Stop with an error when a backbone has no pretrained weights here (default: list it as skipped).")
-@click.option("--head", type=click.Choice(choices("head")), default=_DEFAULTS.head, show_default=True)
-@click.option("--class-weights", type=click.Choice(choices("class_weights")), default=_DEFAULTS.class_weights, show_default=True,
-              help="Loss weights per class: auto = balanced when the largest class has over 1.5x the smallest's photos.")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@_head_options
 @_compute_options
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and the leaderboard.")
 @click.option("--json", "as_json", is_flag=True, help="Print the leaderboard as JSON.")
 def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool, ensemble: bool, require_pretrained: bool,
-            **opts: Any) -> None:
+            weight_files: tuple[str, ...], **opts: Any) -> None:
     """Train each backbone on the same split of DATA and rank them (leaderboard, plot, report.html)."""
+    cfg = _config(**opts)
+    _say(f"comparing {names} on {data}: loading libraries and listing the photos…", quiet or as_json)
     from .compare import compare as run
     from .report import format_table
 
-    cfg = _config(**opts)
     _warn_ignored(*(dataclasses.replace(cfg, backbone=name.strip()) for name in names.split(",") if name.strip()))
     _setup_logging(quiet or as_json)
     out = out or _free_run_dir(Path("runs") / f"{data.resolve().name}-compare")
     settings = {k: getattr(cfg, k) for k in opts if k != "finetune"}  # as checked (paths as text)
     rows = run(data, names.split(","), out, finetune=cfg.finetune, require_pretrained=require_pretrained, ensemble=ensemble,
-               progress=not (quiet or as_json) and sys.stderr.isatty(), **settings)
+               weights=_weight_map(weight_files), progress=not (quiet or as_json) and sys.stderr.isatty(), **settings)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -353,6 +390,19 @@ def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool
     click.echo(f"saved to {out}  (leaderboard.csv, accuracy_vs_latency.png, report.html)")
 
 
+def _weight_map(items: tuple[str, ...]) -> dict[str, str]:
+    """``--weights NAME=FILE`` (repeatable) as {name: file}; the file is checked by the run that uses it."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not (sep and name.strip() and path.strip()):
+            raise HeadstartError(f"--weights {item}: give BACKBONE=FILE, e.g. --weights mobilenetv2=mobilenetv2_100.safetensors")
+        if not Path(path).is_file():
+            raise HeadstartError(f"--weights {item}: no such file '{path}'")
+        out[name.strip()] = path.strip()
+    return out
+
+
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the ensemble (members are copied into it).")
@@ -361,6 +411,7 @@ def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool
 def ensemble(runs: tuple[Path, ...], out: Path, quiet: bool, as_json: bool) -> None:
     """Average the class probabilities of several RUNS (same photos and classes) into one model that predicts and
     evaluates like a run. A comparison folder stands for its runs with pretrained weights."""
+    _say("averaging " + ", ".join(map(str, runs)) + "…", quiet or as_json)
     from .ensemble import build
 
     _setup_logging(quiet or as_json)
@@ -393,16 +444,22 @@ def report(run: Path) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_backbones(as_json: bool) -> None:
     """The registry: names, timm models, input size and whether weights are available here."""
+    _say("reading each backbone's input size from timm and looking for its weights…", as_json)
     rows = []
     for spec in backbones.REGISTRY.values():
         rows.append({"name": spec.name, "timm": spec.timm_name, "input": backbones.input_size(spec), "weights": backbones.availability(spec), "about": spec.about})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':<19} {'timm model':<26} {'input':>5}  {'weights here':<36} about")
+    w = max(len(r["weights"]) for r in rows)
+    click.echo(f"{'name':<19} {'timm model':<26} {'input':>5}  {'weights here':<{w}}  about")
     for r in rows:
-        click.echo(f"{r['name']:<19} {r['timm']:<26} {r['input']:>5}  {r['weights']:<36} {r['about']}")
-    click.echo("\nAny timm model name works too (with --weights FILE offline).")
+        click.echo(f"{r['name']:<19} {r['timm']:<26} {r['input']:>5}  {r['weights']:<{w}}  {r['about']}")
+    for name, why in backbones.UNAVAILABLE.items():
+        click.echo(f"{name:<19} {'-':<26} {'-':>5}  {'not in timm':<{w}}  {why.split('. ')[-1].replace('Use --backbone', 'use')}")
+    folders = " or ".join(str(d) for d in config.weights_dirs())
+    click.echo(f"\nAny timm model name works too. Weights offline: --weights FILE, or a file named after the timm model "
+               f"(e.g. mobilenetv2_100.safetensors) in the weights folder {folders} (set $HEADSTART_WEIGHTS).")
 
 
 # ------------------------------------------------------------------------ look inside (explain.py): layers, explain
@@ -438,6 +495,7 @@ def _with_imagenet_opts(f: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True)
 def layers(run: str | None, imagenet: bool, backbone: str, weights: str | None, depth: int | None, as_json: bool) -> None:
     """The backbone's layers: names (for explain --feature-maps / --layer), types, output shapes, parameters."""
+    _say("building the network to read its layers…", as_json)
     from . import explain
 
     subj = _explain_subject(run, imagenet, backbone, weights)
@@ -482,6 +540,7 @@ def explain(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str 
     want = 1 if imagenet else 2
     if len(items) != want:
         raise HeadstartError("give one photo: headstart explain RUN PHOTO.jpg … (or headstart explain --imagenet PHOTO.jpg …)")
+    _say("loading the network…")
     subj = _explain_subject(None if imagenet else items[0], imagenet, backbone, weights)
     photo = Path(items[-1])
     folder = Path(items[0]) / "explain" if not imagenet else Path("explain")

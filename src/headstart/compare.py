@@ -18,7 +18,7 @@ import statistics
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from .config import TrainConfig
 from .backbones import lookup
@@ -52,6 +52,7 @@ def compare(
     require_pretrained: bool = False,
     progress: bool = True,
     ensemble: bool = False,
+    weights: Mapping[str, str | Path] | None = None,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Train every backbone on ``data``; write ``leaderboard.{csv,json,md}``, the plot and ``report.html``
@@ -59,23 +60,28 @@ def compare(
 
     ``overrides`` are ``TrainConfig`` fields shared by all runs (seed, head, cache_dir, ...). ``ensemble`` adds
     a row for the average of the pretrained runs (``out/ensemble``, see ensemble.py): what combining them buys,
-    at what cost.
+    at what cost. ``weights`` maps a backbone name to its local weight file (the command line's
+    ``--weights mobilenetv2=FILE``); the others are found as ``headstart train`` finds them.
     """
     out = Path(out)
     names = _validate(backbones, overrides, finetune)
+    weights = _weights_for(names, weights or {})
     earlier = _earlier_rows(out)
     rows, members = [], []
     for name in names:
         log.info("compare: %s", name)
         kwargs = dict(overrides, backbone=name) | ({"finetune": True} if finetune else {})
+        if name in weights:
+            kwargs["weights"] = str(weights[name])
         run = out / run_folder(name)
         try:
             clf = train(data, out=run, progress=progress, reuse=True, **kwargs)
         except HeadstartError as e:
             if require_pretrained or not str(e).startswith(NO_WEIGHTS):
                 raise
-            log.warning("compare: skipping %s: %s", name, e)
-            rows.append({"backbone": name, "status": "skipped: no weights", "reason": str(e)})
+            reason = str(e).replace("--weights PATH", f"--weights {name}=PATH")  # compare's option names the backbone
+            log.warning("compare: skipping %s: %s", name, reason)
+            rows.append({"backbone": name, "status": "skipped: no weights", "reason": reason})
             continue
         rows.append(_row(name, clf, run, earlier.get(name)))
         if clf.backbone.spec.pretrained:
@@ -128,11 +134,26 @@ def _validate(names: Sequence[str], overrides: dict[str, Any], finetune: bool) -
     unknown = sorted(set(overrides) - known) + (["finetune"] if finetune and "finetune" not in known else [])
     if "backbone" in overrides:
         unknown.append("backbone (give the list as backbones=)")
+    if "weights" in overrides:
+        unknown.append("weights (give one file per backbone as weights={name: file})")
     if unknown:
         raise HeadstartError(f"compare: unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     for n in names:
         lookup(n)
     return names
+
+
+def _weights_for(names: list[str], weights: Mapping[str, str | Path]) -> dict[str, str | Path]:
+    """``weights`` keyed by the names as listed (any spelling lookup accepts); a name not compared is an error,
+    since a file meant for a backbone that is not run would be silently unused."""
+    canonical = {lookup(n).name: n for n in names}
+    out = {}
+    for key, path in weights.items():
+        name = canonical.get(lookup(key).name)
+        if name is None:
+            raise HeadstartError(f"--weights {key}={path}: '{key}' is not among the compared backbones ({', '.join(names)})")
+        out[name] = path
+    return out
 
 
 def _row(name: str, clf: Classifier, run: Path, earlier: dict[str, Any] | None) -> dict[str, Any]:

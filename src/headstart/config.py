@@ -309,6 +309,15 @@ def shared_dir() -> Path:
     return Path(env).expanduser() if env else repo_root().parent / "shared"
 
 
+def weights_dirs() -> list[Path]:
+    """Folders searched for a backbone's weight file by its timm name (``mobilenetv2_100.safetensors``):
+    ``$HEADSTART_WEIGHTS`` (several joined by ``os.pathsep``: ':' on Linux), else ``weights/`` in the cache folder."""
+    env = os.environ.get("HEADSTART_WEIGHTS")
+    if env:
+        return [Path(d).expanduser() for d in env.split(os.pathsep) if d]
+    return [cache_dir() / "weights"]
+
+
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
     """Feature cache: ``--cache-dir``, else ``$HEADSTART_CACHE``, else ``~/.cache/headstart``."""
     if override:

@@ -79,7 +79,7 @@ def _measure(ens: Ensemble, progress: bool) -> dict[str, dict[str, Any]]:
             continue
         proba, f = ens.proba(s.paths, progress=progress, root=ds.root)
         kept = [str(p) for p, ok in zip(s.paths, f.ok) if ok]
-        metrics[split] = evaluate.evaluate(np.asarray(s.labels)[f.ok], proba, ens.classes, kept)
+        metrics[split] = evaluate.evaluate(np.asarray(s.labels)[f.ok], proba, ens.classes, kept, split=f"the {split} split")
     return metrics
 
 

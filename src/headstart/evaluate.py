@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,15 +24,30 @@ from sklearn.metrics import (
 from .files import atomic_write_text
 from .plots import plot_confusion
 
+log = logging.getLogger("headstart")
 
-def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], paths: Sequence[str] | None = None, worst: int = 20) -> dict[str, Any]:
-    """All metrics as plain JSON-able values."""
+def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], paths: Sequence[str] | None = None, worst: int = 20,
+             split: str = "the evaluated split") -> dict[str, Any]:
+    """All metrics as plain JSON-able values. A class without photos in ``y_true`` is listed in ``absent`` and said
+    once: its row has nothing to measure, and macro-F1 / balanced accuracy average over the classes that have photos
+    (scikit-learn would count its F1 as 0 and warn about it in its own words)."""
     y_true = np.asarray(y_true, dtype=int)
     labels = list(range(len(classes)))
     y_pred = proba.argmax(1) if len(proba) else np.zeros(0, int)
     if len(y_true) == 0:
         return {"n": 0, "accuracy": float("nan"), "classes": list(classes)}
+    present = sorted(set(y_true.tolist()))
+    absent = [classes[i] for i in labels if i not in present]
+    if absent:
+        names = ", ".join(f"'{c}'" for c in absent)
+        log.warning("%s has no photos of %s: nothing measures %s there (marked in the per-class table), and the "
+                    "split's macro-F1 and balanced accuracy cover the other %d classes. Move a few photos of %s into "
+                    "it for a complete picture", split, names, "that class" if len(absent) == 1 else "those classes",
+                    len(present), names)
     report = classification_report(y_true, y_pred, labels=labels, target_names=list(classes), output_dict=True, zero_division=0)
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": said above, in our words
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(y_true, y_pred))
     cm = confusion_matrix(y_true, y_pred, labels=labels)
     errors = []
     if paths is not None:
@@ -44,10 +61,11 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], path
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "log_loss": float(log_loss(y_true, np.clip(proba, 1e-7, 1), labels=labels)),
+        "balanced_accuracy": balanced,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "log_loss": float(log_loss(y_true, _clipped(proba), labels=labels)),
         "classes": list(classes),
+        "absent": absent,
         "per_class": {c: {k: float(v) for k, v in report[c].items()} for c in classes},
         "confusion_matrix": cm.tolist(),
         "worst_errors": errors,
@@ -58,9 +76,17 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], path
     }
 
 
+def _clipped(proba: np.ndarray) -> np.ndarray:
+    """Probabilities kept off 0 (a confident mistake costs a finite loss) and summing to 1 again, as log_loss checks:
+    clipping alone leaves float64 rows 1e-7 off and scikit-learn warns that they "do not sum to one"."""
+    p = np.clip(np.asarray(proba, dtype=np.float64), 1e-7, 1)
+    return p / p.sum(1, keepdims=True)
+
+
 def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per split, the numbers a summary shows (what config.json keeps as ``metrics``)."""
-    return {n: {k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss")} for n, m in metrics.items()}
+    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "absent")
+    return {n: {k: m[k] for k in keys if k in m} for n, m in metrics.items()}
 
 
 def write(metrics: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
@@ -95,8 +121,14 @@ def format_report(metrics: dict[str, Any]) -> str:
         "",
         f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}",
     ]
+    absent = metrics.get("absent", [])
     for c, r in metrics["per_class"].items():
-        lines.append(f"{c:<20} {r['precision']:>9.3f} {r['recall']:>9.3f} {r['f1-score']:>9.3f} {int(r['support']):>8}")
+        if c in absent:
+            lines.append(f"{c:<20} {'-':>9} {'-':>9} {'-':>9} {0:>8}  <- no photos of this class here")
+        else:
+            lines.append(f"{c:<20} {r['precision']:>9.3f} {r['recall']:>9.3f} {r['f1-score']:>9.3f} {int(r['support']):>8}")
+    if absent:
+        lines += ["", f"balanced accuracy and macro-F1 cover the {len(metrics['per_class']) - len(absent)} classes with photos"]
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -322,14 +323,38 @@ def fit(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: l
     if isinstance(record, dict) and state is not None:
         log.info("head: cross-validation and fit read back from %s", store.path(name, ".json"))
         return HeadFit(state, record["kind"], record["params"], record["epochs"], record["history"]), record["table"]
-    with single_thread(torch_too=any(HEADS[k].needs_torch for k, _ in candidates(cfg.head))):
+    with single_thread(torch_too=any(HEADS[k].needs_torch for k, _ in candidates(cfg.head))), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         kind, params, epochs, table = select(x, y, n_classes, cfg, views)
         xa, ya = with_views(x, y, np.arange(len(y)), views)
         data = FitData(xa, ya, n_classes, class_weights(y, n_classes, cfg.class_weights))
         result = HEADS[kind].fit(data, cfg, params, (max(epochs, 1) if table else 30) if HEADS[kind].iterative else None)
+    _retell(caught)
     record = {"kind": result.kind, "params": result.params, "epochs": result.epochs, "history": result.history, "table": table}
     store.write_json(name, record, before={".safetensors": lambda p: save_file(result.state, str(p))})
     return result, table
+
+
+def _retell(caught: list[warnings.WarningMessage]) -> None:
+    """scikit-learn's warnings from the head's search, once each and in terms of what the user controls, instead of
+    its own words (with a source line from inside scikit-learn) on stderr."""
+    said = set()
+    for w in caught:
+        if "sklearn" not in w.filename:  # not scikit-learn's: as it would have been shown
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        text = str(w.message)
+        if "converge" in text.lower() or type(w.message).__name__ == "ConvergenceWarning":
+            line = ("head: a logistic regression reached its iteration limit before converging (some C tried in the "
+                    "search); its answer is close but not exact. Usually harmless; --head mlp avoids it")
+        elif "least populated class" in text:
+            line = f"head: a class has too few training photos for every cross-validation fold ({text.split('. ')[0]})"
+        else:
+            line = f"head: scikit-learn warned: {text.splitlines()[0][:200]}"
+        if line not in said:
+            said.add(line)
+            log.warning("%s", line)
 
 
 @contextlib.contextmanager

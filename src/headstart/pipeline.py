@@ -268,7 +268,10 @@ def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
     stages = start.stages | {stage: {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch,
                                      "epochs_run": sum(r["epoch"] > 0 for r in res.history), **evaluate.headline(metrics)}}
     if stage == "finetune" and res.best_epoch == 0:
-        log.info("fine-tuning never beat the starting head on validation loss: the run keeps the head alone (epoch 0)")
+        log.warning("fine-tuning ran %d epochs (%.0f s) and never beat the starting head on validation loss, so early "
+                    "stopping kept epoch 0: the saved model is the frozen backbone with its head, what a run without "
+                    "--finetune gives. On a few hundred photos that is common; a lower --ft-lr or fewer --unfreeze "
+                    "blocks may help, or leave --finetune out", stages[stage]["epochs_run"], time.perf_counter() - t)
     return dataclasses.replace(start, lb=lb, head=net.head, metrics=metrics, feats=feats, history=start.history + res.history,
                                stages=stages, timing=start.timing | {f"{stage}_s": round(time.perf_counter() - t, 3)})
 
@@ -283,7 +286,7 @@ def evaluate_splits(spec: dict[str, Any], state: heads.HeadState, feats: dict[st
             continue
         y = np.asarray(d.splits[name].labels)[f.ok]
         kept = [str(p) for p, ok in zip(d.splits[name].paths, f.ok) if ok]
-        out[name] = evaluate.evaluate(y, heads.proba(spec, state, f.x), classes, kept)
+        out[name] = evaluate.evaluate(y, heads.proba(spec, state, f.x), classes, kept, split=f"the {name} split")
     return out
 
 

@@ -209,7 +209,7 @@ def evaluate_folder(model: Any, folder: str | os.PathLike | None = None, out: st
     proba, f = model.proba(s.paths, engine=engine, progress=progress, root=ds.root)
     y = np.asarray(s.labels)[f.ok]
     kept = [p for p, ok in zip(s.paths, f.ok) if ok]
-    metrics = evaluate.evaluate(y, proba, model.classes, [str(p) for p in kept])
+    metrics = evaluate.evaluate(y, proba, model.classes, [str(p) for p in kept], split=f"'{ds.root}' ({name})")
     metrics["data"] = {"folder": str(ds.root), "split": name, "images": int(f.ok.sum()), "engine": engine,
                        "skipped": [vars(k) for k in ds.skipped + f.skipped]}
     if out is not None:

@@ -211,7 +211,9 @@ def _split(run: Path, name: str, m: dict[str, Any], overlay: ErrorOverlay | None
     png = _split_file(run, name, "confusion_matrix.png")
     if not png.is_file():
         plot_confusion(np.asarray(m["confusion_matrix"]), m["classes"], png)
-    per_class = [[c, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1-score']:.3f}", int(r["support"])]
+    absent = m.get("absent", [])
+    per_class = [[c, "–", "–", "–", "0 (none in this split)"] if c in absent else
+                 [c, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1-score']:.3f}", int(r["support"])]
                  for c, r in m.get("per_class", {}).items()]
     return {"name": name, "per_class": per_class, "confusion": _img(png.read_bytes(), f"confusion matrix ({name})", "plot cm"),
             "errors": [_error(run, e, overlay) for e in m.get("worst_errors", [])]}
