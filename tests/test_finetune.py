@@ -115,10 +115,13 @@ def test_killed_fine_tuning_resumes_to_the_same_result(small, tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path):
-    clf = headstart.train(HYMENOPTERA, out=tmp_path / "ft", finetune=True, progress=False)
+def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="headstart"):
+        clf = headstart.train(HYMENOPTERA, out=tmp_path / "ft", finetune=True, progress=False)
     frozen = clf.info["stages"]["feature_extraction"]["val"]["accuracy"]
     tuned = clf.info["stages"]["finetune"]["val"]["accuracy"]
+    kept_start = clf.info["stages"]["finetune"]["best_epoch"] == 0  # then the user is told what that means
+    assert ("early stopping kept epoch 0: the saved model is the frozen backbone with its head" in caplog.text) == kept_start
     assert tuned >= frozen - 1 / 153
     assert clf.info["metrics"]["val"]["accuracy"] == tuned
     hist = (tmp_path / "ft" / "history.csv").read_text().splitlines()
