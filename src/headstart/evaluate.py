@@ -12,17 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    classification_report,
-    confusion_matrix,
-    f1_score,
-    log_loss,
-)
 
 from .files import atomic_write_text
-from .plots import plot_confusion
 
 log = logging.getLogger("headstart")
 
@@ -31,6 +22,11 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], path
     """All metrics as plain JSON-able values. A class without photos in ``y_true`` is listed in ``absent`` and said
     once: its row has nothing to measure, and macro-F1 / balanced accuracy average over the classes that have photos
     (scikit-learn would count its F1 as 0 and warn about it in its own words)."""
+    # scikit-learn (and matplotlib, in write) load where metrics are computed: a prediction needs neither, and
+    # importing them costs seconds before a single photo is answered
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
+                                 f1_score, log_loss)
+
     y_true = np.asarray(y_true, dtype=int)
     labels = list(range(len(classes)))
     y_pred = proba.argmax(1) if len(proba) else np.zeros(0, int)
@@ -91,6 +87,8 @@ def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def write(metrics: dict[str, Any], out: Path, prefix: str = "") -> list[Path]:
     """metrics.json plus the readable files: per-class report, confusion matrix (CSV + PNG), worst errors."""
+    from .plots import plot_confusion
+
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
