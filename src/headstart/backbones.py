@@ -150,10 +150,10 @@ class LoadedBackbone:
 
     def __init__(self, spec: Backbone, model: nn.Module | None, data_config: dict[str, Any], source: str, digest: str,
                  num_features: int, num_classes: int = 0, *, build: Callable[[], nn.Module] | None = None,
-                 state_file: Path | None = None):
+                 state_file: Path | None = None, arrays: dict[str, Any] | None = None):
         self.spec, self.data_config, self.source, self.digest = spec, data_config, source, digest
         self.num_features, self._num_classes = num_features, num_classes
-        self._model, self._build, self._state_file = model, build, state_file
+        self._model, self._build, self._state_file, self._arrays = model, build, state_file, arrays
 
     @property
     def num_classes(self) -> int:
@@ -169,6 +169,8 @@ class LoadedBackbone:
 
     def state_arrays(self) -> dict[str, Any]:
         """The network's tensors as numpy arrays, for the bundle: read back from the cache when not built."""
+        if self._model is None and self._arrays is not None:
+            return self._arrays
         if self._model is None and self._state_file is not None:
             from safetensors.numpy import load_file
 

@@ -79,6 +79,17 @@ def logits(spec: dict[str, Any], state: HeadState, x: np.ndarray) -> np.ndarray:
     return z
 
 
+def shapes(spec: dict[str, Any], n_classes: int) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, keyed like the state: what a bundle's head must hold, known without torch."""
+    out: dict[str, tuple[int, ...]] = {}
+    for i, (op, a) in enumerate(spec_layers(spec, n_classes)):
+        if op == "standardize":
+            out |= {f"{i}.mean": (a["dim"],), f"{i}.std": (a["dim"],)}
+        elif op == "linear":
+            out |= {f"{i}.weight": (a["out"], a["in"]), f"{i}.bias": (a["out"],)}
+    return out
+
+
 def _n_out(state: HeadState) -> int:
     """The number of classes: the rows of the last linear layer."""
     last = max((k for k in state if k.endswith(".weight")), key=lambda k: int(k.split(".")[0]))

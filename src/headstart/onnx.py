@@ -207,6 +207,12 @@ def _graph_key(lb: LoadedBackbone, output: str) -> str:
     return cache.key("feature-graph", lb.spec.timm_name, lb.spec.kwargs, lb.digest, lb.data_config, output, OPSET)
 
 
+def has_feature_graph(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None, output: str = "embedding") -> bool:
+    """True when this backbone's graph is cached: it was exported from these weights built as this architecture,
+    and it checked out against PyTorch then."""
+    return cache.store("onnx", cache_dir).path(_graph_key(lb, output), ".onnx").is_file()
+
+
 def refused(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None, output: str = "embedding") -> bool:
     """True when this backbone's export was refused in this process, or by an earlier run with the same libraries
     (``<cache>/onnx/<key>.refused.json``): a cached re-run goes straight to PyTorch instead of trying again."""

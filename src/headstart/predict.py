@@ -164,7 +164,7 @@ def load_run(folder: str | os.PathLike) -> Classifier:
         raise HeadstartError(f"'{folder}' was written by an incompatible headstart (format {cfg.get('format')})")
     if sha256_file(model_path) != cfg.get("model_sha256"):
         raise HeadstartError(f"'{model_path}' does not match the digest in {CONFIG_FILE}: the weights were changed or damaged; refusing to load")
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file
 
     b = cfg["backbone"]
     spec = backbones.from_bundle(b["name"], b["timm_name"], b.get("kwargs", {}), b.get("cfg_overlay", {}))
@@ -172,15 +172,31 @@ def load_run(folder: str | os.PathLike) -> Classifier:
         sd = load_file(str(model_path))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a file that is not safetensors
         raise HeadstartError(f"'{model_path}' is not a safetensors file ({e}); refusing to load — retrain or restore the bundle") from None
-    model = backbones.create(spec, num_classes=b.get("num_classes", 0))
-    head = heads.to_torch(cfg["head"], len(cfg["classes"]))
-    try:
-        model.load_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")}, strict=True)
-        head.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("head.")}, strict=True)
-    except RuntimeError as e:
-        raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} ({' '.join(str(e).split())[:200]}); refusing to load") from None
-    lb = backbones.LoadedBackbone(spec, model.eval(), cfg["preprocess"], b["weights_source"], b["weights_digest"],
-                                  backbones.embedding_dim(model), b.get("num_classes", 0))
+    head = {k[5:]: v for k, v in sd.items() if k.startswith("head.")}
+    want = heads.shapes(cfg["head"], len(cfg["classes"]))
+    got = {k: tuple(v.shape) for k, v in head.items()}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))[:2]
+        raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} (head tensors {diff}); refusing to load")
+    arrays = {k[9:]: v for k, v in sd.items() if k.startswith("backbone.")}
+
+    def build() -> nn.Module:
+        import torch
+
+        model = backbones.create(spec, num_classes=b.get("num_classes", 0))
+        try:
+            model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()}, strict=True)
+        except RuntimeError as e:
+            raise HeadstartError(f"'{model_path}' does not fit its {CONFIG_FILE} ({' '.join(str(e).split())[:200]}); refusing to load") from None
+        return model.eval()
+
+    # The network is built when something runs through it. A cached ONNX graph of this architecture with these
+    # weights proves they fit, and answers a prediction without torch or timm; without one, build it now, so a
+    # bundle that does not fit its config is refused here rather than at first use.
+    lb = backbones.LoadedBackbone(spec, None, cfg["preprocess"], b["weights_source"], b["weights_digest"], int(cfg["head"]["dim"]),
+                                  b.get("num_classes", 0), build=build, arrays=arrays)
+    if not onnx.has_feature_graph(lb):
+        _ = lb.model  # built, and checked against the config
     info = {k: v for k, v in cfg.items() if k not in ("format", "backbone", "preprocess", "classes", "model_sha256")}
     clf = Classifier(lb, head, cfg["classes"], info)
     clf.path = folder

@@ -67,8 +67,42 @@ def pixel_transform(data_config: dict[str, Any]) -> Callable:
     """timm's eval preprocessing up to, not including, ToTensor/Normalize: PIL image → uint8 HWC array.
 
     Batches travel as uint8 (a quarter of float32's bytes) and are normalised in one vectorised step
-    (``normalize``, or inside the ONNX graph).
+    (``normalize``, or inside the ONNX graph). The usual recipe (square input, centre crop) is done with Pillow
+    alone, the very calls torchvision makes on a PIL image, so extracting with ONNX Runtime imports neither torch
+    nor timm (seconds of a new-photos run); any other recipe goes through timm's own transform.
     """
+    return _pillow_pixels(data_config) or timm_pixels(data_config)
+
+
+_PIL_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}  # PIL.Image.Resampling
+
+
+def _pillow_pixels(data_config: dict[str, Any]) -> Callable | None:
+    """timm's centre-crop eval transform as torchvision runs it on a PIL image: the shorter side resized to
+    ``resize_size`` (the longer one ``int(size * long / short)``, no resize when already that size), then a centre
+    crop whose offsets are ``round((side - crop) / 2)``. None for a recipe this does not spell out."""
+    h, w = (int(v) for v in data_config["input_size"][-2:])
+    resample = _PIL_FILTERS.get(data_config.get("interpolation", "bilinear"))
+    if h != w or data_config.get("crop_mode", "center") != "center" or resample is None or data_config.get("crop_pct", 1) > 1:
+        return None
+    short_side = resize_size(data_config)
+
+    def to_pixels(img: Any) -> np.ndarray:
+        iw, ih = img.size
+        short, long = min(iw, ih), max(iw, ih)
+        new = (short_side, int(short_side * long / short))
+        size = new if iw <= ih else new[::-1]
+        if size != (iw, ih):
+            img = img.resize(size, resample)
+        left, top = int(round((size[0] - w) / 2.0)), int(round((size[1] - h) / 2.0))
+        return np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.uint8)
+
+    return to_pixels
+
+
+def timm_pixels(data_config: dict[str, Any]) -> Callable:
+    """``pixel_transform`` through timm's own transform (torchvision): any recipe, and the reference the Pillow path
+    is tested against."""
     steps = [t for t in eval_transform(data_config).transforms if type(t).__name__ not in ("ToTensor", "MaybeToTensor", "Normalize")]
     size = tuple(int(v) for v in data_config["input_size"][-2:])
 
