@@ -121,11 +121,13 @@ def _comparison(folder: Path, overlay: ErrorOverlay | None) -> dict[str, Any]:
     has_best = best_run is not None and (best_run / "config.json").is_file()
     best_cfg = _read_json(best_run / "config.json") if has_best else None
     cols = columns(rows)
+    explained = [r for r in rows if r.get("reason")]  # a skipped backbone's reason is a footnote, its row stays one line
     table = [{
         "cells": [cell(r, k, f) for _, k, f in cols],
         "href": f"{r['run']}/report.html" if r.get("run") and (folder / r["run"] / "report.html").is_file() else None,
         "status": r["status"],
         "reason": r.get("reason"),
+        "note": explained.index(r) + 1 if r.get("reason") else None,
         "cls": "skipped" if r["status"] != "ok" else ("best" if r is best else None),
     } for r in rows]
     plot = folder / "accuracy_vs_latency.png"
@@ -139,6 +141,7 @@ def _comparison(folder: Path, overlay: ErrorOverlay | None) -> dict[str, Any]:
         "headings": [h for h, _, _ in cols],
         "link_column": [k for _, k, _ in cols].index("backbone"),
         "rows": table,
+        "notes": [{"n": i, "backbone": r["backbone"], "status": r["status"], "reason": r["reason"]} for i, r in enumerate(explained, 1)],
         "plot": _img(plot.read_bytes(), "accuracy against latency", "plot"),
         "run": _run(best_run, best_cfg, overlay) if best_cfg else None,
     }
