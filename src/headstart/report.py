@@ -192,7 +192,9 @@ def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
              for r in cfg.get("head_selection", [])]
     crops = [[f"{r['crop_pct']:g}" + (" (chosen)" if r.get("chosen") else ""), f"{r['cv_accuracy']:.1%}", f"{r['cv_log_loss']:.3f}"]
              for r in cfg.get("crop_selection", [])]
-    png = plot_history(cfg.get("history") or [], run / "training_curves.png")
+    history, png = cfg.get("history") or [], run / "history.png"  # the run's own picture, drawn by save_run
+    if not (history and png.is_file()):  # no curve to show, or a folder whose picture was deleted: drawn again
+        png = plot_history(history, png)
     timing = cfg.get("timing", {})
     said = None
     if timing:
