@@ -52,10 +52,8 @@ def history_figure(history: list[dict[str, Any]]) -> Figure | None:
     x = np.arange(len(rows))
     stages = [r.get("stage") for r in rows]
     starts = [i for i in range(len(rows)) if stages[i] is not None and (i == 0 or stages[i] != stages[i - 1])]
-    step = -(-len(rows) // 10)  # at most about ten numbered ticks, plus each stage's first epoch
-    ticks = sorted(set(range(0, len(rows), step)) | set(starts))
-    panels = [("loss", [k for k in _keys(rows) if k.endswith("loss")]), ("accuracy", [k for k in _keys(rows) if k.endswith("accuracy")])]
-    panels = [(t, ks) for t, ks in panels if ks]
+    ticks = sorted(set(range(0, len(rows), -(-len(rows) // 10))) | set(starts))  # about ten, plus each stage's first
+    panels = _panels(rows)
     fig = Figure(figsize=(5.2 * len(panels), 3.6), dpi=110)
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
@@ -67,10 +65,22 @@ def history_figure(history: list[dict[str, Any]]) -> Figure | None:
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, fontsize=8)
         for i in starts:
-            if i:
-                ax.axvline(x[i] - 0.5, color="0.5", ls="--", lw=1)
-            ax.text(x[i], 1.0, f" {stages[i]}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="0.3")
+            _mark_stage(ax, i, str(stages[i]))
     return fig
+
+
+def _panels(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(title, columns) of each panel drawn: the losses, the accuracies."""
+    keys = _keys(rows)
+    panels = [(title, [k for k in keys if k.endswith(title)]) for title in ("loss", "accuracy")]
+    return [(t, ks) for t, ks in panels if ks]
+
+
+def _mark_stage(ax: Any, i: int, stage: str) -> None:
+    """A stage's name at its first epoch, and a dashed line where it follows another."""
+    if i:
+        ax.axvline(i - 0.5, color="0.5", ls="--", lw=1)
+    ax.text(i, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="0.3")
 
 
 def _keys(rows: list[dict[str, Any]]) -> list[str]:
