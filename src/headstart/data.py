@@ -103,7 +103,7 @@ def summarize(classes: list[str], splits: dict[str, Split], skipped: list[Skippe
             nums += [listed, used, listed - used]
         return nums
 
-    lines = ["listed: image files found; used: decoded and used; skipped: listed but unreadable (named below)",
+    lines = ["listed: image files found; used: decoded and used; skipped: listed but unreadable" + (" (named below)" if skipped else ""),
              f"{'':<{width}}" + "".join(f"{n:>{9 * len(kinds)}}" for n in names),
              f"{'class':<{width}}" + "".join(f"{k:>9}" for _ in names for k in kinds)]
     lines += [line(c, row(c)) for c in classes] + [line("total", row(None))]
