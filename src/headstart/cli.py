@@ -453,9 +453,11 @@ def layers(run: str | None, imagenet: bool, backbone: str, weights: str | None, 
     width = min(48, max(len(r.name) for r in rows))
     click.echo(f"{subj.name}, input {'×'.join(map(str, subj.data_config['input_size']))}")
     click.echo(f"{'name':<{width}}  {'type':<22} {'output':>14} {'params':>10}")
-    for r in rows:
+    for i, r in enumerate(rows):
+        if r.part == "head" and (i == 0 or rows[i - 1].part != "head"):
+            click.echo(f"-- the trained head: pooled features → class scores ({', '.join(subj.classes[:4])}{' …' if len(subj.classes) > 4 else ''})")
         shape = "×".join(map(str, r.shape)) if r.shape is not None else "-"
-        note = f"  <- {marks[r.name]}" if r.name in marks else ""
+        note = f"  <- {marks[r.name]}" if r.name in marks and r.part == "backbone" else ""
         click.echo(f"{r.name:<{width}}  {r.type:<22} {shape:>14} {r.params:>10,}{note}")
 
 
