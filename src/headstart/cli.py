@@ -162,8 +162,11 @@ def _print_summary(clf: Any, out: Path) -> None:
     for stage, m in clf.info.get("stages", {}).items():
         if "val" in m:
             click.echo(f"  {stage}: val accuracy {m['val']['accuracy']:.1%}")
-    t = clf.info["timing"]
-    click.echo(f"{t['embeddings_computed']} embeddings computed, {t['total_s']:.1f} s in all; head: {clf.info['head']['kind']}")
+    t, scratch = clf.info["timing"], clf.info.get("stages", {}).get("scratch")
+    if scratch is not None:  # no frozen features, no head fitted on them: the whole network learned here
+        click.echo(f"trained from scratch for {scratch['epochs_run']} epochs (best epoch {scratch['best_epoch']}), {t['total_s']:.1f} s in all")
+    else:
+        click.echo(f"{t['embeddings_computed']} embeddings computed, {t['total_s']:.1f} s in all; head: {clf.info['head']['kind']}")
     click.echo(f"saved to {out}  (predict: headstart predict {out} PHOTO.jpg)")
 
 
