@@ -298,6 +298,40 @@ def test_class_with_one_image_trains_and_class_with_no_readable_image_is_refused
 # ------------------------------------------------------------------ acceptance: the corpus inside real data
 
 
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "scratch"])
+def test_counts_tell_listed_from_used(tmp_path, backbone):
+    """Two truncated photos in train/ants and one in val/bees: data_summary.txt and config.json say 10 listed,
+    8 used, 2 skipped for train/ants (not 10 images), whether the photos were embedded (a pretrained backbone)
+    or trained on directly (scratch, which extracts no training embeddings)."""
+    import json
+
+    import headstart
+
+    data = tmp_path / "small"
+    for split, n in (("train", 8), ("val", 5)):
+        for cls in ("ants", "bees"):
+            (data / split / cls).mkdir(parents=True)
+            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
+                (data / split / cls / p.name).symlink_to(p)
+    bad = [_truncated(data / "train/ants", None, ANT)[0], _write(data / "train/ants/half.jpg", BEE.read_bytes()[:3000]),
+           _truncated(data / "val/bees", None, BEE)[0]]
+    headstart.train(data, out=tmp_path / "run", progress=False, backbone=backbone,
+                    **({"scratch_epochs": 1} if backbone == "scratch" else {"head": "linear"}))
+
+    d = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert "counts" not in d
+    assert d["listed"] == {"train": {"ants": 10, "bees": 8}, "val": {"ants": 5, "bees": 6}}
+    assert d["used"] == {"train": {"ants": 8, "bees": 8}, "val": {"ants": 5, "bees": 5}}
+    assert sorted(s["path"] for s in d["skipped"]) == sorted(str(p.relative_to(data)) for p in bad)
+    lines = (tmp_path / "run" / "data_summary.txt").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("class"))
+    assert header.split() == ["class"] + ["listed", "used", "skipped"] * 2
+    table = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in lines if line.split()[0] in ("ants", "bees", "total")}
+    assert table == {"ants": [10, 8, 2, 5, 5, 0], "bees": [8, 8, 0, 6, 5, 1], "total": [18, 16, 2, 11, 10, 1]}
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<td>8 of 10</td>" in page and "<td>16 of 18</td>" in page and "<td>10 of 11</td>" in page
+
+
 @pytest.mark.slow
 def test_training_on_hymenoptera_with_the_whole_corpus_mixed_in(ants_run, tmp_path):
     """Finishes, names every bad file with its reason, and scores as the clean set does (± 1 image)."""
@@ -333,7 +367,9 @@ def test_training_on_hymenoptera_with_the_whole_corpus_mixed_in(ants_run, tmp_pa
         assert path.encode("utf-8", "backslashreplace").decode() in summary
 
     listed = [f for c, files in made if c.outcome != "ignored" for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
-    assert sum(clf.info["data"]["counts"]["train"].values()) == 245 + len(listed)
+    assert sum(clf.info["data"]["listed"]["train"].values()) == 245 + len(listed)
+    unreadable = sum(c.outcome == "skipped" for c, files in made for f in files if f in listed)
+    assert sum(clf.info["data"]["used"]["train"].values()) == 245 + len(listed) - unreadable
     clean_clf, _ = ants_run
     clean, mixed = clean_clf.info["metrics"]["val"], clf.info["metrics"]["val"]
     assert mixed["n"] == clean["n"] == 153

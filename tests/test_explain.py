@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import skimage.data
@@ -10,7 +12,7 @@ from PIL import Image
 
 import headstart
 from conftest import HYMENOPTERA
-from headstart import backbones, explain
+from headstart import backbones, explain, heads
 from headstart.cli import main
 from headstart.data import HeadstartError
 
@@ -160,6 +162,21 @@ def test_cli_layers_and_feature_maps(ants_run, tmp_path):
     r = CliRunner().invoke(main, ["layers", str(out), "--depth", "1"])
     assert r.exit_code == 0, r.output
     assert "conv_stem" in r.output and "first conv" in r.output and "Grad-CAM default" in r.output
+    # "+ head" in the title, and the head's layers listed: the bundle's, as heads.HEADS defines them
+    clf = headstart.load(out)
+    r = CliRunner().invoke(main, ["layers", str(out)])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith("efficientnet_lite0 + head")
+    ops = [op for op, _ in heads.spec_layers(clf.info["head"], len(clf.classes))]
+    types = {"standardize": "Standardize", "linear": "Linear", "relu": "ReLU", "dropout": "Dropout"}
+    rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("-- the trained head"))) + 1:]]
+    assert [row[:2] for row in rows] == [["head", "Sequential"]] + [[f"head.{i}", types[op]] for i, op in enumerate(ops)]
+    assert rows[0][2] == rows[-1][2] == str(len(clf.classes))
+    n = sum(p.numel() for p in clf.head.parameters())
+    assert rows[0][3] == f"{n:,}" and "," in rows[0][3]  # parameters with thousands separators
+    as_json = json.loads(CliRunner().invoke(main, ["layers", str(out), "--json"]).output)
+    assert [d["name"] for d in as_json if d["part"] == "head"] == [row[0] for row in rows]
     photo = next((HYMENOPTERA / "val" / "ants").glob("*.jpg"))
     r = CliRunner().invoke(main, ["explain", "--imagenet", str(photo), "--feature-maps", "first", "--feature-maps", "last",
                                   "--count", "16", "--out", str(tmp_path / "f.png")])

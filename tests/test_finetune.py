@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,12 +134,32 @@ def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_scratch_baseline_trains_and_shows_the_gap(ants_run, tmp_path):
-    clf = headstart.train(HYMENOPTERA, out=tmp_path / "scratch", backbone="scratch", scratch_epochs=4, progress=False)
+def test_scratch_baseline_trains_and_shows_the_gap(ants_run, tmp_path, capsys):
+    """The baseline scores below transfer; `headstart train`'s summary says what was done (not '153 embeddings
+    computed … head: linear', which describes a transfer run), and the log counts parameters readably."""
+    from headstart.cli import _print_summary
+
+    said: list[str] = []
+    handler, logger = logging.Handler(), logging.getLogger("headstart")
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # as `headstart train` sets it
+    try:
+        clf = headstart.train(HYMENOPTERA, out=tmp_path / "scratch", backbone="scratch", scratch_epochs=4, progress=False)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     acc = clf.info["metrics"]["val"]["accuracy"]
     assert 0.3 <= acc < ants_run[0].info["metrics"]["val"]["accuracy"]
-    assert clf.info["stages"]["scratch"]["epochs_run"] == 4
+    stage = clf.info["stages"]["scratch"]
+    assert stage["epochs_run"] == 4
     assert headstart.load(tmp_path / "scratch").predict([next((HYMENOPTERA / "val" / "ants").glob("*.jpg"))])[0].top
+    _print_summary(clf, tmp_path / "scratch")
+    out = capsys.readouterr().out
+    assert f"trained from scratch for 4 epochs (best epoch {stage['best_epoch']})" in out
+    assert "embeddings computed" not in out and "head:" not in out
+    assert any(re.fullmatch(r"scratch: \d{1,3}(,\d{3})+ trainable parameters .*", m) for m in said), said
 
 
 @pytest.mark.slow

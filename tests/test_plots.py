@@ -29,3 +29,18 @@ def test_plots_are_written_as_png(tmp_path):
     rows = [{"backbone": "a", "status": "ok", "accuracy": 0.9, "predict_ms": 10}, {"backbone": "b", "status": "skipped"}]
     assert Image.open(plots.plot_leaderboard(rows, tmp_path / "lb.png")).size[0] > 300
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cm.png", "h.png", "lb.png"]  # no temporary file left
+
+
+def test_history_is_numbered_as_history_csv_numbers_it():
+    """The picture's epochs are the CSV's: a scratch run's 0–3 (epoch 0 is the starting point), and a head's
+    1–N followed by fine-tuning's 0–M, each stage's numbers as logged."""
+    scratch = [{"stage": "scratch", "epoch": e, "val_loss": 1.0 - e / 10, "val_accuracy": 0.5 + e / 10} for e in range(4)]
+    fig = plots.history_figure(scratch)
+    for ax in fig.axes:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3"]
+    staged = [{"stage": "head", "epoch": e, "train_loss": 1 / e} for e in range(1, 4)]
+    staged += [{"stage": "finetune", "epoch": e, "train_loss": 0.1, "val_loss": 0.2} for e in range(3)]
+    assert [t.get_text() for t in plots.history_figure(staged).axes[0].get_xticklabels()] == ["1", "2", "3", "0", "1", "2"]
+    long = [{"epoch": e, "train_loss": 1 / e} for e in range(1, 31)]
+    labels = [t.get_text() for t in plots.history_figure(long).axes[0].get_xticklabels()]
+    assert labels[0] == "1" and len(labels) <= 11 and all(int(a) < int(b) for a, b in zip(labels, labels[1:]))

@@ -78,9 +78,11 @@ def test_training_curves_with_stages_and_without_history(ants_run, tmp_path):
     cfg["history"] = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_accuracy": 0.8 + e / 100} for e in range(1, 6)]
     cfg["history"] += [{"stage": "fine-tune", "epoch": e, "train_loss": 0.1 / e, "val_loss": 0.2, "val_accuracy": 0.9} for e in range(1, 4)]
     (run / "config.json").write_text(json.dumps(cfg))
+    (run / "history.png").unlink(missing_ok=True)  # a folder without its picture: the report draws it from config.json
     page = report.build_report(run).read_text()
-    assert Image.open(run / "training_curves.png").size[0] > 400
+    assert Image.open(run / "history.png").size[0] > 400
     assert "No per-epoch curve" not in page
+    assert not any(run.glob("training_curves*"))  # the picture is history.png, written once, not a second copy
     assert report.plot_history([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 

@@ -193,8 +193,11 @@ def _print_summary(clf: Any, out: Path) -> None:
         if "val" in m:
             kept = "  (kept epoch 0: fine-tuning did not improve on the head)" if m.get("best_epoch") == 0 and stage == "finetune" else ""
             click.echo(f"  {stage}: val accuracy {m['val']['accuracy']:.1%}{kept}")
-    t = clf.info["timing"]
-    click.echo(f"{t['embeddings_computed']} embeddings computed, {t['total_s']:.1f} s in all; head: {clf.info['head']['kind']}")
+    t, scratch = clf.info["timing"], clf.info.get("stages", {}).get("scratch")
+    if scratch is not None:  # no frozen features, no head fitted on them: the whole network learned here
+        click.echo(f"trained from scratch for {scratch['epochs_run']} epochs (best epoch {scratch['best_epoch']}), {t['total_s']:.1f} s in all")
+    else:
+        click.echo(f"{t['embeddings_computed']} embeddings computed, {t['total_s']:.1f} s in all; head: {clf.info['head']['kind']}")
     click.echo(f"saved to {out}  (predict: headstart predict {out} PHOTO.jpg)")
 
 
@@ -511,9 +514,11 @@ def layers(run: str | None, imagenet: bool, backbone: str, weights: str | None, 
     width = min(48, max(len(r.name) for r in rows))
     click.echo(f"{subj.name}, input {'×'.join(map(str, subj.data_config['input_size']))}")
     click.echo(f"{'name':<{width}}  {'type':<22} {'output':>14} {'params':>10}")
-    for r in rows:
+    for i, r in enumerate(rows):
+        if r.part == "head" and (i == 0 or rows[i - 1].part != "head"):
+            click.echo(f"-- the trained head: pooled features → class scores ({', '.join(subj.classes[:4])}{' …' if len(subj.classes) > 4 else ''})")
         shape = "×".join(map(str, r.shape)) if r.shape is not None else "-"
-        note = f"  <- {marks[r.name]}" if r.name in marks else ""
+        note = f"  <- {marks[r.name]}" if r.name in marks and r.part == "backbone" else ""
         click.echo(f"{r.name:<{width}}  {r.type:<22} {shape:>14} {r.params:>10,}{note}")
 
 

@@ -211,7 +211,8 @@ def _throughput(clf: Classifier, timing: dict[str, Any], earlier: dict[str, Any]
     (measured when that run computed them); else timed on a fixed sample of validation photos, uncached.
     """
     computed, seconds = timing.get("embeddings_computed", 0), timing.get("extract_s", 0.0)
-    total = sum(sum(c.values()) for c in clf.info["data"]["counts"].values())
+    data = clf.info["data"]
+    total = sum(sum(c.values()) for c in data.get("used", data.get("counts", {})).values())  # "counts": an older run
     if computed >= max(SAMPLE_IMAGES, total // 2) and seconds > 0:
         return round(computed / seconds, 2), f"this run ({computed} images)"
     if earlier and earlier.get("extract_img_s") and earlier.get("input_size") == clf.backbone.data_config["input_size"][-1]:

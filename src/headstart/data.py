@@ -69,18 +69,44 @@ class Dataset:
         return out
 
     def summary(self) -> str:
-        return summarize(self.classes, self.splits, self.skipped)
+        return summarize(self.classes, self.splits, self.skipped, self.root)
 
 
-def summarize(classes: list[str], splits: dict[str, Split], skipped: list[Skipped]) -> str:
-    """A table of images per class and split, then every skipped file with its reason."""
-    names = list(splits)
-    counts = {n: Counter(splits[n].labels) for n in names}
+def tally(classes: list[str], splits: dict[str, Split], skipped: list[Skipped], root: Path | None = None) -> dict[str, dict[str, dict[str, int]]]:
+    """Images per split and class, two ways: ``listed`` (the image files found, each in its split) and ``used``
+    (those not skipped as unreadable: what the run learned from or was measured on). ``skipped`` paths are as
+    reported (relative to ``root``); files skipped while scanning were never listed, so they change neither."""
+    gone = {s.path for s in skipped}
+    out: dict[str, dict[str, dict[str, int]]] = {"listed": {}, "used": {}}
+    for name, split in splits.items():
+        listed = Counter(split.labels)
+        used = Counter(y for p, y in zip(split.paths, split.labels) if (_rel(Path(p), root) if root else str(p)) not in gone)
+        out["listed"][name] = {c: listed.get(i, 0) for i, c in enumerate(classes)}
+        out["used"][name] = {c: used.get(i, 0) for i, c in enumerate(classes)}
+    return out
+
+
+def summarize(classes: list[str], splits: dict[str, Split], skipped: list[Skipped], root: Path | None = None) -> str:
+    """data_summary.txt: per split, images listed, used and skipped (unreadable) for each class and in total,
+    then every skipped file with its reason."""
+    t = tally(classes, splits, skipped, root)
+    names, kinds = list(splits), ("listed", "used", "skipped")
     width = max([len(c) for c in classes] + [5])
-    lines = [f"{'class':<{width}}  " + "  ".join(f"{n:>6}" for n in names)]
-    for i, cls in enumerate(classes):
-        lines.append(f"{cls:<{width}}  " + "  ".join(f"{counts[n].get(i, 0):>6}" for n in names))
-    lines.append(f"{'total':<{width}}  " + "  ".join(f"{len(splits[n]):>6}" for n in names))
+
+    def line(label: str, nums: list[int]) -> str:
+        return f"{label:<{width}}" + "".join(f"{n:>9}" for n in nums)
+
+    def row(cls: str | None) -> list[int]:
+        nums = []
+        for n in names:
+            listed, used = (t[k][n][cls] if cls else sum(t[k][n].values()) for k in ("listed", "used"))
+            nums += [listed, used, listed - used]
+        return nums
+
+    lines = ["listed: image files found; used: decoded and used; skipped: listed but unreadable" + (" (named below)" if skipped else ""),
+             f"{'':<{width}}" + "".join(f"{n:>{9 * len(kinds)}}" for n in names),
+             f"{'class':<{width}}" + "".join(f"{k:>9}" for _ in names for k in kinds)]
+    lines += [line(c, row(c)) for c in classes] + [line("total", row(None))]
     if skipped:
         lines.append(f"skipped {len(skipped)} file(s):")
         lines += [f"  {s.path}: {s.reason}" for s in skipped]

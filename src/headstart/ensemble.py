@@ -62,9 +62,15 @@ def _check_members(runs: list[Any], members: list[Classifier]) -> None:
     for run, m in zip(runs[1:], members[1:]):
         if m.classes != first.classes:
             raise HeadstartError(f"'{_name(run)}' has classes {m.classes}, '{name0}' {first.classes}: ensemble runs trained on the same classes")
-        if m.info.get("data", {}).get("counts") != first.info.get("data", {}).get("counts"):
+        if _listed(m) != _listed(first):
             raise HeadstartError(f"'{_name(run)}' was trained on other photos or another split than '{name0}': "
                                  "train every member on the same folder with the same --seed and --val-fraction")
+
+
+def _listed(clf: Classifier) -> Any:
+    """The photos a run listed per split and class (``counts`` in a run folder written before they were named)."""
+    data = clf.info.get("data", {})
+    return data.get("listed", data.get("counts"))
 
 
 def _measure(ens: Ensemble, progress: bool) -> dict[str, dict[str, Any]]:

@@ -45,6 +45,7 @@ class Subject:
     classes: list[str]
     data_config: dict[str, Any]  # timm's preprocessing for the backbone
     name: str  # for titles and messages
+    head: nn.Module | None = None  # a run's trained head (heads.HEADS' layers), scored after the backbone's pooling
 
 
 Source = Union[Subject, Classifier, backbones.LoadedBackbone, str, os.PathLike]  # a run folder is loaded
@@ -75,7 +76,7 @@ def as_subject(source: Source) -> Subject:
         def scores(x: torch.Tensor) -> torch.Tensor:  # the same path as prediction: pooled features → head
             return head(model.forward_head(model.forward_features(x), pre_logits=True))
 
-        return Subject(model, scores, source.classes, source.backbone.data_config, f"{source.backbone.spec.name} + head")
+        return Subject(model, scores, source.classes, source.backbone.data_config, f"{source.backbone.spec.name} + head", head)
     if isinstance(source, backbones.LoadedBackbone):
         model = source.model.eval()
         n = int(getattr(model, "num_classes", 0))
@@ -118,15 +119,39 @@ class Layer:
     type: str
     shape: tuple[int, ...] | None  # output for one image at the model's input size, batch left out; None: not a tensor
     params: int  # parameters inside this module (children included)
+    part: str = "backbone"  # or "head": the run's trained head, after the backbone's pooling (not a --layer choice)
 
 
 def layers(source: Source, max_depth: int | None = None) -> list[Layer]:
     """Every named module (names with at most ``max_depth`` parts) with its output shape, found by running one
-    blank image through the model."""
+    blank image through the model; a run's trained head follows the backbone as ``head``, ``head.0`` …"""
     subj = as_subject(source)
     shapes = _trace(subj)
     named = [(n, m) for n, m in subj.model.named_modules() if n and (max_depth is None or n.count(".") < max_depth)]
-    return [Layer(n, type(m).__name__, shapes.get(n), sum(p.numel() for p in m.parameters())) for n, m in named]
+    rows = [Layer(n, type(m).__name__, shapes.get(n), sum(p.numel() for p in m.parameters())) for n, m in named]
+    return rows + (_head_layers(subj, subj.head, subj.scores, max_depth) if subj.head is not None and subj.scores else [])
+
+
+def _head_layers(subj: Subject, head: nn.Module, scores: Callable[[torch.Tensor], torch.Tensor], max_depth: int | None) -> list[Layer]:
+    """The trained head's layers (the bundle's, built from heads.HEADS) with the shapes one blank image gives them."""
+    named = [("head" + (f".{n}" if n else ""), m) for n, m in head.named_modules()]
+    named = [(n, m) for n, m in named if max_depth is None or n.count(".") < max_depth]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(_m: nn.Module, _i: Any, out: torch.Tensor) -> None:  # returns None: a hook's result would replace the output
+            shapes[name] = tuple(out.shape[1:])
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in named]
+    try:
+        with torch.no_grad():
+            scores(torch.zeros(1, *subj.data_config["input_size"]))
+    finally:
+        for h in handles:
+            h.remove()
+    return [Layer(n, type(m).__name__, shapes.get(n), sum(p.numel() for p in m.parameters()), "head") for n, m in named]
 
 
 def first_conv(source: Source) -> str:

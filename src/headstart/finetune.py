@@ -193,8 +193,8 @@ def _setup(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg:
     dev = distributed.device()
     net.to(dev, memory_format=layout)
     groups = opt.param_groups
-    log.info("%s: %d trainable parameters (%s), head lr %g, backbone lr %g, BN %s, augmentation %s, %s",
-             stage, sum(p.numel() for p in net.parameters() if p.requires_grad), ", ".join(unfrozen[-4:]) + (" …" if len(unfrozen) > 4 else ""),
+    log.info("%s: %s trainable parameters (%s), head lr %g, backbone lr %g, BN %s, augmentation %s, %s",
+             stage, f"{sum(p.numel() for p in net.parameters() if p.requires_grad):,}", ", ".join(unfrozen[-4:]) + (" …" if len(unfrozen) > 4 else ""),
              groups[0]["lr"], groups[-1]["lr"] if len(groups) > 1 else 0, "training" if scratch or cfg.train_bn else "frozen", cfg.augment, precision)
     model: nn.Module = net
     if distributed.active():  # averages gradients over ranks; the frozen part takes no part in it

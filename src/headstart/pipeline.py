@@ -27,9 +27,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from . import backbones, cache, distributed, evaluate, features, heads
+from . import backbones, cache, distributed, evaluate, features, heads, transforms
 from .config import HeadstartError, IgnoredSetting, TrainConfig, __version__
-from .data import Dataset, Skipped, Split, scan, summarize, train_val_split
+from .data import Dataset, Skipped, Split, open_rgb, scan, summarize, tally, train_val_split
 from .files import atomic_write_text, sha256_file
 from .plots import plot_history
 from .predict import CONFIG_FILE, Classifier, load_run
@@ -72,10 +72,13 @@ class Extractor:
         self.computed += f.computed
         self.from_cache += int(f.ok.sum()) - f.computed
         for s in f.skipped:
-            if s not in self.skipped:
-                self.skipped.append(s)
-                log.warning("skipped %s: %s", s.path, s.reason)
+            self.note(s)
         return f
+
+    def note(self, s: Skipped) -> None:
+        if s not in self.skipped:
+            self.skipped.append(s)
+            log.warning("skipped %s: %s", s.path, s.reason)
 
 
 @dataclass
@@ -130,7 +133,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     result.timing |= {"extract_s": extract.seconds, "embeddings_computed": extract.computed, "total_s": time.perf_counter() - t0}
     clf = Classifier(result.lb, result.head, d.ds.classes, record(cfg, d, result, extract.skipped, inputs))
     if out is not None and distributed.is_main():
-        save_run(clf, Path(out), result.metrics, summarize(d.ds.classes, d.splits, extract.skipped))
+        save_run(clf, Path(out), result.metrics, summarize(d.ds.classes, d.splits, extract.skipped, d.ds.root))
     distributed.barrier()  # every rank returns once the run folder is complete
     return clf
 
@@ -252,6 +255,7 @@ def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
         train_split = d.train.subset(np.flatnonzero(start.feats["train"].ok).tolist())
         head = heads.to_torch(heads.spec(start.fit.kind, lb.num_features, cfg), len(d.ds.classes), start.fit.state)
     else:
+        train_split = readable(d.train, d.ds.root, transforms.decode_size(lb.data_config), extract)
         with torch.random.fork_rng():  # the scratch net's head starts from the seed too, not from whatever RNG state
             torch.manual_seed(cfg.seed)
             head = heads.to_torch(heads.spec("linear", lb.num_features, cfg), len(d.ds.classes))
@@ -274,6 +278,20 @@ def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
                     "blocks may help, or leave --finetune out", stages[stage]["epochs_run"], time.perf_counter() - t)
     return dataclasses.replace(start, lb=lb, head=net.head, metrics=metrics, feats=feats, history=start.history + res.history,
                                stages=stages, timing=start.timing | {f"{stage}_s": round(time.perf_counter() - t, 3)})
+
+
+def readable(split: Split, root: Path, min_size: int, extract: Extractor) -> Split:
+    """The photos of ``split`` that decode. Training from scratch extracts no embeddings of its training photos, so
+    without this pass nothing would name the unreadable ones, and the run would count them as used."""
+    keep = []
+    for i, path in enumerate(split.paths):
+        try:
+            open_rgb(path, min_size)
+        except ValueError as e:
+            extract.note(Skipped(features.shown_path(path, root), str(e)))
+        else:
+            keep.append(i)
+    return split if len(keep) == len(split) else split.subset(keep)
 
 
 def evaluate_splits(spec: dict[str, Any], state: heads.HeadState, feats: dict[str, features.Features], d: Data,
@@ -301,17 +319,12 @@ def record(cfg: TrainConfig, d: Data, r: Outcome, skipped: list[Skipped], inputs
         "train_config": cfg.to_dict(),
         "stages": r.stages,
         "data": {"root": str(d.ds.root), "layout": d.ds.layout, "classes": d.ds.classes,
-                 "counts": {n: _count(d.splits[n].labels, d.ds.classes) for n in d.splits}, "skipped": [vars(s) for s in skipped]},
+                 **tally(d.ds.classes, d.splits, skipped, d.ds.root), "skipped": [vars(s) for s in skipped]},
         "metrics": evaluate.headline(r.metrics),
         "history": r.history,
         "timing": {k: round(v, 3) for k, v in r.timing.items()},
         **({"inputs_digest": inputs} if inputs else {}),
     }
-
-
-def _count(labels: list[int], classes: list[str]) -> dict[str, int]:
-    c = np.bincount(np.asarray(labels, int), minlength=len(classes))
-    return {k: int(v) for k, v in zip(classes, c)}
 
 
 # --------------------------------------------------------------------------------------- reuse and resume

@@ -36,30 +36,51 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Loss and accuracy per epoch, one panel each; rows carrying a ``stage`` (head, fine-tuning …) are drawn
-    in order with the stage boundaries marked. ``None`` when there is nothing to draw (a one-shot linear head)."""
+    """Loss and accuracy per epoch (see ``history_figure``), written to ``path``; ``None`` when there is nothing to
+    draw (a one-shot linear head)."""
+    fig = history_figure(history)
+    return None if fig is None else _save(fig, path)
+
+
+def history_figure(history: list[dict[str, Any]]) -> Figure | None:
+    """Loss and accuracy per epoch, one panel each. The x axis is numbered with each row's own ``epoch``, as in
+    history.csv and the log (fine-tuning and scratch training start at epoch 0, the starting point); rows carrying
+    a ``stage`` (head, fine-tuning …) are drawn one stage after another, the boundaries marked."""
     rows = [r for r in history if any(k.endswith(("loss", "accuracy")) for k in r)]
     if not rows:
         return None
-    x = np.arange(1, len(rows) + 1)
-    panels = [("loss", [k for k in _keys(rows) if k.endswith("loss")]), ("accuracy", [k for k in _keys(rows) if k.endswith("accuracy")])]
-    panels = [(t, ks) for t, ks in panels if ks]
+    x = np.arange(len(rows))
+    stages = [r.get("stage") for r in rows]
+    starts = [i for i in range(len(rows)) if stages[i] is not None and (i == 0 or stages[i] != stages[i - 1])]
+    ticks = sorted(set(range(0, len(rows), -(-len(rows) // 10))) | set(starts))  # about ten, plus each stage's first
+    panels = _panels(rows)
     fig = Figure(figsize=(5.2 * len(panels), 3.6), dpi=110)
     axes = fig.subplots(1, len(panels), squeeze=False)
-    stages = [r.get("stage") for r in rows]
     for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
             ax.plot(x, [r.get(k, np.nan) for r in rows], label=k.replace("_", " "), lw=1.6)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.set_xticks(ticks, [str(rows[i].get("epoch", i)) for i in ticks])
         ax.grid(alpha=0.3)
         ax.legend(frameon=False, fontsize=8)
-        for i in range(len(rows)):
-            if stages[i] is not None and (i == 0 or stages[i] != stages[i - 1]):
-                if i:
-                    ax.axvline(x[i] - 0.5, color="0.5", ls="--", lw=1)
-                ax.text(x[i], 1.0, f" {stages[i]}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="0.3")
-    return _save(fig, path)
+        for i in starts:
+            _mark_stage(ax, i, str(stages[i]))
+    return fig
+
+
+def _panels(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(title, columns) of each panel drawn: the losses, the accuracies."""
+    keys = _keys(rows)
+    panels = [(title, [k for k in keys if k.endswith(title)]) for title in ("loss", "accuracy")]
+    return [(t, ks) for t, ks in panels if ks]
+
+
+def _mark_stage(ax: Any, i: int, stage: str) -> None:
+    """A stage's name at its first epoch, and a dashed line where it follows another."""
+    if i:
+        ax.axvline(i - 0.5, color="0.5", ls="--", lw=1)
+    ax.text(i, 1.0, f" {stage}", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="0.3")
 
 
 def _keys(rows: list[dict[str, Any]]) -> list[str]:

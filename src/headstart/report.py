@@ -121,13 +121,8 @@ def _comparison(folder: Path, overlay: ErrorOverlay | None) -> dict[str, Any]:
     has_best = best_run is not None and (best_run / "config.json").is_file()
     best_cfg = _read_json(best_run / "config.json") if has_best else None
     cols = columns(rows)
-    table = [{
-        "cells": [cell(r, k, f) for _, k, f in cols],
-        "href": f"{r['run']}/report.html" if r.get("run") and (folder / r["run"] / "report.html").is_file() else None,
-        "status": r["status"],
-        "reason": r.get("reason"),
-        "cls": "skipped" if r["status"] != "ok" else ("best" if r is best else None),
-    } for r in rows]
+    explained = [r for r in rows if r.get("reason")]  # a skipped backbone's reason is a footnote, its row stays one line
+    table = [_board_row(folder, r, cols, r is best, explained) for r in rows]
     plot = folder / "accuracy_vs_latency.png"
     if not plot.is_file():  # an older folder, or the chart was deleted: it is drawn from leaderboard.json alone
         plot_leaderboard(rows, plot)
@@ -139,8 +134,22 @@ def _comparison(folder: Path, overlay: ErrorOverlay | None) -> dict[str, Any]:
         "headings": [h for h, _, _ in cols],
         "link_column": [k for _, k, _ in cols].index("backbone"),
         "rows": table,
+        "notes": [{"n": i, "backbone": r["backbone"], "status": r["status"], "reason": r["reason"]} for i, r in enumerate(explained, 1)],
         "plot": _img(plot.read_bytes(), "accuracy against latency", "plot"),
         "run": _run(best_run, best_cfg, overlay) if best_cfg else None,
+    }
+
+
+def _board_row(folder: Path, r: dict[str, Any], cols: list[tuple[str, str, str]], best: bool, explained: list[dict[str, Any]]) -> dict[str, Any]:
+    """One leaderboard row as the template shows it: formatted cells, the link to the run's own page, and for a
+    skipped backbone the number of the footnote that gives its reason."""
+    return {
+        "cells": [cell(r, k, f) for _, k, f in cols],
+        "href": f"{r['run']}/report.html" if r.get("run") and (folder / r["run"] / "report.html").is_file() else None,
+        "status": r["status"],
+        "reason": r.get("reason"),
+        "note": explained.index(r) + 1 if r in explained else None,
+        "cls": "skipped" if r["status"] != "ok" else ("best" if best else None),
     }
 
 
@@ -174,13 +183,19 @@ def _split_file(run: Path, split: str, name: str) -> Path:
 
 
 def _counts(data: dict[str, Any]) -> dict[str, Any] | None:
-    """Images per class (rows) and split (columns), with the totals; ``None`` when the run recorded none."""
-    counts, classes = data.get("counts", {}), data.get("classes", [])
-    if not counts:
+    """Images per class (rows) and split (columns), with the totals: those used, and where some listed files were
+    unreadable, "used of listed"; ``None`` when the run recorded none (``counts``: a folder written before the
+    two were told apart, when unreadable files were counted as used)."""
+    used, classes = data.get("used", data.get("counts", {})), data.get("classes", [])
+    if not used:
         return None
-    names = list(counts)
-    return {"splits": names, "rows": [[c, *(counts[n].get(c, 0) for n in names)] for c in classes],
-            "total": [sum(counts[n].values()) for n in names]}
+    listed, names = data.get("listed", used), list(used)
+
+    def shown(u: int, n: int) -> str:
+        return str(u) if u == n else f"{u} of {n}"
+
+    return {"splits": names, "rows": [[c, *(shown(used[n].get(c, 0), listed[n].get(c, 0)) for n in names)] for c in classes],
+            "total": [shown(sum(used[n].values()), sum(listed[n].values())) for n in names], "partial": listed != used}
 
 
 def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +204,9 @@ def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
              for r in cfg.get("head_selection", [])]
     crops = [[f"{r['crop_pct']:g}" + (" (chosen)" if r.get("chosen") else ""), f"{r['cv_accuracy']:.1%}", f"{r['cv_log_loss']:.3f}"]
              for r in cfg.get("crop_selection", [])]
-    png = plot_history(cfg.get("history") or [], run / "training_curves.png")
+    history, png = cfg.get("history") or [], run / "history.png"  # the run's own picture, drawn by save_run
+    if not (history and png.is_file()):  # no curve to show, or a folder whose picture was deleted: drawn again
+        png = plot_history(history, png)
     timing = cfg.get("timing", {})
     said = None
     if timing:
