@@ -182,3 +182,14 @@ def test_every_option_says_what_it_does(command):
 def test_demo_help_says_where_its_photos_come_from():
     r = CliRunner().invoke(main, ["demo", "--help"])
     assert "downloaded once" in r.output and "bundled" not in r.output
+
+
+def test_the_public_api_names_survive_their_modules_being_imported():
+    """`import headstart` loads its names on first use; importing a submodule must not rebind a public function."""
+    import subprocess
+    import sys
+
+    code = ("import headstart, headstart.cli, headstart.compare, headstart.pipeline, headstart.predict, headstart.export; "
+            "print(all(callable(getattr(headstart, n)) for n in ('compare', 'train', 'load', 'export_onnx', 'scan', 'lookup')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr

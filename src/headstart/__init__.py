@@ -12,15 +12,16 @@
 
 from typing import Any
 
+from .compare import compare
 from .config import HeadstartError, TrainConfig, __version__
 
-# Where each public name lives. They load on first use, so `import headstart` (and every CLI command) starts in a
-# fraction of a second instead of importing scikit-learn, PIL and the pipeline up front.
+# Where each public name lives. They load on first use, so `import headstart` (and every CLI command) starts in
+# half a second instead of importing scikit-learn, matplotlib and torch up front. `compare` is imported above
+# instead: it names both a module and the function, and a submodule's first import binds the module to its name.
 _PUBLIC = {
     "REGISTRY": ("backbones", "REGISTRY"),
     "lookup": ("backbones", "lookup"),
     "load_backbone": ("backbones", "load"),
-    "compare": ("compare", "compare"),
     "ensemble": ("ensemble", None),
     "export_onnx": ("export", "export_onnx"),
     "scan": ("data", "scan"),
@@ -31,7 +32,7 @@ _PUBLIC = {
     "predict_imagenet": ("predict", "predict_imagenet"),
 }
 
-__all__ = ["HeadstartError", "TrainConfig", "__version__", *_PUBLIC]
+__all__ = ["HeadstartError", "TrainConfig", "__version__", "compare", *_PUBLIC]
 
 
 def __getattr__(name: str) -> Any:

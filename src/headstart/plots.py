@@ -8,18 +8,22 @@ as soon as it is written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from .files import atomic_path
+
+if TYPE_CHECKING:  # matplotlib loads where a picture is drawn: a prediction or a cached step draws none
+    from matplotlib.figure import Figure
 
 
 def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
     """Counts in each cell, rows normalised for colour so rare classes stay readable."""
     n = len(classes)
     size = max(4.0, 0.55 * n + 2.5)
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(size, size * 0.9), dpi=110)
     ax = fig.subplots()
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -54,6 +58,8 @@ def history_figure(history: list[dict[str, Any]]) -> Figure | None:
     starts = [i for i in range(len(rows)) if stages[i] is not None and (i == 0 or stages[i] != stages[i - 1])]
     ticks = sorted(set(range(0, len(rows), -(-len(rows) // 10))) | set(starts))  # about ten, plus each stage's first
     panels = _panels(rows)
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5.2 * len(panels), 3.6), dpi=110)
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
@@ -92,6 +98,8 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
     """The chart people choose a model by: validation accuracy against single-photo latency, one labelled point
     per backbone (up and to the left is better)."""
     done = [r for r in rows if r.get("status") == "ok" and r.get("accuracy") is not None and r.get("predict_ms") is not None]
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.4, 4.2), dpi=110)
     ax = fig.subplots()
     placed: list[tuple[float, float]] = []
