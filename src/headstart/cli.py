@@ -198,7 +198,7 @@ def _print_summary(clf: Any, out: Path) -> None:
         click.echo(f"trained from scratch for {scratch['epochs_run']} epochs (best epoch {scratch['best_epoch']}), {t['total_s']:.1f} s in all")
     else:
         click.echo(f"{t['embeddings_computed']} embeddings computed, {t['total_s']:.1f} s in all; head: {clf.info['head']['kind']}")
-    click.echo(f"saved to {out}  (predict: headstart predict {out} PHOTO.jpg)")
+    click.echo(f"saved to {out}  (open {out / 'report.html'} in a browser; predict: headstart predict {out} PHOTO.jpg)")
 
 
 def _relaunch_under_torchrun(nproc: int) -> None:
