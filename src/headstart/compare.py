@@ -80,7 +80,7 @@ def compare(
             if require_pretrained or not str(e).startswith(NO_WEIGHTS):
                 raise
             reason = str(e).replace("--weights PATH", f"--weights {name}=PATH")  # compare's option names the backbone
-            log.warning("compare: skipping %s: %s", name, reason)
+            log.warning("compare: skipping %s: no pretrained weights here (the reason and the fix are in its leaderboard row)", name)
             rows.append({"backbone": name, "status": "skipped: no weights", "reason": reason})
             continue
         rows.append(_row(name, clf, run, earlier.get(name)))
