@@ -245,6 +245,22 @@ def thumbnail(run: Path, photo: Path) -> bytes | None:
     return data
 
 
+def render_page(template: str, page: dict[str, Any], path: Path) -> Path:
+    """Another self-contained page (``audit.html``) from the same templates, autoescaped, written atomically."""
+    atomic_write_text(path, _templates().get_template(template).render(page))
+    return path
+
+
+def jpeg_thumbnail(img: Image.Image) -> bytes:
+    """A small JPEG (at most ``THUMB`` px) of a decoded picture, for embedding in a page."""
+    return _jpeg(img)
+
+
+def picture(data: bytes, alt: str, cls: str, mime: str = "image/png") -> dict[str, str]:
+    """A picture for a template, embedded as a data URI."""
+    return _img(data, alt, cls, mime)
+
+
 def _jpeg(img: Image.Image) -> bytes:
     img = to_rgb(img)
     img.thumbnail((THUMB, THUMB))
