@@ -8,9 +8,11 @@
     headstart.ensemble.build(["runs/a", "runs/b"], out="runs/ab")  # members' probabilities averaged
     headstart.export_onnx("runs/photos")                 # model.onnx, checked against PyTorch
     headstart.compare("photos/", ["efficientnet_lite0", "efficientnet_lite1"], out="runs/cmp")  # leaderboard
+    headstart.audit("photos/", out="runs/photos-audit")  # duplicates, leaks, mislabels, junk: audit.html, exclude.txt
 """
 
 from . import ensemble
+from .audit import audit
 from .backbones import REGISTRY, lookup
 from .backbones import load as load_backbone
 from .compare import compare
@@ -26,6 +28,7 @@ __all__ = [
     "Prediction",
     "TrainConfig",
     "__version__",
+    "audit",
     "compare",
     "ensemble",
     "load",

@@ -39,14 +39,14 @@ import numpy as np
 from PIL import Image
 
 from . import backbones, cache, features, heads
-from .config import HeadstartError, TrainConfig
+from .config import AUDIT_NEAR, HeadstartError, TrainConfig
 from .data import Skipped, Split, open_rgb, scan, train_val_split
 from .files import atomic_write_text
 from .report import jpeg_thumbnail, picture, render_page
 
 log = logging.getLogger("headstart")
 
-NEAR = 0.77  # default copy similarity for a near duplicate: measured in BENCHMARKS.md ("Audit thresholds")
+NEAR = AUDIT_NEAR  # default copy similarity for a near duplicate: measured in BENCHMARKS.md ("Audit thresholds")
 CANDIDATE = 0.80  # embedding cosine at or above which two photos are compared as possible copies (all planted copies: ≥ 0.82)
 NEIGHBOURS = 3  # nearest photos per photo compared as possible copies
 THUMB, DETAIL = 64, 32  # px: the grayscale thumbnail kept per photo; the detail grid two views are compared on
@@ -166,6 +166,11 @@ def resolve(data: str | Path, config: TrainConfig | None, overrides: dict[str, A
     return root, dataclasses.replace(saved, **keep, **overrides)
 
 
+def is_run_folder(folder: Path) -> bool:
+    """A run folder (``headstart train``) or a comparison folder (``headstart compare``), not a data folder."""
+    return (Path(folder) / "config.json").is_file() or (Path(folder) / "leaderboard.json").is_file()
+
+
 def _run_of(folder: Path) -> Path | None:
     """The run folder whose photos ``folder`` stands for (itself, or a comparison's first finished run)."""
     if (folder / "config.json").is_file():
@@ -282,15 +287,16 @@ def nearest(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[n
     return idx, sim
 
 
-def class_affinity(x: np.ndarray, labels: np.ndarray, n_classes: int, near: float, k: int = CLASS_K) -> np.ndarray:
+def class_affinity(x: np.ndarray, labels: np.ndarray, n_classes: int, k: int = CLASS_K) -> np.ndarray:
     """For each row, its highest mean similarity to its ``k`` nearest photos of one class, over all classes
-    (itself and its near duplicates left out, so a copied stray still looks stray): low = far from every class."""
+    (itself and any photo that may be a copy of it, cosine ≥ ``CANDIDATE``, left out, so a copied stray still
+    looks stray): low = far from every class."""
     best = np.full(len(x), -1.0, dtype=np.float32)
     members = [np.flatnonzero(labels == c) for c in range(n_classes)]
     for b in _blocks(len(x), len(x)):
         s = x[b] @ x.T
         s[np.arange(s.shape[0]), np.arange(b.start, b.stop)] = -1.0
-        s[s >= near] = -1.0
+        s[s >= CANDIDATE] = -1.0
         for cols in members:
             kk = min(k, len(cols))
             if kk:
@@ -358,9 +364,15 @@ def similarity_findings(ph: Photos, f: features.Features, near: float, cfg: Trai
         return []
     x = normalised(f.x)
     exact = {frozenset(fd.paths) for fd in found if fd.kind in ("exact-duplicate", "leak")}
-    out = near_duplicates(ph, rows, x, near, exact, stats)
+    # one row per distinct picture: exact copies are found already, and in a folder of repeated photos they would
+    # fill every photo's nearest neighbours
+    first: dict[Any, int] = {}
+    for r, i in enumerate(rows):
+        first.setdefault(stats[i].get("pixels") or i, r)
+    uniq = np.array(sorted(first.values()))
+    out = near_duplicates(ph, rows[uniq], x[uniq], near, exact, stats)
     out += mislabels(ph, rows, f.x, cfg)
-    out += outliers(ph, rows, x, near)
+    out += outliers(ph, rows, x)
     return out
 
 
@@ -483,6 +495,12 @@ def copy_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return max(_one_way(a, b), _one_way(b, a))
 
 
+def thumbnail(stats: dict[str, Any]) -> np.ndarray | None:
+    """The 64 × 64 grayscale thumbnail ``measure`` kept, as floats (None: the photo did not decode)."""
+    b64 = stats.get("thumb")
+    return np.frombuffer(base64.b64decode(b64), np.uint8).reshape(THUMB, THUMB).astype(np.float32) if b64 else None
+
+
 class Thumbs:
     """The photos' 64 × 64 grayscale thumbnails (from their statistics), decoded when first compared."""
 
@@ -492,8 +510,7 @@ class Thumbs:
 
     def get(self, r: int) -> np.ndarray | None:
         if r not in self.known:
-            b64 = self.stats[self.rows[r]].get("thumb")
-            self.known[r] = np.frombuffer(base64.b64decode(b64), np.uint8).reshape(THUMB, THUMB).astype(np.float32) if b64 else None
+            self.known[r] = thumbnail(self.stats[self.rows[r]])
         return self.known[r]
 
     def similarity(self, a: int, b: int) -> float:
@@ -539,9 +556,9 @@ def robust_z(v: np.ndarray) -> np.ndarray:
     return (v - med) / max(mad, 1e-6)
 
 
-def outliers(ph: Photos, rows: np.ndarray, x: np.ndarray, near: float) -> list[Finding]:
+def outliers(ph: Photos, rows: np.ndarray, x: np.ndarray) -> list[Finding]:
     """Photos far from every class: their class affinity (``class_affinity``) is an outlier on the low side."""
-    aff = class_affinity(x, ph.labels[rows], len(ph.classes), near)
+    aff = class_affinity(x, ph.labels[rows], len(ph.classes))
     z = -robust_z(aff)
     return [Finding("outlier", f"far from every class: similarity {aff[r]:.3f} to its {CLASS_K} nearest photos of the closest "
                                f"class, {z[r]:.1f} robust deviations below the median", [ph.rel(int(rows[r]))], float(z[r]),
@@ -610,47 +627,53 @@ def _counts(ph: Photos) -> dict[str, dict[str, int]]:
 # ---------------------------------------------------------------------------------- the cheap part (train)
 
 
-def leaks(feats: dict[str, features.Features], splits: dict[str, Split], classes: list[str], root: Path,
+def leaks(feats: dict[str, features.Features], splits: dict[str, Split], classes: list[str], root: Path, cfg: TrainConfig,
           near: float = NEAR) -> dict[str, Any]:
-    """Validation and test photos with an exact (same bytes) or near copy in train, from the embeddings and
-    digests training already has: per split, how many, and how many share the train copy's label (the points of
-    accuracy they may be worth). The full audit (``audit``) finds the rest."""
+    """Validation and test photos with a copy in train, from the embeddings and digests training already has: the
+    same bytes, or a near copy (its nearest train photo by embedding, confirmed by ``copy_similarity``; only those
+    few photos are decoded, once, into the statistics store). Per split: how many, and how many share the train
+    copy's label (the points of accuracy they may be worth). ``audit`` finds the rest."""
     tr, ftr = splits["train"], feats["train"]
-    ytr = np.asarray(tr.labels)[ftr.ok]
-    paths_tr = [p for p, ok in zip(tr.paths, ftr.ok) if ok]
-    digest_tr = {d: i for i, d in enumerate(ftr.digests or []) if d}
     out: dict[str, Any] = {"near": near, "pairs": []}
     for name in ("val", "test"):
         f, s = feats.get(name), splits.get(name)
         if f is None or s is None or not f.ok.any() or not len(ftr.x):
             continue
-        pairs = _split_leaks(f, s, ftr, ytr, paths_tr, digest_tr, tr, near)
+        pairs = _split_leaks(f, s, ftr, tr, cfg, near)
         same = sum(p["same_label"] for p in pairs)
         out[name] = {"n": len(s), "leaked": len(pairs), "same_label": same, "conflict": len(pairs) - same,
                      "points": round(100 * same / max(len(s), 1), 2)}
         out["pairs"] += [{"split": name, **p, "path": _shown(p["path"], root), "train_path": _shown(p["train_path"], root),
                           "label": classes[p["label"]], "train_label": classes[p["train_label"]]} for p in pairs]
+    out["warning"] = leak_warning(out)
     return out
 
 
-def _split_leaks(f: features.Features, s: Split, ftr: features.Features, ytr: np.ndarray, paths_tr: list[Path],
-                 digest_tr: dict[str, int], tr: Split, near: float) -> list[dict[str, Any]]:
-    y = np.asarray(s.labels)
+def _split_leaks(f: features.Features, s: Split, ftr: features.Features, tr: Split, cfg: TrainConfig,
+                 near: float) -> list[dict[str, Any]]:
+    """(val/test photo, train copy) rows of one split: same bytes first, then verified near copies."""
+    by_digest = {d: k for k, d in enumerate(ftr.digests or []) if d}
+    digests = f.digests or [None] * len(s)
+    exact = {i: by_digest[d] for i, d in enumerate(digests) if d in by_digest}
+    train_rows, held_rows = np.flatnonzero(ftr.ok), np.flatnonzero(f.ok)
     j, sim = nearest(normalised(f.x), normalised(ftr.x), 1)
-    pairs = []
-    for r, i in enumerate(np.flatnonzero(f.ok)):
-        d = f.digests[i] if f.digests else None
-        if d in digest_tr:  # same bytes: the train file of that digest
-            k = digest_tr[d]
-            pairs.append(_pair_row(s.paths[i], y[i], tr.paths[k], tr.labels[k], "exact-bytes", 1.0))
-        elif sim[r, 0] >= near:
-            pairs.append(_pair_row(s.paths[i], y[i], paths_tr[j[r, 0]], ytr[j[r, 0]], "near", float(sim[r, 0])))
-    return pairs
+    cands = [(int(i), int(train_rows[j[r, 0]])) for r, i in enumerate(held_rows) if sim[r, 0] >= CANDIDATE and i not in exact]
+    stats = measure_all([s.paths[i] for i, _ in cands] + [tr.paths[k] for _, k in cands],
+                        [digests[i] for i, _ in cands] + [ftr.digests[k] if ftr.digests else None for _, k in cands], cfg)
+    n = len(cands)
+    scores = [_similarity(stats[m], stats[n + m]) for m in range(n)]
+    rows = [_pair_row(s.paths[i], s.labels[i], tr.paths[k], tr.labels[k], "exact-bytes", 1.0) for i, k in exact.items()]
+    return rows + [_pair_row(s.paths[i], s.labels[i], tr.paths[k], tr.labels[k], "near", v) for (i, k), v in zip(cands, scores) if v >= near]
+
+
+def _similarity(a: dict[str, Any], b: dict[str, Any]) -> float:
+    ta, tb = thumbnail(a), thumbnail(b)
+    return -1.0 if ta is None or tb is None else copy_similarity(ta, tb)
 
 
 def _pair_row(path: Path, label: int, train_path: Path, train_label: int, how: str, sim: float) -> dict[str, Any]:
     return {"path": path, "label": int(label), "train_path": train_path, "train_label": int(train_label), "how": how,
-            "similarity": round(sim, 4), "same_label": bool(label == train_label)}
+            "similarity": round(float(sim), 4), "same_label": bool(label == train_label)}
 
 
 def _shown(path: Path, root: Path) -> str:
@@ -664,7 +687,7 @@ def leak_warning(summary: dict[str, Any]) -> str | None:
              f"another label)" for n in ("val", "test") if summary.get(n, {}).get("leaked")]
     if not parts:
         return None
-    return "; ".join(parts) + " — the score is inflated: run `headstart audit` on the data folder, and exclude the train copies"
+    return "; ".join(parts) + ": the score is inflated. Run `headstart audit` on the data folder and exclude the train copies"
 
 
 # -------------------------------------------------------------------------------------------------- files

@@ -165,7 +165,18 @@ def _run(run: Path, cfg: dict[str, Any], overlay: ErrorOverlay | None) -> dict[s
         "members_dir": str(run / "members"),
         "training": None if ensemble else _training(run, cfg),
         "splits": [_split(run, n, m, overlay) for n, m in splits],
+        "leaks": _leaks(cfg.get("leaks") or {}),
     }
+
+
+def _leaks(leaks: dict[str, Any], shown: int = 20) -> dict[str, Any] | None:
+    """The warning training wrote when validation or test photos have a copy in train, with the first pairs."""
+    if not leaks.get("warning"):
+        return None
+    pairs = leaks.get("pairs", [])
+    rows = [[p["split"], p["path"], p["train_path"], "same bytes" if p["how"] == "exact-bytes" else f"near copy ({p['similarity']:.2f})",
+             p["label"] if p["same_label"] else f"{p['label']} / train: {p['train_label']}"] for p in pairs[:shown]]
+    return {"warning": leaks["warning"], "rows": rows, "more": max(0, len(pairs) - shown)}
 
 
 def _split_file(run: Path, split: str, name: str) -> Path:
