@@ -227,6 +227,8 @@ def test_training_warns_of_leaks_and_the_report_says_so(tmp_path, caplog):
     r = CliRunner().invoke(main, ["audit", str(tmp_path / "run"), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["summary"]["leak"] == 2
+    (tmp_path / "leaderboard.json").write_text(json.dumps({"rows": [{"run": "run", "status": "ok"}]}))  # a comparison folder
+    assert headstart.audit(tmp_path).summary()["leak"] == 2
     exclude = tmp_path / "run" / "exclude.txt"
     clf = headstart.train(data, out=tmp_path / "run2", head="linear", exclude=exclude, progress=False)
     assert sum(clf.info["data"]["counts"]["train"].values()) == 18 and clf.info["leaks"]["warning"] is None

@@ -47,10 +47,12 @@ from .report import jpeg_thumbnail, picture, render_page
 log = logging.getLogger("headstart")
 
 NEAR = AUDIT_NEAR  # default copy similarity for a near duplicate: measured in BENCHMARKS.md ("Audit thresholds")
-CANDIDATE = 0.80  # embedding cosine at or above which two photos are compared as possible copies (all planted copies: ≥ 0.82)
+CANDIDATE = 0.75  # embedding cosine at or above which two photos are compared as possible copies (planted copies: ≥ 0.805)
+COARSE = 0.45  # a pair whose best coarse crop correlates less is no copy (copies: ≥ 0.57 before refinement)
 NEIGHBOURS = 3  # nearest photos per photo compared as possible copies
 THUMB, DETAIL = 64, 32  # px: the grayscale thumbnail kept per photo; the detail grid two views are compared on
 CLASS_K = 5  # nearest photos per class for the outlier score
+SAME_PICTURE = 0.80  # embedding cosine from which a neighbour may be a copy: left out of the outlier score
 CHUNK_CELLS = 1 << 23  # similarities held at once (32 MB of float32), whatever the number of photos
 OUTLIER_Z = 3.5  # robust z-score (median and MAD) above which a photo is far from every class
 THUMBS = 60  # findings per kind shown with pictures in audit.html (the rest as text)
@@ -289,14 +291,14 @@ def nearest(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[n
 
 def class_affinity(x: np.ndarray, labels: np.ndarray, n_classes: int, k: int = CLASS_K) -> np.ndarray:
     """For each row, its highest mean similarity to its ``k`` nearest photos of one class, over all classes
-    (itself and any photo that may be a copy of it, cosine ≥ ``CANDIDATE``, left out, so a copied stray still
+    (itself and any photo that may be a copy of it, cosine ≥ ``SAME_PICTURE``, left out, so a copied stray still
     looks stray): low = far from every class."""
     best = np.full(len(x), -1.0, dtype=np.float32)
     members = [np.flatnonzero(labels == c) for c in range(n_classes)]
     for b in _blocks(len(x), len(x)):
         s = x[b] @ x.T
         s[np.arange(s.shape[0]), np.arange(b.start, b.stop)] = -1.0
-        s[s >= CANDIDATE] = -1.0
+        s[s >= SAME_PICTURE] = -1.0
         for cols in members:
             kk = min(k, len(cols))
             if kk:
@@ -479,6 +481,8 @@ def _one_way(a: np.ndarray, b: np.ndarray) -> float:
     whole = views(b, (grid[0][:1], grid[1][:1]))[0]
     scores = views(a, grid) @ whole
     best, top = boxes[int(scores.argmax())], float(scores.max())
+    if top < COARSE:  # most candidate pairs end here: not worth refining
+        return top
     for step, ds in ((0.25, 0.0125), (0.125, 0.00625)):
         fine = _refined(best, step, ds)
         sc = views(a, _resizers(fine)) @ whole
@@ -488,9 +492,9 @@ def _one_way(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def copy_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """1.0 for the same picture; about 0.8 to 0.97 for a copy resized to 60–90 %, re-compressed at JPEG quality
-    30–60, cropped by 5–10 % and brightened a little; at most about 0.74 for different photos of the same kind of
-    scene (measured on clothing, BENCHMARKS.md). The correlation of fine detail (3 × 3 high-pass at 32 × 32) of
+    """1.0 for the same picture; 0.77 to 0.99 for a copy resized to 60–90 %, re-compressed at JPEG quality 30–60,
+    cropped by 5–10 % and brightened a little; at most 0.74 for different photos of the same kind of scene
+    (measured on clothing, BENCHMARKS.md). The correlation of fine detail (3 × 3 high-pass at 32 × 32) of
     one photo with the best-matching crop of the other, either way round."""
     return max(_one_way(a, b), _one_way(b, a))
 
