@@ -99,14 +99,16 @@ def thresholds() -> str:
 
 
 def _child(code: str) -> dict:
-    """Run ``code`` in a fresh Python; it prints one JSON line; peak resident memory (ru_maxrss) is added."""
-    prog = code + "\nimport resource, json as _j; print(_j.dumps({**RESULT, 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+    """Run ``code`` in a fresh Python; it prints one JSON line; its peak resident memory is added (VmHWM: Linux's
+    ru_maxrss would carry over the parent's peak across fork and exec)."""
+    prog = code + ("\nimport re, json as _j\npeak = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+                   "\nprint(_j.dumps({**RESULT, 'peak_mb': peak / 1024}))")
     out = subprocess.run([sys.executable, "-c", prog], check=True, capture_output=True, text=True, cwd=ROOT / "benchmarks").stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 AUDIT = """
-import sys, time; sys.path.insert(0, 'common'); import common, headstart
+import sys, time; import common, headstart
 t = time.perf_counter(); a = headstart.audit({folder!r}, {out!r}); RESULT = {{'s': time.perf_counter() - t, 'summary': a.summary(), 'timing': a.timing}}
 """
 

@@ -24,6 +24,7 @@ deleted or moved: the audit writes ``audit.json``, ``audit.html`` and an editabl
 from __future__ import annotations
 
 import base64
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -374,7 +375,7 @@ def similarity_findings(ph: Photos, f: features.Features, near: float, cfg: Trai
     uniq = np.array(sorted(first.values()))
     out = near_duplicates(ph, rows[uniq], x[uniq], near, exact, stats)
     out += mislabels(ph, rows, f.x, cfg)
-    out += outliers(ph, rows, x)
+    out += outliers(ph, rows[uniq], x[uniq])
     return out
 
 
@@ -475,28 +476,42 @@ def _refined(best: Box, step: float, ds: float) -> list[Box]:
     return out
 
 
-def _one_way(a: np.ndarray, b: np.ndarray) -> float:
+@dataclass
+class Prepared:
+    """A photo ready to compare: its thumbnail and the detail of every box of the coarse grid (``GRID`` order,
+    the whole frame first), computed once per photo however many pairs it is in."""
+
+    thumb: np.ndarray
+    grid: np.ndarray
+
+    @classmethod
+    def of(cls, thumb: np.ndarray) -> "Prepared":
+        return cls(thumb, views(thumb, _grid()[1]))
+
+
+def _one_way(a: Prepared, b: Prepared) -> float:
     """How well photo ``b`` matches some crop of photo ``a``: the best box of a coarse grid, refined twice around it."""
-    boxes, grid = _grid()
-    whole = views(b, (grid[0][:1], grid[1][:1]))[0]
-    scores = views(a, grid) @ whole
-    best, top = boxes[int(scores.argmax())], float(scores.max())
+    whole = b.grid[0]
+    scores = a.grid @ whole
+    best, top = _grid()[0][int(scores.argmax())], float(scores.max())
     if top < COARSE:  # most candidate pairs end here: not worth refining
         return top
     for step, ds in ((0.25, 0.0125), (0.125, 0.00625)):
         fine = _refined(best, step, ds)
-        sc = views(a, _resizers(fine)) @ whole
+        sc = views(a.thumb, _resizers(fine)) @ whole
         if sc.max() > top:
             top, best = float(sc.max()), fine[int(sc.argmax())]
     return top
 
 
-def copy_similarity(a: np.ndarray, b: np.ndarray) -> float:
+def copy_similarity(a: np.ndarray | Prepared, b: np.ndarray | Prepared) -> float:
     """1.0 for the same picture; 0.77 to 0.99 for a copy resized to 60–90 %, re-compressed at JPEG quality 30–60,
     cropped by 5–10 % and brightened a little; at most 0.74 for different photos of the same kind of scene
     (measured on clothing, BENCHMARKS.md). The correlation of fine detail (3 × 3 high-pass at 32 × 32) of
-    one photo with the best-matching crop of the other, either way round."""
-    return max(_one_way(a, b), _one_way(b, a))
+    one photo with the best-matching crop of the other, either way round. ``a``, ``b``: 64 × 64 thumbnails."""
+    pa = a if isinstance(a, Prepared) else Prepared.of(a)
+    pb = b if isinstance(b, Prepared) else Prepared.of(b)
+    return max(_one_way(pa, pb), _one_way(pb, pa))
 
 
 def thumbnail(stats: dict[str, Any]) -> np.ndarray | None:
@@ -506,20 +521,28 @@ def thumbnail(stats: dict[str, Any]) -> np.ndarray | None:
 
 
 class Thumbs:
-    """The photos' 64 × 64 grayscale thumbnails (from their statistics), decoded when first compared."""
+    """The photos to compare, prepared when first met and kept for the next pairs (at most ``KEEP`` at once:
+    about 225 kB each, so memory stays bounded however large the folder)."""
+
+    KEEP = 2048
 
     def __init__(self, stats: list[dict[str, Any]], rows: np.ndarray):
         self.stats, self.rows = stats, rows
-        self.known: dict[int, np.ndarray | None] = {}
+        self.known: collections.OrderedDict[int, Prepared | None] = collections.OrderedDict()
 
-    def get(self, r: int) -> np.ndarray | None:
-        if r not in self.known:
-            self.known[r] = thumbnail(self.stats[self.rows[r]])
+    def get(self, r: int) -> Prepared | None:
+        if r in self.known:
+            self.known.move_to_end(r)
+            return self.known[r]
+        thumb = thumbnail(self.stats[self.rows[r]])
+        self.known[r] = None if thumb is None else Prepared.of(thumb)
+        if len(self.known) > self.KEEP:
+            self.known.popitem(last=False)
         return self.known[r]
 
     def similarity(self, a: int, b: int) -> float:
-        ta, tb = self.get(a), self.get(b)
-        return -1.0 if ta is None or tb is None else copy_similarity(ta, tb)
+        pa, pb = self.get(a), self.get(b)
+        return -1.0 if pa is None or pb is None else copy_similarity(pa, pb)
 
 
 def confident_learning(p: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -546,10 +569,11 @@ def mislabels(ph: Photos, rows: np.ndarray, x: np.ndarray, cfg: TrainConfig) -> 
     out = []
     for r in order:
         i, guess = int(rows[r]), int(p[r].argmax())
-        out.append(Finding("mislabel", "confident learning on out-of-fold probabilities: another class is confidently "
-                           "more probable than the given label", [ph.rel(i)], float(1 - p[r, y[r]]), [ph.split[i]], [ph.label(i)],
-                           {"suggested": ph.classes[guess], "p_suggested": round(float(p[r, guess]), 4),
-                            "p_given": round(float(p[r, y[r]]), 4)}))
+        given = float(p[r, y[r]])
+        out.append(Finding("mislabel", f"confident learning on out-of-fold probabilities: label '{ph.label(i)}' has p={given:.2f}, "
+                                       f"'{ph.classes[guess]}' p={p[r, guess]:.2f}", [ph.rel(i)], 1 - given, [ph.split[i]],
+                           [ph.label(i)], {"suggested": ph.classes[guess], "p_suggested": round(float(p[r, guess]), 4),
+                                           "p_given": round(given, 4)}))
     return out
 
 
