@@ -232,3 +232,9 @@ def test_training_warns_of_leaks_and_the_report_says_so(tmp_path, caplog):
     exclude = tmp_path / "run" / "exclude.txt"
     clf = headstart.train(data, out=tmp_path / "run2", head="linear", exclude=exclude, progress=False)
     assert sum(clf.info["data"]["counts"]["train"].values()) == 18 and clf.info["leaks"]["warning"] is None
+
+
+def test_cli_refuses_a_near_threshold_out_of_range_before_any_work(tmp_path):
+    r = CliRunner().invoke(main, ["audit", str(HYMENOPTERA), "--near", "1.5", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "near=1.5 is out of range" in r.output, r.output
+    assert not (tmp_path / "a").exists()
