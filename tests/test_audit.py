@@ -238,3 +238,22 @@ def test_cli_refuses_a_near_threshold_out_of_range_before_any_work(tmp_path):
     r = CliRunner().invoke(main, ["audit", str(HYMENOPTERA), "--near", "1.5", "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and "near=1.5 is out of range" in r.output, r.output
     assert not (tmp_path / "a").exists()
+
+
+def test_inverted_lists_find_nearly_every_nearest_neighbour(monkeypatch):
+    """Above EXACT_UP_TO photos the search is approximate: it must still find the close pairs copies are."""
+    import importlib
+
+    a = importlib.import_module("headstart.audit")
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 64))
+    x = normalised((centres[rng.integers(0, 40, 4000)] + rng.normal(scale=0.8, size=(4000, 64))).astype(np.float32))
+    exact_idx, exact_sim = a.nearest_exact(x, x, 3, same=True)
+    monkeypatch.setattr(a, "EXACT_UP_TO", 1000)
+    idx, sim = a.nearest(x, x, 3, same=True)
+    assert (idx[:, 0] == exact_idx[:, 0]).mean() >= 0.95
+    assert (sim <= exact_sim + 1e-5).all() and (idx != np.arange(4000)[:, None]).all()
+    labels = rng.integers(0, 5, 4000)
+    approx = a.class_affinity(x, labels, 5)
+    monkeypatch.setattr(a, "EXACT_UP_TO", 10_000)
+    assert np.corrcoef(approx, a.class_affinity(x, labels, 5))[0, 1] > 0.9

@@ -55,6 +55,9 @@ THUMB, DETAIL = 64, 32  # px: the grayscale thumbnail kept per photo; the detail
 CLASS_K = 5  # nearest photos per class for the outlier score
 SAME_PICTURE = 0.80  # embedding cosine from which a neighbour may be a copy: left out of the outlier score
 CHUNK_CELLS = 1 << 23  # similarities held at once (32 MB of float32), whatever the number of photos
+EXACT_UP_TO = 20_000  # photos searched exactly (every pair); above, inverted lists (BENCHMARKS.md, "Audit scaling")
+PROBES = 8  # inverted lists searched per photo above EXACT_UP_TO
+WIDE = 64  # nearest photos the outlier score reads above EXACT_UP_TO
 OUTLIER_Z = 3.5  # robust z-score (median and MAD) above which a photo is far from every class
 THUMBS = 60  # findings per kind shown with pictures in audit.html (the rest as text)
 STATS = "audit/stats-2"  # the per-photo statistics store (bump the suffix when `measure` changes)
@@ -272,8 +275,16 @@ def _blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
 
 def nearest(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """For each row of ``q``, the ``k`` most similar rows of ``r`` (indices, cosine similarities; most similar
-    first), both L2-normalised. ``same``: ``q`` is ``r``, and a row is not its own neighbour. Chunked top-k: at
-    most ``CHUNK_CELLS`` similarities exist at once."""
+    first), both L2-normalised. ``same``: ``q`` is ``r``, and a row is not its own neighbour. Exact up to
+    ``EXACT_UP_TO`` rows of ``r`` (every pair scored, n² time); above, inverted lists (``nearest_in_lists``:
+    about n·√n). Either way at most ``CHUNK_CELLS`` similarities exist at once."""
+    if len(r) > EXACT_UP_TO:
+        return nearest_in_lists(q, r, k, same)
+    return nearest_exact(q, r, k, same)
+
+
+def nearest_exact(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``nearest`` by scoring every pair, a block of rows at a time."""
     k = min(k, len(r) - (1 if same else 0))
     idx = np.zeros((len(q), max(k, 0)), dtype=np.int64)
     sim = np.zeros((len(q), max(k, 0)), dtype=np.float32)
@@ -290,10 +301,57 @@ def nearest(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[n
     return idx, sim
 
 
+def _kmeans(r: np.ndarray, n_lists: int, iterations: int = 5, seed: int = 0) -> np.ndarray:
+    """Spherical k-means centres of the rows (seeded), for ``nearest_in_lists``."""
+    centres = r[np.random.default_rng(seed).choice(len(r), n_lists, replace=False)].copy()
+    for _ in range(iterations):
+        assign = nearest_exact(r, centres, 1)[0][:, 0]
+        order = np.argsort(assign, kind="stable")
+        counts = np.bincount(assign, minlength=n_lists)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        sums = np.add.reduceat(r[order], starts[counts > 0], axis=0)
+        centres[counts > 0] = normalised(sums)
+    return centres
+
+
+def nearest_in_lists(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``nearest`` through inverted lists: the rows of ``r`` are grouped around √n k-means centres, and each
+    query scores only the rows of its ``PROBES`` nearest groups (about n·√n work instead of n²). Approximate: a
+    neighbour in an unprobed group is missed (its place holds index -1, similarity -inf)."""
+    n_lists = max(1, int(np.sqrt(len(r))))
+    centres = _kmeans(r, n_lists)
+    assign = nearest_exact(r, centres, 1)[0][:, 0]
+    probes = nearest_exact(q, centres, min(PROBES, n_lists))[0]
+    idx = np.full((len(q), k), -1, dtype=np.int64)
+    sim = np.full((len(q), k), -np.inf, dtype=np.float32)
+    for group in range(n_lists):
+        members = np.flatnonzero(assign == group)
+        asking = np.flatnonzero((probes == group).any(axis=1))
+        for b in _blocks(len(asking), len(members)) if len(members) else ():
+            rows = asking[b]
+            s = q[rows] @ r[members].T
+            if same:
+                s[rows[:, None] == members[None, :]] = -np.inf
+            _merge(idx, sim, rows, members, s, k)
+    order = np.argsort(-sim, axis=1)
+    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(sim, order, axis=1)
+
+
+def _merge(idx: np.ndarray, sim: np.ndarray, rows: np.ndarray, members: np.ndarray, s: np.ndarray, k: int) -> None:
+    """Keep, for each of ``rows``, the ``k`` best of what it had and the new similarities ``s`` to ``members``."""
+    cand_sim = np.concatenate([sim[rows], s], axis=1)
+    cand_idx = np.concatenate([idx[rows], np.broadcast_to(members, s.shape)], axis=1)
+    top = np.argpartition(-cand_sim, k - 1, axis=1)[:, :k]
+    sim[rows], idx[rows] = np.take_along_axis(cand_sim, top, axis=1), np.take_along_axis(cand_idx, top, axis=1)
+
+
 def class_affinity(x: np.ndarray, labels: np.ndarray, n_classes: int, k: int = CLASS_K) -> np.ndarray:
     """For each row, its highest mean similarity to its ``k`` nearest photos of one class, over all classes
     (itself and any photo that may be a copy of it, cosine ≥ ``SAME_PICTURE``, left out, so a copied stray still
-    looks stray): low = far from every class."""
+    looks stray): low = far from every class. Above ``EXACT_UP_TO`` rows, read from each row's ``WIDE`` nearest
+    photos (inverted lists), a class absent from them counting as far."""
+    if len(x) > EXACT_UP_TO:
+        return _affinity_of_neighbours(x, labels, n_classes, k)
     best = np.full(len(x), -1.0, dtype=np.float32)
     members = [np.flatnonzero(labels == c) for c in range(n_classes)]
     for b in _blocks(len(x), len(x)):
@@ -305,6 +363,16 @@ def class_affinity(x: np.ndarray, labels: np.ndarray, n_classes: int, k: int = C
             if kk:
                 part = -np.partition(-s[:, cols], kk - 1, axis=1)[:, :kk]
                 best[b] = np.maximum(best[b], part.mean(axis=1))
+    return best
+
+
+def _affinity_of_neighbours(x: np.ndarray, labels: np.ndarray, n_classes: int, k: int) -> np.ndarray:
+    idx, sim = nearest(x, x, WIDE, same=True)
+    sim = np.where((sim >= SAME_PICTURE) | (idx < 0), -1.0, sim)
+    best = np.full(len(x), -1.0, dtype=np.float32)
+    for c in range(n_classes):
+        mine = np.where(labels[idx] == c, sim, -1.0)
+        best = np.maximum(best, -np.partition(-mine, k - 1, axis=1)[:, :k].mean(axis=1))
     return best
 
 
