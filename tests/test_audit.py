@@ -179,7 +179,7 @@ def test_a_warm_audit_of_clothing_reads_the_cache_and_finds_no_duplicates(plante
 def test_ants_and_bees_image_not_found_is_flagged():
     a = headstart.audit(HYMENOPTERA)
     kinds = {f.kind for f in a.findings if "train/ants/imageNotFound.gif" in f.paths}
-    assert kinds & {"placeholder", "outlier"}, kinds
+    assert kinds >= {"quality", "outlier"}, kinds  # mostly one colour, and far from ants and bees
 
 
 @pytest.mark.slow

@@ -666,12 +666,15 @@ def outliers(ph: Photos, rows: np.ndarray, x: np.ndarray) -> list[Finding]:
 
 def quality_rules(s: dict[str, Any], colour_set: bool, blur_limit: float) -> list[tuple[str, str]]:
     """(kind, rule) for each quality rule one photo's statistics break. Thresholds from clothing and ants/bees: their
-    photos all have a brightness spread over 13, over 250 colours, at most 50 % of pixels one colour, a mean
-    brightness of 46 to 204 (imageNotFound.gif: 89 % one colour)."""
+    photos all have a brightness spread over 13 and over 250 colours; all but two (a stock render of an ant on white,
+    82 %; imageNotFound.gif, 89 %) at most 50 % of pixels one colour; a mean brightness of 46 to 204."""
     rules = []
-    if s["std"] < 2 or s["colours"] < 64 or s["dominant"] > 0.7:
-        rules.append(("placeholder", f"near-uniform or a graphic, not a photo: brightness spread {s['std']:.1f}/255, "
-                                     f"{s['colours']} distinct colours, {s['dominant']:.0%} of pixels one colour"))
+    if s["std"] < 2 or s["colours"] < 64:
+        rules.append(("placeholder", f"near-uniform, not a photo: brightness spread {s['std']:.1f}/255, "
+                                     f"{s['colours']} distinct colours"))
+    elif s["dominant"] > 0.7:  # also a product shot on a plain background: for a person to judge
+        rules.append(("quality", f"mostly one colour ({s['dominant']:.0%} of pixels): a placeholder, a drawing or render, "
+                                 f"or a subject on a plain background"))
     elif s["mean"] < 25 or s["mean"] > 245:
         rules.append(("quality", f"very {'dark' if s['mean'] < 25 else 'bright'}: mean brightness {s['mean']:.0f}/255"))
     elif s["sharpness"] < blur_limit:
@@ -798,7 +801,7 @@ def exclude_lines(a: Audit) -> list[str]:
              "# Nothing has been deleted or moved. Never drop validation or test photos because the model disagrees with them",
              "# and then report the better score: that score is no longer an estimate of anything.", ""]
     seen: set[str] = set()
-    for f in a.findings:
+    for f in sorted(a.findings, key=lambda f: f.kind not in EXCLUDED_BY_DEFAULT):  # a path's safe reason first
         for path, split in _suggested(f):
             if path in seen:
                 continue
@@ -838,8 +841,9 @@ KIND_TITLES = {
     "near-duplicate": ("Near duplicates", "Almost the same picture (resized, re-compressed, cropped)."),
     "mislabel": ("Likely mislabels", "The out-of-fold head confidently prefers another class: look, and fix the label if it is wrong."),
     "outlier": ("Outliers", "Far from every class: off-topic, or a rare view worth more photos like it."),
-    "placeholder": ("Placeholders and graphics", "Near-uniform images, icons, 'image not found' pictures: noise with a label."),
-    "quality": ("Image quality", "Very dark or bright, blurry, tiny, extreme aspect ratio, grayscale in a colour set."),
+    "placeholder": ("Placeholders", "Near-uniform images and icons: noise with a label."),
+    "quality": ("Image quality", "Mostly one colour ('image not found' pictures, renders), very dark or bright, blurry, "
+                                 "tiny, extreme aspect ratio, grayscale in a colour set."),
     "imbalance": ("Class imbalance", "Training balances the loss; more photos of the small classes help more."),
 }
 
