@@ -133,7 +133,8 @@ def audit(data: str | Path, out: str | Path | None = None, *, near: float = NEAR
     (``headstart compare``), whose recorded settings are used so the feature cache answers. With ``out``, writes
     ``audit.json``, ``audit.html`` and ``exclude.txt`` there."""
     if not 0 < near <= 1:
-        raise HeadstartError(f"near={near} is out of range: give a cosine similarity above 0 and at most 1 (e.g. 0.95)")
+        raise HeadstartError(f"near={near} is out of range: give a copy similarity above 0 and at most 1 (1 = the same "
+                             f"picture; default {NEAR})")
     t0 = time.perf_counter()
     root, cfg = resolve(data, config, overrides)
     ph = photos(root, cfg)
@@ -220,9 +221,14 @@ def measure(path: Path) -> dict[str, Any]:
     """One decode of the photo: its size, a hash of its pixels, and the image statistics the quality rules read
     (on a copy at most 256 px wide, so a large photo costs no more than a small one)."""
     try:
-        img = open_rgb(path)
+        return _statistics(open_rgb(path))
     except ValueError as e:
         return {"error": str(e)}
+    except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop the audit
+        return {"error": f"cannot decode ({type(e).__name__}: {e})"}
+
+
+def _statistics(img: Image.Image) -> dict[str, Any]:
     a = np.asarray(img)
     pixels = hashlib.sha256(f"{a.shape}".encode() + a.tobytes()).hexdigest()
     thumb = np.asarray(img.convert("L").resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.uint8)
