@@ -189,7 +189,7 @@ def test_the_public_api_names_survive_their_modules_being_imported():
     import subprocess
     import sys
 
-    code = ("import headstart, headstart.cli, headstart.compare, headstart.pipeline, headstart.predict, headstart.export; "
-            "print(all(callable(getattr(headstart, n)) for n in ('compare', 'train', 'load', 'export_onnx', 'scan', 'lookup')))")
+    code = ("import headstart, headstart.cli, headstart.audit, headstart.compare, headstart.pipeline, headstart.predict, headstart.export; "
+            "print(all(callable(getattr(headstart, n)) for n in ('audit', 'compare', 'train', 'load', 'export_onnx', 'scan', 'lookup')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr

@@ -8,16 +8,18 @@
     headstart.ensemble.build(["runs/a", "runs/b"], out="runs/ab")  # members' probabilities averaged
     headstart.export_onnx("runs/photos")                 # model.onnx, checked against PyTorch
     headstart.compare("photos/", ["efficientnet_lite0", "efficientnet_lite1"], out="runs/cmp")  # leaderboard
+    headstart.audit("photos/", out="runs/photos-audit")  # duplicates, leaks, mislabels, junk: audit.html, exclude.txt
 """
 
 from typing import Any
 
+from .audit import audit
 from .compare import compare
 from .config import HeadstartError, TrainConfig, __version__
 
 # Where each public name lives. They load on first use, so `import headstart` (and every CLI command) starts in
-# half a second instead of importing scikit-learn, matplotlib and torch up front. `compare` is imported above
-# instead: it names both a module and the function, and a submodule's first import binds the module to its name.
+# half a second instead of importing scikit-learn, matplotlib and torch up front. `audit` and `compare` are imported
+# above instead: each names both a module and the function, and a submodule's first import binds the module to its name.
 _PUBLIC = {
     "REGISTRY": ("backbones", "REGISTRY"),
     "lookup": ("backbones", "lookup"),
@@ -32,7 +34,7 @@ _PUBLIC = {
     "predict_imagenet": ("predict", "predict_imagenet"),
 }
 
-__all__ = ["HeadstartError", "TrainConfig", "__version__", "compare", *_PUBLIC]
+__all__ = ["HeadstartError", "TrainConfig", "__version__", "audit", "compare", *_PUBLIC]
 
 
 def __getattr__(name: str) -> Any:

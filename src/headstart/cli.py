@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import backbones, config, distributed
-from .config import RANGES, ConfigError, IgnoredSetting, TrainConfig, choices
+from .config import AUDIT_NEAR, RANGES, ConfigError, IgnoredSetting, TrainConfig, choices
 from .data import HeadstartError
 
 log = logging.getLogger("headstart")
@@ -140,6 +140,8 @@ def _head_options(f: Any) -> Any:
 @click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True, help="Used only when the folder has no val/ split.")
 @_compute_options
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
+@click.option("--exclude", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A list of photo paths to leave out (the exclude.txt of `headstart audit`, edited); nothing is deleted.")
 @click.option("--finetune", is_flag=True, help="After the head, unfreeze the top of the backbone and keep training gently.")
 @click.option("--unfreeze", type=int, default=_DEFAULTS.unfreeze, show_default=True, help="Top blocks to unfreeze when fine-tuning.")
 @click.option("--unfreeze-layers", type=int, default=_DEFAULTS.unfreeze_layers, help="Instead: the last N layers with weights (the Keras way).")
@@ -404,6 +406,39 @@ def _weight_map(items: tuple[str, ...]) -> dict[str, str]:
             raise HeadstartError(f"--weights {item}: no such file '{path}'")
         out[name.strip()] = path.strip()
     return out
+
+
+@main.command("audit")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for audit.json, audit.html and exclude.txt (default: the run or comparison folder given; "
+                   "runs/<data>-audit for a data folder).")
+@click.option("--near", type=float, default=AUDIT_NEAR, show_default=True,
+              help="Copy similarity from which two photos count as near duplicates (1 = the same picture).")
+@click.option("--backbone", default=_DEFAULTS.backbone, show_default=True, help="For a data folder: the backbone whose embeddings compare photos.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="For a data folder without val/: the split's seed.")
+@click.option("--val-fraction", type=float, default=_DEFAULTS.val_fraction, show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the findings' counts and files as JSON.")
+def audit_command(data: Path, out: Path | None, near: float, quiet: bool, as_json: bool, **opts: Any) -> None:
+    """Audit the photos of DATA (a data folder, a run folder or a comparison folder): duplicates, leaks across
+    splits, likely mislabels, outliers, unreadable and poor images. Writes audit.json, audit.html, exclude.txt;
+    nothing is deleted or moved."""
+    _say(f"auditing {data}: loading libraries and listing the photos…", quiet or as_json)
+    from .audit import audit, is_run_folder
+
+    _setup_logging(quiet or as_json)
+    out = out or (data if is_run_folder(data) else _free_run_dir(Path("runs") / f"{data.resolve().name}-audit"))
+    result = audit(data, out, near=near, config=_config(**opts), progress=not (quiet or as_json) and sys.stderr.isatty())
+    files = {name: str(out / name) for name in ("audit.json", "audit.html", "exclude.txt")}
+    if as_json:
+        click.echo(json.dumps({"summary": result.summary(), "files": files, "timing": result.timing}, indent=2))
+        return
+    for kind, n in result.summary().items():
+        click.echo(f"{kind:<16} {n}")
+    click.echo("nothing found" if not result.findings else f"written to {out}  (audit.html; edit exclude.txt, then "
+               f"headstart train DATA --exclude {files['exclude.txt']})")
 
 
 @main.command()

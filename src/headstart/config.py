@@ -17,6 +17,8 @@ from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 __version__ = "0.1.0"
 DEFAULT_BACKBONE = "efficientnet_lite0"
+# headstart audit: two photos are near copies at this copy similarity (audit.copy_similarity); measured in BENCHMARKS.md.
+AUDIT_NEAR = 0.75
 
 # Augmentation policies (transforms.py builds them), combined with "+": named here so a config is checked without torch.
 POLICIES = ("none", "classic", "rrc", "randaugment", "erasing")
@@ -143,6 +145,7 @@ class TrainConfig:
     workers: int = -1  # decode workers (threads for extraction, processes for fine-tuning); -1 = one per spare core
     seed: int = 0
     cache_dir: str | None = None
+    exclude: str | None = None  # a file of photo paths to leave out (headstart audit's exclude.txt); nothing is deleted
     top_k: int = 5
     # fine-tuning (second stage) and the from-scratch baseline
     finetune: bool = False
@@ -263,7 +266,8 @@ def _backbone(name: str, value: Any, refuse: Refuse) -> Any:
 def _path(name: str, value: Any, refuse: Refuse) -> Any:
     if value is None or isinstance(value, (str, os.PathLike)):
         return None if value is None else os.fspath(value)
-    raise refuse("is not a path", "give a weight file, 'random' or None" if name == "weights" else "give a folder or None")
+    hint = {"weights": "give a weight file, 'random' or None", "exclude": "give a text file of paths (exclude.txt) or None"}
+    raise refuse("is not a path", hint.get(name, "give a folder or None"))
 
 
 def _augment(name: str, value: Any, refuse: Refuse) -> Any:
@@ -295,7 +299,7 @@ def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
 
 
 _CHECKS: dict[str, Callable[[str, Any, Refuse], Any]] = {
-    "backbone": _backbone, "weights": _path, "cache_dir": _path, "augment": _augment, "crop_pct": _crop,
+    "backbone": _backbone, "weights": _path, "cache_dir": _path, "exclude": _path, "augment": _augment, "crop_pct": _crop,
 }
 
 

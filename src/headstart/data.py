@@ -227,6 +227,33 @@ def _refuse_case_clashes(names: list[str], root: Path) -> None:
         seen[n.lower()] = n
 
 
+def read_exclude(file: str | os.PathLike, root: Path) -> set[Path]:
+    """The photos an exclude list names (``headstart audit``'s exclude.txt, edited by a person): one path per line,
+    relative to the data folder or absolute; ``#`` starts a comment, also after a path (``path  # why``)."""
+    try:
+        text = Path(file).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise HeadstartError(f"cannot read the exclude list '{file}' ({e.strerror or e}): give the exclude.txt written by headstart audit") from None
+    paths = set()
+    for line in text.splitlines():
+        entry = line.split("  #", 1)[0].strip()
+        if entry and not entry.startswith("#"):
+            paths.add(os.path.normpath(root / entry))
+    return {Path(p) for p in paths}
+
+
+def without(ds: Dataset, excluded: set[Path]) -> tuple[Dataset, int]:
+    """The data set less the excluded photos (nothing on disk changes), and how many of them it held."""
+    if not excluded:
+        return ds, 0
+    splits, dropped = {}, 0
+    for name, split in ds.splits.items():
+        keep = [i for i, p in enumerate(split.paths) if Path(os.path.normpath(p)) not in excluded]
+        dropped += len(split) - len(keep)
+        splits[name] = split.subset(keep)
+    return Dataset(ds.root, ds.classes, splits, ds.skipped, ds.layout), dropped
+
+
 def train_val_split(ds: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split, Split | None]:
     """(train, val, test) for training: the folder's own splits, or a seeded stratified draw from its images.
 

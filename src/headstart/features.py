@@ -60,6 +60,7 @@ class Features:
     computed: int = 0  # embeddings computed by the backbone in this call (the rest came from the cache)
     seconds: float = 0.0
     runtime: str = "pytorch"  # what computed them: "onnxruntime" (fp32) or "pytorch"
+    digests: list[str | None] = field(default_factory=list)  # sha256 of each file in ``paths`` (None: unreadable); the audit's exact duplicates
 
 
 # ------------------------------------------------------------------------------------------ fast forward
@@ -311,7 +312,8 @@ def extract(
     ok = np.array([v is not None for v in job.vectors], dtype=bool)
     x = np.stack([v for v in job.vectors if v is not None]).astype(np.float32) if ok.any() else np.zeros((0, job.width), np.float32)
     skipped = [Skipped(shown_path(paths[i], root), reasons.get(i, "cannot decode")) for i in np.flatnonzero(~ok)]
-    return Features(x, ok, skipped, computed=len(job.todo) - len(reasons), seconds=time.perf_counter() - start, runtime=job.runtime)
+    return Features(x, ok, skipped, computed=len(job.todo) - len(reasons), seconds=time.perf_counter() - start, runtime=job.runtime,
+                    digests=list(job.digests))
 
 
 def _forward(job: _Job, cache_dir: str | os.PathLike | None, batch_size: int) -> tuple[Callable[[Any], np.ndarray], int]:
@@ -383,14 +385,18 @@ def extract_sharded(paths: Sequence[Path], lb: LoadedBackbone, **kw: Any) -> Fea
     rows: dict[int, np.ndarray] = {}
     skipped: dict[int, Skipped] = {}
     computed, seconds = 0, 0.0
+    digests: list[str | None] = [None] * n
     for k, part in enumerate(distributed.all_gather(mine)):
         idx = np.arange(k, n, w)
         ok[idx] = part.ok
+        for i, dg in zip(idx.tolist(), part.digests):
+            digests[i] = dg
         rows.update(zip(idx[part.ok].tolist(), part.x))
         skipped.update(zip(idx[~part.ok].tolist(), part.skipped))
         computed, seconds = computed + part.computed, max(seconds, part.seconds)
     x = np.stack([rows[i] for i in np.flatnonzero(ok)]) if ok.any() else np.zeros((0, lb.num_features), np.float32)
-    return Features(x, ok, [skipped[i] for i in sorted(skipped)], computed=computed, seconds=seconds, runtime=mine.runtime)
+    return Features(x, ok, [skipped[i] for i in sorted(skipped)], computed=computed, seconds=seconds, runtime=mine.runtime,
+                    digests=digests)
 
 
 def shown_path(path: Path, root: Path | None) -> str:

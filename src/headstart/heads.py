@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import math
 import warnings
@@ -383,3 +384,37 @@ def single_thread(torch_too: bool = True) -> Iterator[None]:
             torch.set_num_threads(1)
         stack.enter_context(threadpool_limits(1))
         yield
+
+
+# ------------------------------------------------------------------------------------- out-of-fold probabilities
+
+OOF_PARAMS = {"C": 0.05}  # the linear head's stronger candidate: fast to fit and less over-confident on its own errors
+
+
+def out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) -> np.ndarray:
+    """Each row's class probabilities from a linear head fitted on the other folds only (stratified, seeded like
+    ``select``): what confident learning needs, since a head never scores a photo it was fitted on. Remembered in
+    ``<cache>/heads/`` by features, labels and settings, so a repeated audit reads them back."""
+    from sklearn.model_selection import StratifiedKFold
+
+    store = cache.store("heads", cfg.cache_dir)
+    name = cache.key("out-of-fold", n_classes, OOF_PARAMS, cfg.cv_folds, cfg.seed, cfg.class_weights, arrays=(x, y))
+    known = store.read(name, ".npy", lambda p: np.load(p, allow_pickle=False))
+    if known is not None and known.shape == (len(y), n_classes):
+        return known
+    p = np.full((len(y), n_classes), 1.0 / n_classes, np.float32)  # a class too small to fold: no opinion
+    n_folds = min(cfg.cv_folds, int(np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
+    if n_folds >= 2:
+        weights = class_weights(y, n_classes, cfg.class_weights)
+        with single_thread(torch_too=False):
+            for tr, te in StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y):
+                f = fit_linear(FitData(x[tr], y[tr], n_classes, weights), cfg, OOF_PARAMS)
+                p[te] = proba(spec("linear", x.shape[1], cfg), f.state, x[te])
+    store.write(name, {".npy": lambda path: path.write_bytes(_npy(p))})
+    return p
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()

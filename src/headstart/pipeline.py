@@ -28,8 +28,9 @@ import numpy as np
 from PIL import Image
 
 from . import backbones, cache, distributed, evaluate, features, heads, transforms
+from .audit import leaks as find_leaks  # the module: headstart.audit is the function audit()
 from .config import HeadstartError, IgnoredSetting, TrainConfig, __version__
-from .data import Dataset, Skipped, Split, open_rgb, scan, summarize, tally, train_val_split
+from .data import Dataset, Skipped, Split, open_rgb, read_exclude, scan, summarize, tally, train_val_split, without
 from .files import atomic_write_text, sha256_file
 from .plots import plot_history
 from .predict import CONFIG_FILE, Classifier, load_run
@@ -95,6 +96,7 @@ class Outcome:
     history: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
+    leaks: dict[str, Any] = field(default_factory=dict)  # audit.leaks: val/test photos with a copy in train
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -159,6 +161,10 @@ def settings(config: TrainConfig | None, overrides: dict[str, Any], resume: bool
 def split(data: str | Path, cfg: TrainConfig) -> Data:
     """Scan the folder and draw (or take) its train / validation / test split."""
     ds = scan(data)
+    if cfg.exclude:
+        listed = read_exclude(cfg.exclude, ds.root)
+        ds, left_out = without(ds, listed)
+        log.info("exclude: %d of the %d paths listed in %s left out of this run (nothing is deleted)", left_out, len(listed), cfg.exclude)
     tr, va, te = train_val_split(ds, cfg.val_fraction, cfg.seed)
     if len(va) == 0:
         raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
@@ -183,6 +189,9 @@ def fit_head(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extract: E
     feats |= {name: extract(s, lb) for name, s in d.splits.items() if name not in feats}
     views = [extract(d.train, lb, augment_policy=cfg.augment, view=k, seed=cfg.seed).x for k in range(cfg.aug_views)]
     log.info("features: %d computed, %d from cache, %.1f s", extract.computed, extract.from_cache, extract.seconds)
+    leaks = find_leaks(feats, d.splits, d.ds.classes, d.ds.root, cfg)
+    if leaks["warning"]:
+        log.warning("leak: %s", leaks["warning"])
     y = train_labels(d, feats["train"])
     _say_class_weights(y, d.ds.classes, cfg)
     t = time.perf_counter()
@@ -192,7 +201,7 @@ def fit_head(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extract: E
     log.info("head: %s %s, %s", fit.kind, fit.params, how)
     spec = heads.spec(fit.kind, lb.num_features, cfg)
     return Outcome(lb, fit.state, fit, evaluate_splits(spec, fit.state, feats, d, d.ds.classes), feats, table, crop_table,
-                   [{"stage": "head", **row} for row in fit.history], timing={"head_s": round(time.perf_counter() - t, 3)})
+                   [{"stage": "head", **row} for row in fit.history], timing={"head_s": round(time.perf_counter() - t, 3)}, leaks=leaks)
 
 
 def _say_class_weights(y: np.ndarray, classes: list[str], cfg: TrainConfig) -> None:
@@ -324,6 +333,7 @@ def record(cfg: TrainConfig, d: Data, r: Outcome, skipped: list[Skipped], inputs
         "history": r.history,
         "timing": {k: round(v, 3) for k, v in r.timing.items()},
         **({"inputs_digest": inputs} if inputs else {}),
+        **({"leaks": r.leaks} if r.leaks else {}),
     }
 
 

@@ -174,7 +174,18 @@ def _run(run: Path, cfg: dict[str, Any], overlay: ErrorOverlay | None) -> dict[s
         "members_dir": str(run / "members"),
         "training": None if ensemble else _training(run, cfg),
         "splits": [_split(run, n, m, overlay) for n, m in splits],
+        "leaks": _leaks(cfg.get("leaks") or {}),
     }
+
+
+def _leaks(leaks: dict[str, Any], shown: int = 20) -> dict[str, Any] | None:
+    """The warning training wrote when validation or test photos have a copy in train, with the first pairs."""
+    if not leaks.get("warning"):
+        return None
+    pairs = leaks.get("pairs", [])
+    rows = [[p["split"], p["path"], p["train_path"], "same bytes" if p["how"] == "exact-bytes" else f"near copy ({p['similarity']:.2f})",
+             p["label"] if p["same_label"] else f"{p['label']} / train: {p['train_label']}"] for p in pairs[:shown]]
+    return {"warning": leaks["warning"], "rows": rows, "more": max(0, len(pairs) - shown)}
 
 
 def _split_file(run: Path, split: str, name: str) -> Path:
@@ -262,6 +273,22 @@ def thumbnail(run: Path, photo: Path) -> bytes | None:
     data = _jpeg(img)
     store.write_bytes(name, ".jpg", data)
     return data
+
+
+def render_page(template: str, page: dict[str, Any], path: Path) -> Path:
+    """Another self-contained page (``audit.html``) from the same templates, autoescaped, written atomically."""
+    atomic_write_text(path, _templates().get_template(template).render(page))
+    return path
+
+
+def jpeg_thumbnail(img: Image.Image) -> bytes:
+    """A small JPEG (at most ``THUMB`` px) of a decoded picture, for embedding in a page."""
+    return _jpeg(img)
+
+
+def picture(data: bytes, alt: str, cls: str, mime: str = "image/png") -> dict[str, str]:
+    """A picture for a template, embedded as a data URI."""
+    return _img(data, alt, cls, mime)
 
 
 def _jpeg(img: Image.Image) -> bytes:
