@@ -231,7 +231,7 @@ def test_training_warns_of_leaks_and_the_report_says_so(tmp_path, caplog):
     assert headstart.audit(tmp_path).summary()["leak"] == 2
     exclude = tmp_path / "run" / "exclude.txt"
     clf = headstart.train(data, out=tmp_path / "run2", head="linear", exclude=exclude, progress=False)
-    assert sum(clf.info["data"]["counts"]["train"].values()) == 18 and clf.info["leaks"]["warning"] is None
+    assert sum(clf.info["data"]["used"]["train"].values()) == 18 and clf.info["leaks"]["warning"] is None
 
 
 def test_cli_refuses_a_near_threshold_out_of_range_before_any_work(tmp_path):
