@@ -7,7 +7,13 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +25,7 @@ from PIL import Image
 from conftest import HYMENOPTERA
 from headstart.compare import compare
 from headstart.predict import load
-from headstart.serve import MAX_UPLOAD, is_loopback, make_server, url_of, warm
+from headstart.serve import MAX_UPLOAD, bind_warning, is_loopback, make_server, url_of, warm
 
 SCRIPT = "<script>alert(1)"  # a folder name: no slash, so no closing tag
 
@@ -224,3 +230,32 @@ def test_the_audit_findings_and_their_photos(script_url):
     assert all(p["photo"] for p in finding["photos"])
     status, kind, _ = call(script_url, finding["photos"][0]["photo"])
     assert status == 200 and kind == "image/jpeg"
+
+
+def test_binding_beyond_loopback_is_warned_about():
+    assert bind_warning("127.0.0.1", 8000) is None
+    assert "anyone who can reach this machine on port 8000" in bind_warning("0.0.0.0", 8000)
+
+
+def test_the_command_prints_its_url_and_stops_on_ctrl_c(ants_run):
+    """`headstart serve RUN --port 0`: the URL on stderr, the page answers, SIGINT ends it with status 0."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "headstart", "serve", str(ants_run[1]), "--port", "0"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = proc.stderr.readline()
+        found = re.search(r"at (http://127\.0\.0\.1:\d+/) \(Ctrl-C stops\)", line)
+        assert found, line
+        deadline = time.time() + 120
+        while True:  # the URL is said before the model is warm; the socket queues requests meanwhile
+            try:
+                assert call(found.group(1), "/api/runs")[0] == 200
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() < deadline
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        proc.kill()

@@ -5,8 +5,8 @@ forward pass of at most a few milliseconds, so an async framework would buy noth
 dependencies. The page (``templates/serve.html`` + ``serve.js`` + ``serve.css``) is package data and talks to the
 same JSON API a person can call with curl; nothing it loads comes from another machine.
 
-Safe by default: it binds to loopback; an upload is held in memory (capped at ``MAX_UPLOAD`` bytes) and decoded by
-``data.open_rgb`` like any training photo, so a non-image or a decompression bomb is a 4xx with the reason; the only
+Safe by default: it binds to loopback; an upload (capped at ``MAX_UPLOAD`` bytes) goes only to a private temporary
+file, deleted once answered, and is decoded by ``data.open_rgb`` like any training photo, so a non-image or a decompression bomb is a 4xx with the reason; the only
 files it serves are its own page and the photos the run itself lists (its predictions and its data set's audit),
 looked up by exact path, so ``../`` leads nowhere. Class and file names reach the page as JSON and are set as text.
 """
@@ -448,6 +448,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bind_warning(host: str, port: int) -> str | None:
+    """What to say before listening beyond this machine (nothing for loopback)."""
+    if is_loopback(host):
+        return None
+    return (f"warning: listening on {host}: anyone who can reach this machine on port {port} can use the model and see "
+            "the run's photos; --host 127.0.0.1 keeps it to this machine")
+
+
 def make_server(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """The server, bound and ready (``port=0``: any free port, as tests use), not yet serving."""
     app = open_app(folder)
@@ -467,9 +475,9 @@ def url_of(server: ThreadingHTTPServer) -> str:
 def serve(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, open_browser: bool = False,
           say: Callable[[str], None] = print) -> None:
     """Serve until Ctrl-C: the URL is said first, the model loaded before the first request arrives."""
-    if not is_loopback(host):
-        say(f"warning: binding to {host}: anyone who can reach this machine on port {port} can use the model and see "
-            "the run's photos; use --host 127.0.0.1 to keep it to this machine")
+    warning = bind_warning(host, port)
+    if warning:
+        say(warning)
     server = make_server(folder, host, port)
     app: App = server.app  # type: ignore[attr-defined]
     say(f"serving {app.folder} at {url_of(server)} (Ctrl-C stops)")

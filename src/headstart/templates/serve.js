@@ -124,7 +124,7 @@ async function drawCam(card, file) {
     const cam = card.querySelector("img.cam");
     cam.src = URL.createObjectURL(await res.blob());
     cam.hidden = false;
-    note.textContent = "Grad-CAM: where the network looked for its answer";
+    note.textContent = "Grad-CAM: where the network looked, on the centre crop it sees";
   } catch (e) {
     note.textContent = "no Grad-CAM: " + e.message;
   }
@@ -195,12 +195,12 @@ function drawGallery(split) {
   let note;
   if (state.cell) {
     shown = split.photos.filter((x) => x.true === state.cell.true && x.predicted === state.cell.predicted);
-    note = shown.length + " photo(s) of " + state.cell.true + " predicted as " + state.cell.predicted;
+    note = shown.length + " photo(s) of " + state.cell.true + " predicted as " + state.cell.predicted + ", most confident first";
   } else {
     shown = split.photos.filter((x) => x.true !== x.predicted && (!cls || x.true === cls || x.predicted === cls));
-    shown.sort((a, b) => b.confidence - a.confidence);
     note = shown.length + " error(s)" + (cls ? " involving " + cls : "") + ", most confident first";
   }
+  shown.sort((a, b) => b.confidence - a.confidence);
   $("gallery-note").textContent = note;
   $("gallery").replaceChildren(...shown.map(card));
 }

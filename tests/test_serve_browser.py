@@ -1,0 +1,84 @@
+"""The serve page as a person uses it, in headless Chromium: a val photo dropped in (the file input), the bars and
+the Grad-CAM picture waited for, the shown answer checked against the run's own; then a click on a confusion
+matrix cell. Reading the HTML cannot tell whether the script really draws them."""
+
+from __future__ import annotations
+
+import csv
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from headstart.serve import make_server, url_of, warm
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (Playwright's own download is not used)
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
+        pytest.skip(f"no {CHROMIUM} here (apt-get install chromium); CI installs it and runs this test")
+    if os.environ.get("CI"):
+        from playwright.sync_api import sync_playwright
+    else:
+        sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def url(ants_run) -> Iterator[str]:
+    server = make_server(ants_run[1], "127.0.0.1", 0)
+    warm(server.app)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield url_of(server)
+    server.shutdown()
+    server.server_close()
+
+
+def right_and_wrong(run: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """A val photo the run gets right, and one it gets wrong (from its predictions.csv)."""
+    with open(run / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return next(r for r in rows if r["true"] == r["predicted"] == "bees"), next(r for r in rows if r["true"] != r["predicted"])
+
+
+def test_drop_a_photo_and_see_bars_and_gradcam(browser, url, ants_run, tmp_path):
+    right, wrong = right_and_wrong(ants_run[1])
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.on("pageerror", lambda e: failed.append(str(e)))
+    try:
+        page.goto(url)
+        page.set_input_files("#file", right["path"])
+        page.wait_for_selector(".result .bar", timeout=60_000)
+        shown = page.inner_text(".result .bar .label")
+        page.wait_for_function("() => { const i = document.querySelector('.result img.cam');"
+                               " return i && i.complete && i.naturalWidth > 0; }", timeout=120_000)
+        cam_width = page.evaluate("() => document.querySelector('.result img.cam').naturalWidth")
+        page.wait_for_selector("#gallery figure img", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+        # a click on the off-diagonal cell of the wrong photo's classes lists it
+        page.click(f"#confusion td[data-true='{wrong['true']}'][data-predicted='{wrong['predicted']}']")
+        names = page.eval_on_selector_all("#gallery figure", "fs => fs.map(f => f.title)")
+        loaded = page.eval_on_selector_all("#gallery img", "is => is.map(i => i.complete && i.naturalWidth > 0)")
+        page.screenshot(path=str(tmp_path / "serve-cell.png"), full_page=True)
+    finally:
+        page.close()
+    assert shown == right["true"] == "bees"
+    assert cam_width > 0
+    assert Path(wrong["path"]).name in names
+    assert loaded and all(loaded)
+    assert not failed, f"requests failed or the script threw: {failed}"
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
