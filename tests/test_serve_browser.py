@@ -59,6 +59,7 @@ def test_drop_a_photo_and_see_bars_and_gradcam(browser, url, ants_run, tmp_path)
     failed: list[str] = []
     page.on("requestfailed", lambda r: failed.append(r.url))
     page.on("pageerror", lambda e: failed.append(str(e)))
+    page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
     try:
         page.goto(url)
         page.set_input_files("#file", right["path"])

@@ -160,8 +160,18 @@ def model(app: App, run: str | None) -> Any:
         raise RequestError(404, f"no run named {name!r} here; runs: {', '.join(app.runs)}")
     with app.lock:
         if name not in app.models:
-            app.models[name] = load(app.runs[name])
+            app.models[name] = _warmed(app, load(app.runs[name]))
         return app.models[name]
+
+
+def _warmed(app: App, clf: Any) -> Any:
+    """The model after one grey picture went through it: opening its runtime costs a second or more, once, and a
+    person's first photo (or the first after switching runs) should not pay for it."""
+    grey = app.scratch / "warm.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)
+    clf.predict([grey])
+    grey.unlink()
+    return clf
 
 
 def predict_bytes(app: App, run: str | None, body: bytes, top_k: int = 5) -> dict[str, Any]:
@@ -494,11 +504,8 @@ def serve(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, 
 
 
 def warm(app: App) -> None:
-    """Load the model and run one grey picture through it before the first request: opening the runtime costs
-    seconds once, and a person's first photo should not pay for it."""
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 64), (128, 128, 128)).save(buf, format="PNG")
-    predict_bytes(app, None, buf.getvalue())
+    """Load (and warm) the default run before the first request arrives."""
+    model(app, None)
 
 
 def _clean(app: App) -> None:
