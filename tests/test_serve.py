@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -259,3 +260,14 @@ def test_the_command_prints_its_url_and_stops_on_ctrl_c(ants_run):
         assert "stopped" in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_uploads_leave_no_file_behind(url, ants_run):
+    """Neither the run folder nor the server's private scratch folder keeps anything of an upload."""
+    before = sorted(p.relative_to(ants_run[1]) for p in ants_run[1].rglob("*"))
+    for route in ("/api/predict", "/api/gradcam"):
+        assert call(url, route, val_photo("ants", 2).read_bytes())[0] == 200
+    assert call(url, "/api/predict", b"not an image")[0] == 415
+    assert sorted(p.relative_to(ants_run[1]) for p in ants_run[1].rglob("*")) == before
+    scratch = [p for p in Path(tempfile.gettempdir()).glob("headstart-serve-*/*")]
+    assert not [p for p in scratch if p.suffix == ".upload"]

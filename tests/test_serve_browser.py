@@ -13,6 +13,10 @@ from typing import Any, Iterator
 import pytest
 
 from headstart.serve import make_server, url_of, warm
+import test_serve
+from test_serve import SCRIPT
+
+script_compare = test_serve.script_compare  # the fixture (a comparison with a class named <script>…), shared with the HTTP tests
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (Playwright's own download is not used)
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -83,3 +87,34 @@ def test_drop_a_photo_and_see_bars_and_gradcam(browser, url, ants_run, tmp_path)
     assert loaded and all(loaded)
     assert not failed, f"requests failed or the script threw: {failed}"
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def script_url(script_compare) -> Iterator[str]:
+    server = make_server(script_compare, "127.0.0.1", 0)
+    warm(server.app)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield url_of(server)
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_class_named_script_shows_as_text_and_runs_nothing(browser, script_url, tmp_path):
+    """A class folder named ``<script>alert(1)``: shown as its name in the leaderboard page's matrix, gallery and
+    audit, and no script of it ever runs (an alert would open a dialog)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    try:
+        page.goto(script_url)
+        page.wait_for_selector("#confusion th + th", timeout=30_000)
+        page.wait_for_selector("#audit .finding", timeout=30_000)
+        headings = page.eval_on_selector_all("#confusion tr:first-child th", "ths => ths.map(t => t.textContent)")
+        audit = page.inner_text("#audit")
+        board = page.inner_text("#board")
+        page.screenshot(path=str(tmp_path / "script.png"), full_page=True)
+    finally:
+        page.close()
+    assert SCRIPT in headings and SCRIPT in audit and "efficientnet_lite0" in board
+    assert not dialogs

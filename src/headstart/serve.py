@@ -72,6 +72,9 @@ class App:
     models: dict[str, Any] = field(default_factory=dict)
     subjects: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # loading a model: once, whoever asks first
+    # One prediction at a time: ONNX Runtime already spreads one forward pass over every core, and several at once
+    # only make each other wait (measured in BENCHMARKS.md, 8 concurrent clients).
+    forward_lock: threading.Lock = field(default_factory=threading.Lock)
     cam_lock: threading.Lock = field(default_factory=threading.Lock)  # Grad-CAM hooks a layer of the shared network
     scratch: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="headstart-serve-")))
 
@@ -178,18 +181,20 @@ def predict_bytes(app: App, run: str | None, body: bytes, top_k: int = 5) -> dic
     """``headstart predict --json``'s answer for one uploaded photo (the same function computes it, on a private
     temporary copy outside the run and data folders), plus the run's name and the latency in milliseconds."""
     clf = model(app, run)
-    start = time.perf_counter()
     fd, tmp = tempfile.mkstemp(dir=app.scratch, suffix=".upload")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(body)
-        (pred,) = clf.predict([tmp], top_k=top_k)
+        with app.forward_lock:
+            start = time.perf_counter()
+            (pred,) = clf.predict([tmp], top_k=top_k)
+            seconds = time.perf_counter() - start
     finally:
         os.unlink(tmp)
     if pred.error:
         raise RequestError(413 if "decompression-bomb" in pred.error else 415, f"cannot read the upload: {pred.error}")
     answer = {k: v for k, v in pred.to_dict().items() if k != "path"}
-    return {**answer, "run": run or app.default, "latency_ms": round((time.perf_counter() - start) * 1000, 2)}
+    return {**answer, "run": run or app.default, "latency_ms": round(seconds * 1000, 2)}
 
 
 def decode_upload(body: bytes) -> Image.Image:
