@@ -20,9 +20,11 @@ import ipaddress
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 import webbrowser
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,6 +80,9 @@ class App:
     cam_lock: threading.Lock = field(default_factory=threading.Lock)  # Grad-CAM hooks a layer of the shared network
     scratch: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="headstart-serve-")))
 
+    def __post_init__(self) -> None:
+        weakref.finalize(self, shutil.rmtree, self.scratch, True)  # the scratch folder goes with the App, however it ends
+
     @property
     def default(self) -> str:
         return next(iter(self.runs))
@@ -92,10 +97,10 @@ def open_app(folder: str | os.PathLike) -> App:
     for run in app.runs.values():
         for row in _predictions(run):
             _allow(app, Path(row["path"]))
-    root = data_root(app.runs[app.default])
-    for finding in (audit_of(app) or {}).get("findings", []):
+    audit = audit_of(app)
+    for finding in (audit or {}).get("findings", []):
         for p in finding.get("paths", []):
-            _allow(app, _under(root, p))
+            _allow(app, _under(_audit_root(app, audit), p))
     return app
 
 
@@ -113,14 +118,13 @@ def _runs_of(folder: Path) -> tuple[dict[str, Path], list[dict[str, Any]] | None
     raise HeadstartError(f"'{folder}' is neither a run folder (config.json), an ensemble (ensemble.json) nor a comparison folder (leaderboard.json)")
 
 
-def _allow(app: App, photo: Path) -> str:
-    """The URL of a photo the page may show; only photos named here can ever be served."""
-    url = "/photo/" + quote(photo.as_posix().lstrip("/"))
-    app.photos[url] = photo
-    return url
+def _allow(app: App, photo: Path) -> None:
+    """Let the page show this photo; only photos named here, when the server starts, can ever be served."""
+    app.photos[photo_url(photo)] = photo
 
 
 def photo_url(photo: str | Path) -> str:
+    """A photo's URL: its absolute path under /photo/, so a thumbnail is cached by the browser per photo."""
     return "/photo/" + quote(Path(photo).as_posix().lstrip("/"))
 
 
@@ -252,16 +256,15 @@ def _split(app: App, split: str, rows: list[dict[str, str]], classes: list[str])
     for r in rows:
         if r["true"] in index and r["predicted"] in index:
             matrix[index[r["true"]]][index[r["predicted"]]] += 1
-        photos.append({"photo": _allow(app, Path(r["path"])), "name": Path(r["path"]).name, "true": r["true"],
+        photos.append({"photo": photo_url(r["path"]), "name": Path(r["path"]).name, "true": r["true"],
                        "predicted": r["predicted"], "confidence": float(r["confidence"])})
     return {"name": split, "matrix": matrix, "photos": photos}
 
 
 def audit_of(app: App) -> dict[str, Any] | None:
-    """The data set's ``audit.json`` (written by ``headstart audit``) when there is one: in the data folder or
-    beside the served folder. Optional: without it the page simply has no audit panel."""
-    root = data_root(app.runs[app.default])
-    for place in [root, app.folder]:
+    """The ``audit.json`` that ``headstart audit`` wrote, when there is one: in the served folder (its default
+    place), in the default run's folder, or in the data folder. Optional: without it the page has no audit panel."""
+    for place in [app.folder, app.runs[app.default], data_root(app.runs[app.default])]:
         if place is not None and (place / "audit.json").is_file():
             try:
                 return json.loads((place / "audit.json").read_text())
@@ -275,14 +278,19 @@ def audit_view(app: App) -> dict[str, Any]:
     audit = audit_of(app)
     if audit is None:
         return {"audit": None}
-    root = data_root(app.runs[app.default])
+    root = _audit_root(app, audit)
     findings = []
     for f in audit.get("findings", []):
-        pics = [{"photo": photo_url(_under(root, p)) if photo_url(_under(root, p)) in app.photos else None, "name": Path(p).name}
-                for p in f.get("paths", [])]
+        urls = [photo_url(_under(root, p)) for p in f.get("paths", [])]
+        pics = [{"photo": url if url in app.photos else None, "name": Path(p).name} for p, url in zip(f.get("paths", []), urls)]
         findings.append({"kind": str(f.get("kind", "")), "rule": str(f.get("rule", "")), "labels": [str(x) for x in f.get("labels", [])],
                          "suggested": str(f.get("info", {}).get("suggested", "")), "photos": pics})
     return {"audit": {"summary": audit.get("summary", {}), "findings": findings}}
+
+
+def _audit_root(app: App, audit: dict[str, Any]) -> Path | None:
+    """The folder an audit's photo paths are relative to: the one it names (``data``), else the run's data folder."""
+    return Path(audit["data"]) if audit.get("data") else data_root(app.runs[app.default])
 
 
 @functools.lru_cache(maxsize=512)
@@ -505,15 +513,8 @@ def serve(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, 
         say("stopped")
     finally:
         server.server_close()
-        _clean(app)
 
 
 def warm(app: App) -> None:
     """Load (and warm) the default run before the first request arrives."""
     model(app, None)
-
-
-def _clean(app: App) -> None:
-    for p in app.scratch.glob("*"):
-        p.unlink(missing_ok=True)
-    app.scratch.rmdir()
