@@ -271,3 +271,14 @@ def test_uploads_leave_no_file_behind(url, ants_run):
     assert sorted(p.relative_to(ants_run[1]) for p in ants_run[1].rglob("*")) == before
     scratch = [p for p in Path(tempfile.gettempdir()).glob("headstart-serve-*/*")]
     assert not [p for p in scratch if p.suffix == ".upload"]
+
+
+def test_ipv6_loopback(ants_run):
+    try:
+        server = make_server(ants_run[1], "::1", 0)
+    except OSError as e:  # a machine (or container) without IPv6
+        pytest.skip(f"no IPv6 loopback here ({e})")
+    try:
+        assert url_of(server).startswith("http://[::1]:")
+    finally:
+        server.server_close()

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -483,7 +484,8 @@ def make_server(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 
     """The server, bound and ready (``port=0``: any free port, as tests use), not yet serving."""
     app = open_app(folder)
     handler = type("BoundHandler", (Handler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
+    kind = ThreadingHTTPServer if ":" not in host else type("Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+    server = kind((host, port), handler)
     server.daemon_threads = True  # Ctrl-C does not wait for a browser's idle keep-alive connection
     server.app = app  # type: ignore[attr-defined]
     return server
