@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -133,6 +134,10 @@ def test_mistakes_list_every_val_photo_and_serve_their_thumbnails(url, ants_run)
     assert len(errors) == sum(metrics["confusion_matrix"][0][1:]) + metrics["confusion_matrix"][1][0]
     status, kind, body = call(url, errors[0]["photo"])
     assert status == 200 and kind == "image/jpeg" and max(Image.open(io.BytesIO(body)).size) <= 240
+    status, kind, body = call(url, "/api/gradcam?photo=" + urllib.parse.quote(errors[0]["photo"]))
+    assert status == 200 and kind == "image/png" and Image.open(io.BytesIO(body)).format == "PNG"
+    assert call(url, "/api/gradcam?photo=/photo/etc/passwd")[0] == 404
+    assert call(url, "/api/gradcam?photo=/photo/" + urllib.parse.quote(str(val_photo("ants")).lstrip("/") + "/../../../../etc/passwd"))[0] == 404
 
 
 @pytest.mark.parametrize("path", [

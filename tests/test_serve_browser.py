@@ -78,6 +78,9 @@ def test_drop_a_photo_and_see_bars_and_gradcam(browser, url, ants_run, tmp_path)
         page.click(f"#confusion td[data-true='{wrong['true']}'][data-predicted='{wrong['predicted']}']")
         names = page.eval_on_selector_all("#gallery figure", "fs => fs.map(f => f.title)")
         loaded = page.eval_on_selector_all("#gallery img", "is => is.map(i => i.complete && i.naturalWidth > 0)")
+        page.click("#gallery figure img")  # a gallery photo's Grad-CAM, in its place
+        page.wait_for_function("() => { const i = document.querySelector('#gallery figure img');"
+                               " return i.src.includes('/api/gradcam') && i.complete && i.naturalWidth > 0; }", timeout=60_000)
         page.screenshot(path=str(tmp_path / "serve-cell.png"), full_page=True)
     finally:
         page.close()

@@ -39,6 +39,7 @@ from PIL import Image
 
 from .config import HeadstartError
 from .data import open_rgb
+from .pipeline import gradcam_overlay
 from .predict import CONFIG_FILE, ENSEMBLE_FILE, Classifier, load
 from .report import cell, columns
 
@@ -74,6 +75,7 @@ class App:
     photos: dict[str, Path] = field(default_factory=dict)  # URL path under /photo/ → the file it may serve
     models: dict[str, Any] = field(default_factory=dict)
     subjects: dict[str, Any] = field(default_factory=dict)
+    overlays: dict[str, Any] = field(default_factory=dict)  # run → its photo → Grad-CAM function (cached on disk)
     lock: threading.Lock = field(default_factory=threading.Lock)  # loading a model: once, whoever asks first
     # One prediction at a time: ONNX Runtime already spreads one forward pass over every core, and several at once
     # only make each other wait (measured in BENCHMARKS.md, 8 concurrent clients).
@@ -202,6 +204,32 @@ def predict_bytes(app: App, run: str | None, body: bytes, top_k: int = 5) -> dic
     return {**answer, "run": run or app.default, "latency_ms": round(seconds * 1000, 2)}
 
 
+def photo_gradcam_png(app: App, run: str | None, url: str) -> bytes:
+    """The Grad-CAM overlay of one of the run's listed photos (a gallery's), drawn as the report draws its worst
+    errors and kept in the same cache, so a photo already in report.html costs no forward pass."""
+    clf = _single(model(app, run))
+    photo = app.photos.get(quote(unquote(url)))
+    if photo is None or not photo.is_file():
+        raise RequestError(404, "no such photo here: only the run's own photos are served")
+    name = run or app.default
+    with app.cam_lock:
+        draw = app.overlays.get(name) or app.overlays.setdefault(name, gradcam_overlay(clf, GRADCAM_SIZE))
+        picture = draw(photo)
+    return _png(picture)
+
+
+def _single(clf: Any) -> Classifier:
+    if not isinstance(clf, Classifier):
+        raise RequestError(404, "Grad-CAM explains one network; this is an ensemble (serve one of its members)")
+    return clf
+
+
+def _png(picture: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    picture.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def decode_upload(body: bytes) -> Image.Image:
     """The upload as an RGB picture, by the decoder training uses; its refusal is the client's error."""
     try:
@@ -212,18 +240,14 @@ def decode_upload(body: bytes) -> Image.Image:
 
 def gradcam_png(app: App, run: str | None, body: bytes) -> bytes:
     """Where the network looked: the Grad-CAM overlay of the uploaded photo for its predicted class, as a PNG."""
-    clf = model(app, run)
-    if not isinstance(clf, Classifier):
-        raise RequestError(404, "Grad-CAM explains one network; this is an ensemble (serve one of its members)")
+    clf = _single(model(app, run))
     img = decode_upload(body)
     from . import explain  # torch and the network: only when a picture is asked for
 
     with app.cam_lock:  # one picture at a time: the hook on the shared network's layer is per call
         subject = app.subjects.get(run or app.default) or app.subjects.setdefault(run or app.default, explain.as_subject(clf))
         picture = explain.gradcam_thumbnail(subject, img, size=GRADCAM_SIZE)
-    buf = io.BytesIO()
-    picture.convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
+    return _png(picture)
 
 
 # --------------------------------------------------------------------------------------- galleries and audit
@@ -451,6 +475,7 @@ GET_ROUTES: dict[str, Route] = {
     "/api/runs": lambda h, q: h.send_json({"runs": list(h.app.runs), "default": h.app.default, "leaderboard": _leaderboard(h.app)}),
     "/api/mistakes": lambda h, q: h.send_json(mistakes(h.app, q.get("run"))),
     "/api/audit": lambda h, q: h.send_json(audit_view(h.app)),
+    "/api/gradcam": lambda h, q: h.send(photo_gradcam_png(h.app, q.get("run"), q.get("photo", "")), "image/png", cache=True),
     "/photo/": lambda h, q: h.send(photo_bytes(h.app, q["_path"]), "image/jpeg", cache=True),
     "/static/": lambda h, q: h.send(*static(q["_path"][len("/static/"):]), cache=False),
 }

@@ -198,7 +198,7 @@ function drawGallery(split) {
     note = shown.length + " photo(s) of " + state.cell.true + " predicted as " + state.cell.predicted + ", most confident first";
   } else {
     shown = split.photos.filter((x) => x.true !== x.predicted && (!cls || x.true === cls || x.predicted === cls));
-    note = shown.length + " error(s)" + (cls ? " involving " + cls : "") + ", most confident first";
+    note = shown.length + " error(s)" + (cls ? " involving " + cls : "") + ", most confident first; click a photo for its Grad-CAM";
   }
   shown.sort((a, b) => b.confidence - a.confidence);
   $("gallery-note").textContent = note;
@@ -208,6 +208,11 @@ function drawGallery(split) {
 function card(x) {
   const img = el("img", { alt: x.name, loading: "lazy" });
   img.src = x.photo;
+  const run = state.run;
+  img.title = "click: Grad-CAM (where the network looked) / the photo";
+  img.addEventListener("click", () => {
+    img.src = img.src.includes("/api/gradcam") ? x.photo : "/api/gradcam" + q({ run, photo: x.photo });
+  });
   const wrong = x.true !== x.predicted;
   return el("figure", { title: x.name }, [img, el("figcaption", {}, [
     el("div", { text: "true: " + x.true }),
