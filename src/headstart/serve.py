@@ -383,6 +383,7 @@ class Handler(BaseHTTPRequestHandler):
     app: App
     server_version = "headstart"
     protocol_version = "HTTP/1.1"
+    timeout = 60  # s: an idle or stalled connection is closed, so it cannot hold a thread for ever
 
     def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
         self._dispatch(GET_ROUTES)
