@@ -30,6 +30,7 @@ from headstart.predict import load
 from headstart.serve import MAX_UPLOAD, bind_warning, is_loopback, make_server, url_of, warm
 
 SCRIPT = "<script>alert(1)"  # a folder name: no slash, so no closing tag
+EVIL_FILE = "<img src=x onerror=alert(2)> #?%.jpg"  # a file name that is markup, and breaks a URL unless quoted
 
 
 def start(folder: Path) -> Iterator[str]:
@@ -197,10 +198,12 @@ def script_compare(ants_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
             (root / split / name).mkdir(parents=True)
             for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
                 (root / split / name / p.name).symlink_to(p)
-    pair = sorted((root / "train" / SCRIPT).glob("*.jpg"))[:2]
+    evil = root / "train" / "bees" / EVIL_FILE
+    evil.symlink_to(sorted((HYMENOPTERA / "train" / "bees").glob("*.jpg"))[-1])
+    pair = [sorted((root / "train" / SCRIPT).glob("*.jpg"))[0], evil]
     audit = {"data": str(root), "summary": {"duplicate": 1}, "findings": [
         {"kind": "duplicate", "rule": "same picture <b>twice</b>", "paths": [str(p.relative_to(root)) for p in pair],
-         "labels": [SCRIPT, SCRIPT], "info": {"suggested": SCRIPT}}]}
+         "labels": [SCRIPT, "bees"], "info": {"suggested": SCRIPT}}]}
     (root / "audit.json").write_text(json.dumps(audit))
     out = tmp_path_factory.mktemp("cmp") / "cmp"
     compare(root, ["efficientnet_lite0"], out, progress=False, head="linear")
@@ -232,10 +235,11 @@ def test_a_comparison_serves_its_leaderboard_and_runs(script_url):
 def test_the_audit_findings_and_their_photos(script_url):
     audit: dict[str, Any] = json.loads(call(script_url, "/api/audit")[2])["audit"]
     (finding,) = audit["findings"]
-    assert finding["kind"] == "duplicate" and finding["labels"] == [SCRIPT, SCRIPT] and finding["suggested"] == SCRIPT
-    assert all(p["photo"] for p in finding["photos"])
-    status, kind, _ = call(script_url, finding["photos"][0]["photo"])
-    assert status == 200 and kind == "image/jpeg"
+    assert finding["kind"] == "duplicate" and finding["labels"] == [SCRIPT, "bees"] and finding["suggested"] == SCRIPT
+    assert [p["name"] for p in finding["photos"]][1] == EVIL_FILE
+    for p in finding["photos"]:
+        status, kind, _ = call(script_url, p["photo"])
+        assert status == 200 and kind == "image/jpeg"
 
 
 def test_binding_beyond_loopback_is_warned_about():

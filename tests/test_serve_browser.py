@@ -14,7 +14,7 @@ import pytest
 
 from headstart.serve import make_server, url_of, warm
 import test_serve
-from test_serve import SCRIPT
+from test_serve import EVIL_FILE, SCRIPT
 
 script_compare = test_serve.script_compare  # the fixture (a comparison with a class named <script>…), shared with the HTTP tests
 
@@ -104,8 +104,8 @@ def script_url(script_compare) -> Iterator[str]:
 
 
 def test_a_class_named_script_shows_as_text_and_runs_nothing(browser, script_url, tmp_path):
-    """A class folder named ``<script>alert(1)``: shown as its name in the leaderboard page's matrix, gallery and
-    audit, and no script of it ever runs (an alert would open a dialog)."""
+    """A class folder named ``<script>alert(1)`` and a photo named ``<img src=x onerror=…>``: shown as their names
+    in the matrix and the audit, the photo shown too, and no script of theirs ever runs (an alert opens a dialog)."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
@@ -115,9 +115,14 @@ def test_a_class_named_script_shows_as_text_and_runs_nothing(browser, script_url
         page.wait_for_selector("#audit .finding", timeout=30_000)
         headings = page.eval_on_selector_all("#confusion tr:first-child th", "ths => ths.map(t => t.textContent)")
         audit = page.inner_text("#audit")
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        page.wait_for_function("() => [...document.querySelectorAll('#audit img')].every(i => i.complete && i.naturalWidth > 0)",
+                               timeout=30_000)
+        shown = page.eval_on_selector_all("#audit img", "is => is.map(i => i.naturalWidth > 0)")
         board = page.inner_text("#board")
         page.screenshot(path=str(tmp_path / "script.png"), full_page=True)
     finally:
         page.close()
-    assert SCRIPT in headings and SCRIPT in audit and "efficientnet_lite0" in board
+    assert SCRIPT in headings and SCRIPT in audit and EVIL_FILE in audit and "efficientnet_lite0" in board
+    assert all(shown) and len(shown) == 2  # both audit photos, the oddly named one included, decoded
     assert not dialogs
