@@ -596,5 +596,22 @@ def explain(items: tuple[str, ...], imagenet: bool, backbone: str, weights: str 
     click.echo(f"written to {path}")
 
 
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on; anything but loopback lets other machines in (a warning says so).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: any free port.")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+def serve(folder: Path, host: str, port: int, open_browser: bool) -> None:
+    """A local page to try a run (or a comparison's runs) on photos, see its mistakes and its audit: `headstart serve RUN`."""
+    _say(f"loading {folder}…")
+    from .serve import serve as run_server
+
+    _setup_logging(False)
+    try:
+        run_server(folder, host=host, port=port, open_browser=open_browser, say=lambda s: click.echo(f"headstart: {s}", err=True))
+    except OSError as e:
+        raise HeadstartError(f"cannot listen on {host}:{port} ({e.strerror or e}); try another --port") from None
+
+
 if __name__ == "__main__":
     main()

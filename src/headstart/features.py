@@ -176,7 +176,7 @@ def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_si
         return [i for i, _ in good], stacked, [(i, err) for i, x, err in items if x is None]
 
     chunks = [list(range(k, min(k + batch_size, len(paths)))) for k in range(0, len(paths), batch_size)]
-    if workers == 0:
+    if workers == 0 or len(chunks) == 1:  # one batch has nothing to overlap with: a thread would only cost its start (~5 ms)
         yield from map(batch, chunks)
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
