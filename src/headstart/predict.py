@@ -80,8 +80,12 @@ class Classifier:
 
     def features(self, paths: Sequence[str | os.PathLike], *, use_cache: bool = True, progress: bool = False, root: Path | None = None, **kw: Any) -> features.Features:
         settings = self.info.get("train_config", {})  # as asked at training time: the same runtime choice is made again
+        precision, made = settings.get("precision", "auto"), self.info.get("features", {})
+        if made.get("runtime") == "onnxruntime":  # the head learnt ONNX Runtime's embeddings: the same precision and graph
+            precision = made.get("precision", "fp32")
+        calibration = onnx.Calibration(tuple(made["calibration"])) if made.get("calibration") else None
         return features.extract([Path(p) for p in paths], self.backbone, use_cache=use_cache, progress=progress, root=root,
-                                precision=settings.get("precision", "auto"), runtime=settings.get("runtime", "auto"), **kw)
+                                precision=precision, runtime=settings.get("runtime", "auto"), calibration=calibration, **kw)
 
     def proba_from_features(self, x: np.ndarray) -> np.ndarray:
         return heads.proba(self.info["head"], self.head_state(), x)
