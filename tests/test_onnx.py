@@ -72,7 +72,8 @@ def test_int8_cannot_run_in_pytorch():
 def test_an_int8_run_predicts_what_fp32_predicts(tmp_path, monkeypatch):
     monkeypatch.setattr(features, "CALIBRATION_PHOTOS", 32)
     fp32 = headstart.train(HYMENOPTERA, out=tmp_path / "fp32", precision="fp32", head="linear", progress=False)
-    int8 = headstart.train(HYMENOPTERA, out=tmp_path / "int8", precision="int8", head="linear", progress=False)
+    int8 = headstart.train(HYMENOPTERA, out=tmp_path / "int8", precision="int8", head="linear", cache_dir=str(tmp_path / "cache"),
+                           progress=False)  # a cache of its own: predict must find the graph there
     made = int8.info["features"]
     assert made["precision"] == "int8" and len(made["calibration"]) == 32
     assert fp32.info["features"]["precision"] == "fp32"

@@ -84,6 +84,7 @@ class Classifier:
         if made.get("runtime") == "onnxruntime":  # the head learnt ONNX Runtime's embeddings: the same precision and graph
             precision = made.get("precision", "fp32")
         calibration = onnx.Calibration(tuple(made["calibration"])) if made.get("calibration") else None
+        kw.setdefault("cache_dir", settings.get("cache_dir"))  # the run's cache: its exported (and int8) graphs are there
         return features.extract([Path(p) for p in paths], self.backbone, use_cache=use_cache, progress=progress, root=root,
                                 precision=precision, runtime=settings.get("runtime", "auto"), calibration=calibration, **kw)
 
