@@ -1,12 +1,13 @@
 """int8 against fp32 extraction (ONNX Runtime on the CPU): head accuracy, extraction speed, quantization time.
 
     python benchmarks/int8.py [--backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2] [--data hymenoptera,clothing]
+                              [--keep results.json]   (measurements already in it are not repeated)
 
 Per backbone and shared data set: `headstart.train` with `precision="fp32"` and with `precision="int8"` (the head
 chosen by cross-validation as usual), their validation (and test) accuracy and how often the two runs' top-1
 predictions agree on the validation photos; the time to quantize (the fp32 export already cached, calibration
-photos decoded included); and extraction speed end to end (decode included, no embedding cache) on the 398
-ants/bees photos, median of 3. Writes the "int8" section of BENCHMARKS.md (other sections are left as they are),
+photos decoded included); and extraction speed end to end (decode included, no embedding cache) on the 153
+ants/bees validation photos, median of 3. Writes the "int8" section of BENCHMARKS.md (other sections are left as they are),
 with the decision the default follows: int8 becomes `precision="auto"`'s choice only if, for the default
 backbone, it stays within 0.5 pt of fp32's validation accuracy on both data sets.
 """
@@ -14,6 +15,7 @@ backbone, it stays within 0.5 pt of fp32's validation accuracy on both data sets
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -50,7 +52,7 @@ def runs(name: str, data: Path, cache: Path) -> dict:
     train = scan(data).splits["train"]
     calib = features.calibration_sample(train.paths, train.labels)
     row = {"backbone": name, "data": data.name, "quantize_s": quantize_seconds(lb, calib, cache), "photos": len(calib.digests)}
-    clfs = {p: headstart.train(data, precision=p, cache_dir=str(cache), progress=False) for p in ("fp32", "int8")}
+    clfs = {p: headstart.train(data, backbone=name, precision=p, cache_dir=str(cache), progress=False) for p in ("fp32", "int8")}
     for p, clf in clfs.items():
         assert clf.info["features"]["precision"] == p, clf.info["features"]
         row[p] = {"val": accuracy(clf, "val"), "test": accuracy(clf, "test"), "head": clf.info["head"]["kind"]}
@@ -64,7 +66,7 @@ def speed(name: str, cache: Path) -> dict[str, float]:
     """img/s end to end (decode included, no embedding cache) on the ants/bees photos, fp32 and int8."""
     lb = backbones.load(name)
     ds = scan(shared() / "datasets" / "hymenoptera")
-    paths = ds.splits["train"].paths + ds.splits["val"].paths
+    paths = ds.splits["val"].paths
     calib = features.calibration_sample(ds.splits["train"].paths, ds.splits["train"].labels)
     out = {}
     for p in ("fp32", "int8"):
@@ -89,7 +91,7 @@ def section(rows: list[dict], speeds: dict[str, dict[str, float]], loads: list[t
         "global pooling left in float so the embedding itself is not rounded to 256 levels) against the fp32 graph.",
         "Each row is two `headstart.train` runs on the same split, head chosen by cross-validation as usual;",
         "*agree* is how often their top-1 predictions agree on the validation photos. Extraction speed: end to end",
-        "(decode included, no embedding cache) on the 398 ants/bees photos, median of 3.",
+        "(decode included, no embedding cache) on the 153 ants/bees validation photos, median of 3.",
         "",
         "| backbone | data | val fp32 | val int8 | Δ val | test fp32 | test int8 | agree | quantize |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -123,18 +125,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
     ap.add_argument("--data", default="hymenoptera,clothing")
+    ap.add_argument("--keep", type=Path, help="JSON file of measurements: those in it are not repeated, new ones are added")
     args = ap.parse_args()
-    loads = [os.getloadavg()]
-    rows, speeds = [], {}
+    kept = json.loads(args.keep.read_text()) if args.keep and args.keep.is_file() else {"rows": [], "speeds": {}, "loads": []}
+    rows, speeds, loads = kept["rows"], kept["speeds"], kept["loads"] + [os.getloadavg()]
+
+    def keep() -> None:
+        if args.keep:
+            args.keep.write_text(json.dumps({"rows": rows, "speeds": speeds, "loads": loads}, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="headstart-int8-bench-") as tmp:
         cache = Path(tmp)
         for name in args.backbones.split(","):
             for data in args.data.split(","):
-                rows.append(runs(name, shared() / "datasets" / data, cache))
-                print(rows[-1], flush=True)
-            speeds[name] = speed(name, cache)
-            print(name, speeds[name], flush=True)
+                if not any(r["backbone"] == name and r["data"] == data for r in rows):
+                    rows.append(runs(name, shared() / "datasets" / data, cache))
+                    print(rows[-1], flush=True)
+                    keep()
+        for name in args.backbones.split(","):  # after the runs, so the speeds are measured close together
+            if name not in speeds:
+                speeds[name] = speed(name, cache)
+                print(name, speeds[name], flush=True)
+                keep()
     loads.append(os.getloadavg())
+    keep()
     write_section("int8", section(rows, speeds, loads))
     print(section(rows, speeds, loads))
 

@@ -12,6 +12,8 @@ Two runtimes can run the frozen backbone. On a CPU the default is ONNX Runtime i
 EfficientNet-Lite0 at 4× PyTorch's fp32 eager speed and faster than PyTorch's bf16 (which needs AVX-512 BF16/AMX),
 with fp32's numbers. The backbone is exported once per weights digest, checked against PyTorch and kept in the
 cache folder (``onnx.feature_session``). PyTorch runs it on a GPU, for augmented views, with ``precision="bf16"`` and wherever the export fails.
+``precision="int8"`` runs it quantized in ONNX Runtime, calibrated on a sample of the run's training photos
+(``calibration_sample``, ``onnx.int8_session``): faster, but not the default (BENCHMARKS.md, "int8", says why).
 Photos are decoded by a thread pool while the backbone runs (both release the GIL) and travel as uint8 pixels;
 normalisation happens on the whole batch, inside the ONNX graph or on the device.
 """

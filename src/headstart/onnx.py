@@ -288,6 +288,18 @@ def int8_key(lb: LoadedBackbone, calibration: Calibration) -> str:
     return cache.key("int8-graph", _graph_key(lb, "embedding"), sorted(calibration.digests), INT8, version("onnxruntime"))
 
 
+def int8_graph(lb: LoadedBackbone, calibration: Calibration, cache_dir: str | os.PathLike | None = None) -> bytes | None:
+    """The cached int8 graph's bytes (what a saved run keeps beside its weights), or None when it is not cached."""
+    return cache.store("onnx", cache_dir).read_bytes(int8_key(lb, calibration), ".int8.onnx")
+
+
+def keep_int8_graph(lb: LoadedBackbone, calibration: Calibration, data: bytes, cache_dir: str | os.PathLike | None = None) -> None:
+    """Put a saved run's int8 graph into the cache, where ``int8_session`` finds it (a run moved to another machine)."""
+    store, name = cache.store("onnx", cache_dir), int8_key(lb, calibration)
+    if not store.path(name, ".int8.onnx").is_file():
+        store.write_bytes(name, ".int8.onnx", data)
+
+
 def quantize(graph: bytes, batches: Iterable[np.ndarray]) -> bytes:
     """``graph`` (uint8 NHWC pixels in) statically quantized to int8, calibrated on the pixel ``batches``."""
     need_onnx()
