@@ -321,9 +321,9 @@ def quantize(graph: bytes, batches: Iterable[np.ndarray]) -> bytes:
         quiet = _Quiet()  # the quantizer logs a line per rescaled weight channel on the root logger
         logging.getLogger().addFilter(quiet)
         try:
+            activations = QuantType.QUInt8 if INT8["activations"] == "uint8" else QuantType.QInt8
             quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8 if INT8["activations"] == "uint8" else QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=INT8.get("ops"),
+                            activation_type=activations, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=INT8.get("ops"),
                             extra_options={"ActivationSymmetric": INT8["activations"] == "int8"})
         finally:
             logging.getLogger().removeFilter(quiet)
@@ -348,6 +348,8 @@ def int8_session(lb: LoadedBackbone, calibration: Calibration, batches: Callable
             return session(path, threads, spin=False)
         except Exception as e:  # noqa: BLE001 - a damaged file: quantize again
             log.warning("the int8 backbone %s cannot be read (%s); quantizing it again", path, str(e).splitlines()[0][:200])
+    if name in _REFUSED:  # failed already in this process (logged then)
+        return None
     if not calibration.paths:
         log.warning("the int8 graph of %s is not in the cache and its calibration photos are not at hand; using fp32", lb.spec.name)
         return None
@@ -356,11 +358,9 @@ def int8_session(lb: LoadedBackbone, calibration: Calibration, batches: Callable
     t = time.perf_counter()
     try:
         data = quantize(store.path(_graph_key(lb, "embedding"), ".onnx").read_bytes(), _counted(batches()))
-    except (EmptyCalibration, OSError) as e:
-        log.warning("cannot calibrate int8 for %s (%s); using fp32", lb.spec.name, e)
-        return None
-    except Exception as e:  # noqa: BLE001 - any quantizer failure: fp32 still works
-        log.warning("int8 quantization of %s failed (%s: %s); using fp32", lb.spec.name, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+    except Exception as e:  # noqa: BLE001 - no photo decodes, or any quantizer failure: fp32 still works
+        _REFUSED[name] = why = str(e) if isinstance(e, (EmptyCalibration, OSError)) else f"{type(e).__name__}: {str(e)[:200]}"
+        log.warning("cannot quantize %s to int8 (%s); using fp32", lb.spec.name, why)
         return None
     log.info("int8: %s quantized on %d photos in %.1f s", lb.spec.name, len(calibration.digests), time.perf_counter() - t)
     if store.write_bytes(name, ".int8.onnx", data):
