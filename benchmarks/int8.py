@@ -3,6 +3,8 @@
     python benchmarks/int8.py [--backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2] [--data hymenoptera,clothing]
                               [--keep results.json]   (measurements already in it are not repeated)
 
+BENCHMARKS.md's table adds mobilenetv2 (`--backbones ...,mobilenetv2` with HEADSTART_WEIGHTS=../shared/weights).
+
 Per backbone and shared data set: `headstart.train` with `precision="fp32"` and with `precision="int8"` (the head
 chosen by cross-validation as usual), their validation (and test) accuracy and how often the two runs' top-1
 predictions agree on the validation photos; the time to quantize (the fp32 export already cached, calibration
