@@ -33,8 +33,8 @@ def few_photos(tmp_path):
     return [folder / "empty.jpg", folder / "text.jpg", *map(Path, paths)]
 
 
-@pytest.mark.slow  # 26 s with the cores shared (load 4): the fp32 export, a quantization, three extractions
 def test_unreadable_calibration_photos_are_skipped_and_the_graph_is_quantized_once(few_photos, lite0, monkeypatch):
+    """11 s at load 2.4 (26 s at load 4): the fp32 export when no earlier test made it, one quantization, three extractions."""
     calib = features.calibration_sample(few_photos, n=10)
     assert len(calib.paths) == 10  # the unreadable ones are in the sample: decoding skips them
     made = []
@@ -75,7 +75,7 @@ def test_int8_cannot_run_in_pytorch():
     assert TrainConfig(precision="int8").precision == "int8"
 
 
-@pytest.mark.slow  # two runs on ants/bees: 85-108 s with the cores shared (load 4-5)
+@pytest.mark.slow  # two runs on ants/bees: 43 s at load 2.4, 85-108 s at load 4-5 (2 shared cores)
 def test_an_int8_run_predicts_what_fp32_predicts(tmp_path, monkeypatch):
     monkeypatch.setattr(features, "CALIBRATION_PHOTOS", 32)
     fp32 = headstart.train(HYMENOPTERA, out=tmp_path / "fp32", precision="fp32", head="linear", progress=False)
