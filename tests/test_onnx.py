@@ -93,3 +93,18 @@ def test_an_int8_run_predicts_what_fp32_predicts(tmp_path, monkeypatch):
     assert f8.precision == "int8" and f8.calibration == tuple(made["calibration"]) and f32.precision == "fp32"
     agree = (p8.argmax(1) == p32.argmax(1)).mean()
     assert agree >= 0.97, f"int8 and fp32 heads agree on {100 * agree:.1f}% of the validation photos"
+
+
+def test_calibration_sample_takes_each_class_in_turn_and_barely_moves_when_photos_are_added(tmp_path):
+    paths = []
+    for i in range(30):
+        paths.append(tmp_path / f"{'ab'[i % 2]}{i}.jpg")
+        paths[-1].write_bytes(bytes([i]))
+    labels = [i % 2 for i in range(30)]
+    calib = features.calibration_sample(paths, labels, n=6)
+    assert sorted(p.name[0] for p in calib.paths) == list("aaabbb") and len(set(calib.digests)) == 6
+    assert features.calibration_sample(paths, labels, n=6) == calib  # seeded: the same sample every time
+    more = tmp_path / "a99.jpg"
+    more.write_bytes(b"new")
+    moved = set(features.calibration_sample([*paths, more], [*labels, 0], n=6).paths) - set(calib.paths)
+    assert moved <= {more}  # a new photo can only take a place; the others stay
