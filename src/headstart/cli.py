@@ -95,9 +95,11 @@ def _compute_options(f: Any) -> Any:
     """How the backbone computes: the same options for train and compare."""
     options = [
         click.option("--precision", type=click.Choice(choices("precision")), default=_DEFAULTS.precision, show_default=True,
-                     help="PyTorch's precision (fine-tuning; extraction with --runtime pytorch)."),
+                     help="int8: extract with the backbone quantized in ONNX Runtime on the CPU, calibrated on your "
+                          "training photos (export stays fp32). Otherwise PyTorch's precision (fine-tuning; extraction "
+                          "with --runtime pytorch); auto: bf16 where the CPU has it."),
         click.option("--runtime", type=click.Choice(choices("runtime")), default=_DEFAULTS.runtime, show_default=True,
-                     help="What runs the frozen backbone for features: auto = ONNX Runtime fp32 on a CPU, PyTorch on a GPU."),
+                     help="What runs the frozen backbone for features: auto = ONNX Runtime on a CPU, PyTorch on a GPU."),
         click.option("--input-size", type=int, default=_DEFAULTS.input_size,
                      help=f"Pixels (square) the backbone sees, {RANGES['input_size'].describe()}; default: its timm data "
                           "config. Networks trained at 224 often do better at 256-288 (the FixRes effect; see README)."),

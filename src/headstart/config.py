@@ -25,7 +25,7 @@ POLICIES = ("none", "classic", "rrc", "randaugment", "erasing")
 
 Head = Literal["auto", "mlp", "linear"]
 ClassWeights = Literal["auto", "none", "balanced"]
-Precision = Literal["auto", "bf16", "fp32"]
+Precision = Literal["auto", "bf16", "fp32", "int8"]
 Runtime = Literal["auto", "onnxruntime", "pytorch"]
 
 
@@ -139,7 +139,8 @@ class TrainConfig:
     val_fraction: float = 0.2  # only when the folder has no validation split
     cv_folds: int = 5
     class_weights: ClassWeights = "auto"  # "auto" = balanced when classes are imbalanced, "none", "balanced"
-    precision: Precision = "auto"  # PyTorch's: "auto" (bf16 where the CPU supports it), "bf16", "fp32"
+    precision: Precision = "auto"  # "auto" (PyTorch: bf16 where the CPU supports it; ONNX Runtime: fp32), "bf16", "fp32",
+    # or "int8": the frozen backbone quantized in ONNX Runtime on the CPU, calibrated on the training photos
     runtime: Runtime = "auto"  # what runs the frozen backbone: "auto" (ONNX Runtime fp32 on a CPU), "onnxruntime", "pytorch"
     channels_last: bool = True  # the memory layout oneDNN's CPU convolutions are fastest with
     workers: int = -1  # decode workers (threads for extraction, processes for fine-tuning); -1 = one per spare core
@@ -172,6 +173,9 @@ class TrainConfig:
         if self.runtime == "onnxruntime" and self.precision == "bf16":
             raise ConfigError("precision", "precision='bf16' cannot go with runtime='onnxruntime', which runs fp32: "
                                            "give precision auto or fp32, or runtime pytorch")
+        if self.runtime == "pytorch" and self.precision == "int8":
+            raise ConfigError("precision", "precision='int8' cannot go with runtime='pytorch': int8 runs the backbone in "
+                                           "ONNX Runtime on the CPU; give runtime auto or onnxruntime, or precision auto, fp32 or bf16")
 
     def ignored(self) -> list[str]:
         """A sentence for each setting changed from its default that this run would not use (augmentation without

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from .predict import CONFIG_FILE, Classifier, expand_images, load_run
 from .transforms import preprocess_info
 
 META_FORMAT = 1
+log = logging.getLogger("headstart")
 ATOL = 1e-4  # largest accepted |p_onnx - p_torch| (fp32 both sides)
 CHECK_IMAGES = 8  # photos run through both engines at export time
 
@@ -70,6 +72,9 @@ def export_onnx(run: str | os.PathLike, out: str | os.PathLike | None = None,
     """
     clf = load_run(run)
     out = Path(out) if out is not None else Path(run)
+    if clf.info.get("features", {}).get("precision") == "int8":  # the exported graph is traced from PyTorch: fp32
+        log.warning("the run extracted its features in int8; the exported model.onnx runs the backbone in fp32 (its "
+                    "predictions agree with the run's on nearly every photo, not all)")
     module = probabilities_module(clf)
     meta = _meta(clf, json.loads((Path(run) / CONFIG_FILE).read_text())["model_sha256"])
     data = _graph(module, clf, meta)

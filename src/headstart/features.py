@@ -12,6 +12,8 @@ Two runtimes can run the frozen backbone. On a CPU the default is ONNX Runtime i
 EfficientNet-Lite0 at 4× PyTorch's fp32 eager speed and faster than PyTorch's bf16 (which needs AVX-512 BF16/AMX),
 with fp32's numbers. The backbone is exported once per weights digest, checked against PyTorch and kept in the
 cache folder (``onnx.feature_session``). PyTorch runs it on a GPU, for augmented views, with ``precision="bf16"`` and wherever the export fails.
+``precision="int8"`` runs it quantized in ONNX Runtime, calibrated on a sample of the run's training photos
+(``calibration_sample``, ``onnx.int8_session``): faster, but not the default (BENCHMARKS.md, "int8", says why).
 Photos are decoded by a thread pool while the backbone runs (both release the GIL) and travel as uint8 pixels;
 normalisation happens on the whole batch, inside the ONNX graph or on the device.
 """
@@ -19,6 +21,7 @@ normalisation happens on the whole batch, inside the ONNX graph or on the device
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -48,6 +51,10 @@ RUNTIMES = choices("runtime")  # TrainConfig's list: the one place it is written
 # ONNX Runtime is fastest here with small batches (they stay in cache): Lite0, 2 threads, img/s at batch
 # 1/8/16/32/64 = 136/145/132/118/115. PyTorch keeps the configured batch size.
 ORT_BATCH = 8
+# What precision="auto" runs in ONNX Runtime on a CPU. fp32 unless int8 keeps the default backbone's validation
+# accuracy within 0.5 pt of fp32 on both shared data sets (BENCHMARKS.md, "int8").
+ORT_AUTO = "fp32"
+CALIBRATION_PHOTOS = 64  # int8: training photos its activation ranges are calibrated on (spread over the classes)
 
 
 @dataclass
@@ -59,7 +66,9 @@ class Features:
     skipped: list[Skipped] = field(default_factory=list)
     computed: int = 0  # embeddings computed by the backbone in this call (the rest came from the cache)
     seconds: float = 0.0
-    runtime: str = "pytorch"  # what computed them: "onnxruntime" (fp32) or "pytorch"
+    runtime: str = "pytorch"  # what computed them: "onnxruntime" or "pytorch"
+    precision: str = "fp32"  # at what precision: "int8" (ONNX Runtime), "fp32", "bf16" (PyTorch)
+    calibration: tuple[str, ...] = ()  # int8: the content digests of the photos its graph was calibrated on
     digests: list[str | None] = field(default_factory=list)  # sha256 of each file in ``paths`` (None: unreadable); the audit's exact duplicates
 
 
@@ -87,11 +96,20 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str = "auto") -> str:
+    """PyTorch's precision. ``int8`` is ONNX Runtime's: what PyTorch runs of such a run (fine-tuning, augmented
+    views, a backbone that does not export) runs in fp32."""
     if precision == "auto":
         return "bf16" if bf16_supported() else "fp32"
+    if precision == "int8":
+        return "fp32"
     if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, not {precision!r}")
+        raise ValueError(f"precision must be one of {', '.join(choices('precision'))}, not {precision!r}")
     return precision
+
+
+def ort_precision(precision: str = "auto") -> str:
+    """ONNX Runtime's precision for the frozen backbone: ``int8`` or ``fp32`` (``auto``: ``ORT_AUTO``)."""
+    return ORT_AUTO if precision == "auto" else "int8" if precision == "int8" else "fp32"
 
 
 def prepare(model: torch.nn.Module) -> torch.nn.Module:
@@ -208,9 +226,10 @@ def normalized_batches(paths: Sequence[Path], data_config: dict[str, Any], batch
 
 
 def cache_key(lb: LoadedBackbone, precision: str, view: tuple | None = None, device: str = "cpu", runtime: str = "pytorch",
-              output: str = "embedding") -> str:
-    """Everything that changes an embedding, and nothing else."""
+              output: str = "embedding", graph: str | None = None) -> str:
+    """Everything that changes an embedding, and nothing else (``graph``: the int8 graph, which its calibration shapes)."""
     desc = {
+        **({"graph": graph} if graph else {}),
         **({"device": device} if device != "cpu" else {}),  # GPU kernels round differently; CPU keys unchanged
         **({"runtime": runtime} if runtime != "pytorch" else {}),
         **({"output": output} if output != "embedding" else {}),
@@ -242,6 +261,31 @@ def _save_vector(vector: np.ndarray) -> Any:
     return write
 
 
+# ---------------------------------------------------------------------------------------- int8 calibration
+
+
+def calibration_sample(paths: Sequence[Path], labels: Sequence[int] | None = None, n: int | None = None,
+                       seed: int = 0) -> onnx.Calibration:
+    """Up to ``n`` of ``paths`` (the training photos) to calibrate an int8 graph on, taken in turn from each class.
+
+    Within a class the photos are ordered by a seeded hash of their file name, not drawn by position, so adding a
+    photo to the folder changes the sample (hence the graph and every int8 embedding) only if it ranks among the
+    first few. Only the chosen photos are read (for their content digests); unreadable files stay in (decoding
+    skips them) and files that cannot be opened are left out.
+    """
+    labels = list(labels) if labels is not None else [0] * len(paths)
+    rank = {p: cache.key(seed, Path(p).name, str(p)) for p in paths}
+    by_class = [sorted((p for p, y in zip(paths, labels) if y == c), key=rank.__getitem__) for c in sorted(set(labels))]
+    chosen = [p for row in itertools.zip_longest(*by_class) for p in row if p is not None][:n or CALIBRATION_PHOTOS]
+    pairs = [(Path(p), file_digest(Path(p))) for p in chosen]
+    return onnx.Calibration(tuple(d for _, d in pairs if d), tuple(p for p, d in pairs if d))
+
+
+def calibration_batches(calibration: onnx.Calibration, data_config: dict[str, Any], workers: int = -1) -> Iterator[np.ndarray]:
+    """The calibration photos as the graph sees them (uint8 pixels, the run's resize and crop); unreadable ones skipped."""
+    return (b for _, b, _ in decoded_batches(list(calibration.paths), data_config, ORT_BATCH, workers) if b is not None)
+
+
 # -------------------------------------------------------------------------------------------- extract
 
 
@@ -256,6 +300,9 @@ class _Job:
     precision: str
     view_key: tuple | None
     output: str
+    calibration: onnx.Calibration | None = None
+    graph: str | None = None  # the int8 graph's key, once int8 is settled on
+    looked: str = ""  # the runtime the cache was last looked up for
     store: cache.Store | None = None
     vectors: list[np.ndarray | None] = field(default_factory=list)
     todo: list[int] = field(default_factory=list)
@@ -263,12 +310,27 @@ class _Job:
 
     def lookup(self, cache_dir: str | os.PathLike | None, use_cache: bool) -> None:
         """The store for this runtime, the vectors it holds for ``paths`` and the indices it lacks."""
-        prec = "fp32" if self.runtime == "onnxruntime" else resolve_precision(self.precision)
-        key = cache_key(self.lb, prec, self.view_key, distributed.device_type(), self.runtime, self.output)
+        prec, self.looked = self.resolved(), self.runtime
+        self.graph = onnx.int8_key(self.lb, self.calibration) if prec == "int8" and self.calibration else None
+        key = cache_key(self.lb, prec, self.view_key, distributed.device_type(), self.runtime, self.output, self.graph)
         self.store = cache.store(f"features/{key}", cache_dir, sharded=True) if use_cache else None
         hits = [self.store.read(d, ".npy", _load_vector) if self.store and d else None for d in self.digests]
         self.vectors = [h if h is not None and h.shape == (self.width,) else None for h in hits]
         self.todo = [i for i, v in enumerate(self.vectors) if v is None]
+
+    def relookup(self, cache_dir: str | os.PathLike | None, use_cache: bool) -> None:
+        """Look up again if building the forward changed what computes the embeddings (int8 or the export failed,
+        logged): those are other embeddings, cached under another key."""
+        if self.runtime != self.looked or (self.graph and self.calibration is None):
+            self.lookup(cache_dir, use_cache)
+
+    def resolved(self) -> str:
+        """The precision the embeddings are computed at: int8 only by ONNX Runtime, on embeddings, with photos
+        to calibrate on."""
+        if self.runtime != "onnxruntime":
+            return resolve_precision(self.precision)
+        usable = self.output == "embedding" and self.calibration is not None
+        return "int8" if ort_precision(self.precision) == "int8" and usable else "fp32"
 
 
 def extract(
@@ -287,37 +349,50 @@ def extract(
     seed: int = 0,
     runtime: str = "auto",
     output: str = "embedding",
+    calibration: onnx.Calibration | None = None,
 ) -> Features:
     """Embeddings of ``paths`` (cached ones read back, the rest computed in batches and cached).
 
     With ``augment_policy``, the embeddings of augmented view number ``view`` of each image (deterministic in image
     content, view and seed, hence cacheable like any other embedding). ``output="logits"``: the ImageNet
     classifier's logits instead (``predict --imagenet``), through the same runtime choice.
+
+    ``precision="int8"`` (ONNX Runtime on a CPU) runs the backbone quantized, calibrated on ``calibration`` (the
+    training photos, ``calibration_sample``; without it, on a sample of ``paths`` themselves); ``auto`` runs int8
+    only when given a calibration and ``ORT_AUTO`` says so. Where int8 cannot be had, fp32 runs (logged).
     """
     start = time.perf_counter()
     runtime = resolve_runtime(runtime, precision, distributed.device_type(), augmented=bool(augment_policy))
     if runtime == "onnxruntime" and onnx.refused(lb, cache_dir, output):
         runtime = "pytorch"
+    if calibration is None and precision == "int8" and runtime == "onnxruntime":
+        calibration = calibration_sample(paths, seed=seed)  # asked for int8 with no training photos: these photos
     job = _Job(paths, lb, [file_digest(Path(p)) for p in paths] if use_cache else [None] * len(paths), runtime, precision,
-               (augment_policy, view, seed) if augment_policy else None, output,
+               (augment_policy, view, seed) if augment_policy else None, output, calibration,
                width=lb.num_features if output == "embedding" else lb.num_classes)
     # The cache is read before anything is built: a run it answers in full needs neither the backbone nor a runtime.
     job.lookup(cache_dir, use_cache)
     reasons: dict[int, str] = {}
     if job.todo:
-        forward, batch_size = _forward(job, cache_dir, batch_size)
-        if job.runtime != runtime:  # the export failed its check (logged): PyTorch computes the same embeddings
-            job.lookup(cache_dir, use_cache)
+        forward, batch_size = _forward(job, cache_dir, batch_size, workers)
+        job.relookup(cache_dir, use_cache)
         reasons = _compute(job, forward, batch_size, workers, progress, augment_policy, view, seed)
     ok = np.array([v is not None for v in job.vectors], dtype=bool)
     x = np.stack([v for v in job.vectors if v is not None]).astype(np.float32) if ok.any() else np.zeros((0, job.width), np.float32)
     skipped = [Skipped(shown_path(paths[i], root), reasons.get(i, "cannot decode")) for i in np.flatnonzero(~ok)]
     return Features(x, ok, skipped, computed=len(job.todo) - len(reasons), seconds=time.perf_counter() - start, runtime=job.runtime,
+                    precision=job.resolved(), calibration=job.calibration.digests if job.graph and job.calibration else (),
                     digests=list(job.digests))
 
 
-def _forward(job: _Job, cache_dir: str | os.PathLike | None, batch_size: int) -> tuple[Callable[[Any], np.ndarray], int]:
+def _forward(job: _Job, cache_dir: str | os.PathLike | None, batch_size: int, workers: int) -> tuple[Callable[[Any], np.ndarray], int]:
     """The batch → vectors function of the job's runtime (ONNX Runtime, or PyTorch where its export is refused)."""
+    if job.graph and job.calibration:
+        calib, lb = job.calibration, job.lb
+        session = onnx.int8_session(lb, calib, lambda: calibration_batches(calib, lb.data_config, workers), cache_dir)
+        if session is not None:
+            return (lambda b: session.run(None, {"pixels": b})[0]), min(batch_size, ORT_BATCH)
+        job.calibration = None  # int8 cannot be had (logged): fp32 embeddings instead
     if job.runtime == "onnxruntime":
         session = onnx.feature_session(job.lb, cache_dir, job.output)
         if session is not None:
@@ -357,10 +432,13 @@ def _compute(job: _Job, forward: Callable[[Any], np.ndarray], batch_size: int, w
 
 
 def resolve_runtime(runtime: str = "auto", precision: str = "auto", device_type: str = "cpu", augmented: bool = False) -> str:
-    """What runs the backbone. ``auto``: ONNX Runtime (fp32) on a CPU, PyTorch on a GPU, for augmented views
-    (their random transforms produce float tensors) and when bf16 is asked for explicitly."""
+    """What runs the backbone. ``auto``: ONNX Runtime (fp32 or int8) on a CPU, PyTorch on a GPU, for augmented
+    views (their random transforms produce float tensors; int8 runs them in fp32) and when bf16 is asked for."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if precision == "int8" and (runtime == "pytorch" or device_type != "cpu"):
+        raise ValueError("precision int8 runs the backbone in ONNX Runtime on the CPU: give runtime auto or onnxruntime "
+                         "without a GPU, or precision auto/fp32/bf16")
     if runtime == "pytorch" or augmented:
         return "pytorch"
     usable = device_type == "cpu" and precision != "bf16"
@@ -396,7 +474,7 @@ def extract_sharded(paths: Sequence[Path], lb: LoadedBackbone, **kw: Any) -> Fea
         computed, seconds = computed + part.computed, max(seconds, part.seconds)
     x = np.stack([rows[i] for i in np.flatnonzero(ok)]) if ok.any() else np.zeros((0, lb.num_features), np.float32)
     return Features(x, ok, [skipped[i] for i in sorted(skipped)], computed=computed, seconds=seconds, runtime=mine.runtime,
-                    digests=digests)
+                    precision=mine.precision, calibration=mine.calibration, digests=digests)
 
 
 def shown_path(path: Path, root: Path | None) -> str:

@@ -61,6 +61,7 @@ class Extractor:
     root: Path
     progress: bool
     skipped: list[Skipped]
+    calibration: Any = None  # int8: the training photos its graph is calibrated on (onnx.Calibration)
     seconds: float = 0.0
     computed: int = 0
     from_cache: int = 0
@@ -68,7 +69,7 @@ class Extractor:
     def __call__(self, split: Split, lb: backbones.LoadedBackbone, **kw: Any) -> features.Features:
         f = features.extract_sharded(split.paths, lb, cache_dir=self.cfg.cache_dir, batch_size=self.cfg.batch_size,
                                      precision=self.cfg.precision, runtime=self.cfg.runtime, workers=self.cfg.workers,
-                                     progress=self.progress, root=self.root, **kw)
+                                     progress=self.progress, root=self.root, calibration=self.calibration, **kw)
         self.seconds += f.seconds
         self.computed += f.computed
         self.from_cache += int(f.ok.sum()) - f.computed
@@ -125,7 +126,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     if inputs is not None and (done := finished_run(Path(out), inputs)) is not None:
         log.info("reused the finished run in %s (same photos, settings and weights)", out)
         return done
-    extract = Extractor(cfg, d.ds.root, progress, list(d.ds.skipped))
+    extract = Extractor(cfg, d.ds.root, progress, list(d.ds.skipped), calibration(cfg, d))
     for s in extract.skipped:
         log.warning("skipped %s: %s", s.path, s.reason)
     result = fit_head(cfg, d, lb, extract) if lb.spec.pretrained else Outcome(lb, {}, heads.HeadFit({}, "linear", {}))
@@ -170,6 +171,14 @@ def split(data: str | Path, cfg: TrainConfig) -> Data:
         raise HeadstartError(f"'{ds.root}' leaves no images for validation: add a val/ folder or more images per class")
     log.info("data: %s (%s layout), %d classes", ds.root, ds.layout, len(ds.classes))
     return Data(ds, {"train": tr, "val": va} | ({"test": te} if te is not None and len(te) else {}))
+
+
+def calibration(cfg: TrainConfig, d: Data) -> Any:
+    """int8 (asked for, or what ``auto`` runs in ONNX Runtime): the training photos its graph is calibrated on,
+    the same sample for every split and for predict (the run records their digests)."""
+    if cfg.runtime == "pytorch" or features.ort_precision(cfg.precision) != "int8":
+        return None
+    return features.calibration_sample(d.train.paths, d.train.labels, seed=cfg.seed)
 
 
 def load_backbone(cfg: TrainConfig, crop_pct: float | None) -> backbones.LoadedBackbone:
@@ -319,12 +328,14 @@ def evaluate_splits(spec: dict[str, Any], state: heads.HeadState, feats: dict[st
 
 def record(cfg: TrainConfig, d: Data, r: Outcome, skipped: list[Skipped], inputs: str | None) -> dict[str, Any]:
     """What the run folder's config.json keeps besides the bundle's own facts (``Classifier.info``)."""
-    runtime = r.feats["val"].runtime if r.feats else "pytorch"
+    f = r.feats.get("val")
+    runtime = f.runtime if f else "pytorch"
+    precision = f.precision if f else features.resolve_precision(cfg.precision)
     return {
         "head": {**heads.spec(r.fit.kind, r.lb.num_features, cfg), **r.fit.params, "epochs": r.fit.epochs},
         "head_selection": r.table,
         **({"crop_selection": r.crop_table} if r.crop_table else {}),
-        "features": {"runtime": runtime, "precision": "fp32" if runtime == "onnxruntime" else features.resolve_precision(cfg.precision)},
+        "features": {"runtime": runtime, "precision": precision, **({"calibration": list(f.calibration)} if f and f.calibration else {})},
         "train_config": cfg.to_dict(),
         "stages": r.stages,
         "data": {"root": str(d.ds.root), "layout": d.ds.layout, "classes": d.ds.classes,

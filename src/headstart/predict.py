@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # imported where a network runs; applying a head to cached fe
 BUNDLE_FORMAT = 1
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+INT8_FILE = "features.int8.onnx"  # an int8 run's quantized backbone: calibrated on its training photos, not remade elsewhere
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_FORMAT = 1
 
@@ -80,8 +81,15 @@ class Classifier:
 
     def features(self, paths: Sequence[str | os.PathLike], *, use_cache: bool = True, progress: bool = False, root: Path | None = None, **kw: Any) -> features.Features:
         settings = self.info.get("train_config", {})  # as asked at training time: the same runtime choice is made again
+        precision, made = settings.get("precision", "auto"), self.info.get("features", {})
+        if made.get("runtime") == "onnxruntime":  # the head learnt ONNX Runtime's embeddings: the same precision and graph
+            precision = made.get("precision", "fp32")
+        calibration = onnx.Calibration(tuple(made["calibration"])) if made.get("calibration") else None
+        kw.setdefault("cache_dir", settings.get("cache_dir"))  # the run's cache: its exported (and int8) graphs are there
+        if calibration and self.path is not None and (self.path / INT8_FILE).is_file():  # a run moved here: its own graph
+            onnx.keep_int8_graph(self.backbone, calibration, (self.path / INT8_FILE).read_bytes(), kw["cache_dir"])
         return features.extract([Path(p) for p in paths], self.backbone, use_cache=use_cache, progress=progress, root=root,
-                                precision=settings.get("precision", "auto"), runtime=settings.get("runtime", "auto"), **kw)
+                                precision=precision, runtime=settings.get("runtime", "auto"), calibration=calibration, **kw)
 
     def proba_from_features(self, x: np.ndarray) -> np.ndarray:
         return heads.proba(self.info["head"], self.head_state(), x)
@@ -121,6 +129,12 @@ class Classifier:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / MODEL_FILE) as tmp:
             save_file(self.state_dict(), str(tmp), metadata={"format": "headstart"})
+        calibration = self.info.get("features", {}).get("calibration")
+        graph = calibration and onnx.int8_graph(self.backbone, onnx.Calibration(tuple(calibration)),
+                                                self.info.get("train_config", {}).get("cache_dir"))
+        if graph:
+            with atomic_path(folder / INT8_FILE) as tmp:
+                tmp.write_bytes(graph)
         cfg = {
             "format": BUNDLE_FORMAT,
             "backbone": {
