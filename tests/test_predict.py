@@ -121,3 +121,18 @@ class _Exploit:
         from pathlib import Path
 
         return (Path.touch, (Path(self.marker),))
+
+
+def test_predicting_with_a_run_imports_neither_torch_nor_timm(ants_run):
+    """With the run's feature graph cached (training made it), loading and predicting is ONNX Runtime, Pillow and
+    numpy: importing torch and timm would cost seconds before a single photo is answered."""
+    import subprocess
+    import sys
+
+    _, out = ants_run
+    photo = next((HYMENOPTERA / "val" / "bees").glob("*.jpg"))
+    code = (f"import sys, headstart; p = headstart.load({str(out)!r}).predict([{str(photo)!r}])[0]; "
+            "print(p.top[0][0], sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(" ", 1) == ["bees", "[]\n"], r.stdout
