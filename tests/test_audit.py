@@ -257,3 +257,16 @@ def test_inverted_lists_find_nearly_every_nearest_neighbour(monkeypatch):
     approx = a.class_affinity(x, labels, 5)
     monkeypatch.setattr(a, "EXACT_UP_TO", 10_000)
     assert np.corrcoef(approx, a.class_affinity(x, labels, 5))[0, 1] > 0.9
+
+
+def test_the_leak_warning_says_what_each_kind_of_copy_means():
+    from headstart.audit import leak_warning
+
+    def summary(same: int, conflict: int) -> dict:
+        return {"val": {"n": 15, "leaked": same + conflict, "same_label": same, "conflict": conflict, "points": 100 * same / 15}}
+
+    assert leak_warning(summary(0, 0)) is None
+    only_conflict = leak_warning(summary(0, 1))
+    assert "one of the two labels is wrong" in only_conflict and "inflates" not in only_conflict
+    both = leak_warning(summary(2, 1))
+    assert "inflates the score" in both and "one of the two labels is wrong" in both and "worth up to 13.3 points" in both

@@ -792,7 +792,11 @@ def leak_warning(summary: dict[str, Any]) -> str | None:
              f"another label)" for n in ("val", "test") if summary.get(n, {}).get("leaked")]
     if not parts:
         return None
-    return "; ".join(parts) + ": the score is inflated. Run `headstart audit` on the data folder and exclude the train copies"
+    inflated = any(summary.get(n, {}).get("same_label") for n in ("val", "test"))
+    conflict = any(summary.get(n, {}).get("conflict") for n in ("val", "test"))
+    said = [*(["a copy with the same label inflates the score"] if inflated else []),
+            *(["a copy with another label means one of the two labels is wrong"] if conflict else [])]
+    return "; ".join(parts) + f": {' and '.join(said)}. Run `headstart audit` on the data folder and exclude the train copies"
 
 
 # -------------------------------------------------------------------------------------------------- files
