@@ -291,3 +291,20 @@ def test_ipv6_loopback(ants_run):
         assert url_of(server).startswith("http://[::1]:")
     finally:
         server.server_close()
+
+
+def test_a_client_that_hangs_up_is_one_log_line_not_a_traceback(ants_run, capsys, caplog):
+    """A closed tab or an upload cut off mid-body raises inside socketserver's thread; that is the client's doing."""
+    import logging
+
+    server = make_server(ants_run[1], "127.0.0.1", 0)
+    try:
+        with caplog.at_level(logging.INFO, logger="headstart"):
+            try:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            except ConnectionResetError:
+                server.handle_error(None, ("127.0.0.1", 51808))
+        assert "Traceback" not in capsys.readouterr().err
+        assert "127.0.0.1:51808 went away (ConnectionResetError)" in caplog.text
+    finally:
+        server.server_close()

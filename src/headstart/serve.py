@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -506,11 +507,23 @@ def bind_warning(host: str, port: int) -> str | None:
             "the run's photos; --host 127.0.0.1 keeps it to this machine")
 
 
+class _Server(ThreadingHTTPServer):
+    """A client that hangs up or stalls (a closed tab, an upload cut off at the size cap, the idle timeout) is not
+    an error of the server: one line instead of socketserver's traceback on the console."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, (ConnectionError, TimeoutError)):
+            log.info("serve: %s:%s went away (%s)", *client_address[:2], type(err).__name__)
+            return
+        super().handle_error(request, client_address)
+
+
 def make_server(folder: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """The server, bound and ready (``port=0``: any free port, as tests use), not yet serving."""
     app = open_app(folder)
     handler = type("BoundHandler", (Handler,), {"app": app})
-    kind = ThreadingHTTPServer if ":" not in host else type("Server6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+    kind = _Server if ":" not in host else type("Server6", (_Server,), {"address_family": socket.AF_INET6})
     server = kind((host, port), handler)
     server.daemon_threads = True  # Ctrl-C does not wait for a browser's idle keep-alive connection
     server.app = app  # type: ignore[attr-defined]
