@@ -42,6 +42,29 @@ def ants_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[headstart.Classi
     return clf, out
 
 
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (Playwright's own download is not used)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for the tests that look at a page as a person does: a failure under CI when missing
+    (`make test` installs it), a skip elsewhere."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
+        pytest.skip(f"no {CHROMIUM} here (apt-get install chromium); CI installs it and runs this test")
+    if os.environ.get("CI"):
+        from playwright.sync_api import sync_playwright
+    else:
+        sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
 def save_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (64, 48), color=(200, 30, 30), fmt: str | None = None, **kw) -> Path:
     from PIL import Image
 

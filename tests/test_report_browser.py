@@ -4,18 +4,14 @@ layout measured by the browser itself. Reading the HTML cannot catch a picture t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from conftest import HYMENOPTERA
 from headstart.compare import compare
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (Playwright's own download is not used)
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 WIDTHS = [1280, 500]
 SLACK = 0.5  # px: layout rounding
 
@@ -32,21 +28,6 @@ LAYOUT_JS = """() => {
   };
 }"""
 
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
-        pytest.skip(f"no {CHROMIUM} here (apt-get install chromium); CI installs it and runs this test")
-    if os.environ.get("CI"):
-        from playwright.sync_api import sync_playwright
-    else:
-        sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,49 +5,22 @@ matrix cell. Reading the HTML cannot tell whether the script really draws them."
 from __future__ import annotations
 
 import csv
-import os
-import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
 
-from headstart.serve import make_server, url_of, warm
 import test_serve
 from test_serve import EVIL_FILE, SCRIPT
 
 script_compare = test_serve.script_compare  # the fixture (a comparison with a class named <script>…), shared with the HTTP tests
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's; `make test` installs it (Playwright's own download is not used)
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"]
 
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing: `make test` installs it (apt-get install chromium)")
-        pytest.skip(f"no {CHROMIUM} here (apt-get install chromium); CI installs it and runs this test")
-    if os.environ.get("CI"):
-        from playwright.sync_api import sync_playwright
-    else:
-        sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
 def url(ants_run) -> Iterator[str]:
-    server = make_server(ants_run[1], "127.0.0.1", 0)
-    warm(server.app)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield url_of(server)
-    server.shutdown()
-    server.server_close()
+    yield from test_serve.start(ants_run[1])
 
 
 def right_and_wrong(run: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -94,13 +67,7 @@ def test_drop_a_photo_and_see_bars_and_gradcam(browser, url, ants_run, tmp_path)
 
 @pytest.fixture(scope="module")
 def script_url(script_compare) -> Iterator[str]:
-    server = make_server(script_compare, "127.0.0.1", 0)
-    warm(server.app)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield url_of(server)
-    server.shutdown()
-    server.server_close()
+    yield from test_serve.start(script_compare)
 
 
 def test_a_class_named_script_shows_as_text_and_runs_nothing(browser, script_url, tmp_path):
