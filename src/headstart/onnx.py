@@ -293,11 +293,12 @@ def int8_graph(lb: LoadedBackbone, calibration: Calibration, cache_dir: str | os
     return cache.store("onnx", cache_dir).read_bytes(int8_key(lb, calibration), ".int8.onnx")
 
 
-def keep_int8_graph(lb: LoadedBackbone, calibration: Calibration, data: bytes, cache_dir: str | os.PathLike | None = None) -> None:
-    """Put a saved run's int8 graph into the cache, where ``int8_session`` finds it (a run moved to another machine)."""
+def keep_int8_graph(lb: LoadedBackbone, calibration: Calibration, source: Path, cache_dir: str | os.PathLike | None = None) -> None:
+    """Put a saved run's int8 graph (the file ``source``) into the cache, where ``int8_session`` finds it (a run moved
+    to another machine); read only when the cache lacks it, since every prediction with the run passes here."""
     store, name = cache.store("onnx", cache_dir), int8_key(lb, calibration)
     if not store.path(name, ".int8.onnx").is_file():
-        store.write_bytes(name, ".int8.onnx", data)
+        store.write_bytes(name, ".int8.onnx", source.read_bytes())
 
 
 def quantize(graph: bytes, batches: Iterable[np.ndarray]) -> bytes:

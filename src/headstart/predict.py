@@ -87,7 +87,7 @@ class Classifier:
         calibration = onnx.Calibration(tuple(made["calibration"])) if made.get("calibration") else None
         kw.setdefault("cache_dir", settings.get("cache_dir"))  # the run's cache: its exported (and int8) graphs are there
         if calibration and self.path is not None and (self.path / INT8_FILE).is_file():  # a run moved here: its own graph
-            onnx.keep_int8_graph(self.backbone, calibration, (self.path / INT8_FILE).read_bytes(), kw["cache_dir"])
+            onnx.keep_int8_graph(self.backbone, calibration, self.path / INT8_FILE, kw["cache_dir"])
         return features.extract([Path(p) for p in paths], self.backbone, use_cache=use_cache, progress=progress, root=root,
                                 precision=precision, runtime=settings.get("runtime", "auto"), calibration=calibration, **kw)
 
@@ -209,7 +209,7 @@ def load_run(folder: str | os.PathLike) -> Classifier:
     # bundle that does not fit its config is refused here rather than at first use.
     lb = backbones.LoadedBackbone(spec, None, cfg["preprocess"], b["weights_source"], b["weights_digest"], int(cfg["head"]["dim"]),
                                   b.get("num_classes", 0), build=build, arrays=arrays)
-    if not onnx.has_feature_graph(lb):
+    if not onnx.has_feature_graph(lb, cfg.get("train_config", {}).get("cache_dir")):  # where the run's graphs are
         _ = lb.model  # built, and checked against the config
     info = {k: v for k, v in cfg.items() if k not in ("format", "backbone", "preprocess", "classes", "model_sha256")}
     clf = Classifier(lb, head, cfg["classes"], info)
