@@ -398,14 +398,12 @@ def compare(data: Path, names: str, out: Path | None, quiet: bool, as_json: bool
 
 
 def _weight_map(items: tuple[str, ...]) -> dict[str, str]:
-    """``--weights NAME=FILE`` (repeatable) as {name: file}; the file is checked by the run that uses it."""
+    """``--weights NAME=FILE`` (repeatable) as {name: file}; ``compare`` checks names and files before any training."""
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not (sep and name.strip() and path.strip()):
             raise HeadstartError(f"--weights {item}: give BACKBONE=FILE, e.g. --weights mobilenetv2=mobilenetv2_100.safetensors")
-        if not Path(path).is_file():
-            raise HeadstartError(f"--weights {item}: no such file '{path}'")
         out[name.strip()] = path.strip()
     return out
 

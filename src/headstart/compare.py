@@ -144,14 +144,17 @@ def _validate(names: Sequence[str], overrides: dict[str, Any], finetune: bool) -
 
 
 def _weights_for(names: list[str], weights: Mapping[str, str | Path]) -> dict[str, str | Path]:
-    """``weights`` keyed by the names as listed (any spelling lookup accepts); a name not compared is an error,
-    since a file meant for a backbone that is not run would be silently unused."""
+    """``weights`` keyed by the names as listed (any spelling lookup accepts), checked before the first run: a name
+    not compared is an error (its file would be silently unused), and so is a missing file (found only after the
+    backbones before it had trained)."""
     canonical = {lookup(n).name: n for n in names}
     out = {}
     for key, path in weights.items():
         name = canonical.get(lookup(key).name)
         if name is None:
             raise HeadstartError(f"--weights {key}={path}: '{key}' is not among the compared backbones ({', '.join(names)})")
+        if not Path(path).is_file():
+            raise HeadstartError(f"--weights {key}={path}: no such file '{path}'")
         out[name] = path
     return out
 
