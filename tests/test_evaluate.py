@@ -33,3 +33,19 @@ def test_every_class_present_says_nothing(caplog):
         warnings.simplefilter("error")  # certain predictions: clipped, they must still sum to one for scikit-learn
         m = evaluate.evaluate(y, np.eye(2)[y], ["a", "b"])
     assert m["absent"] == [] and m["macro_f1"] == 1.0 and caplog.text == ""
+
+
+def test_remembered_metrics_are_read_back_and_still_warn(tmp_path, monkeypatch, caplog):
+    """A re-run's metrics come from the cache (no scikit-learn), equal to the first computation, and the missing
+    class is still said; other labels are computed afresh."""
+    y = np.array([0] * 6 + [1] * 4)
+    proba = np.eye(3)[np.array([0] * 6 + [1, 1, 1, 0])] * 0.9 + 0.1 / 3
+    paths = [f"p{i}.jpg" for i in range(10)]
+    first = evaluate.remembered(y, proba, ["ants", "bees", "wasps"], paths, "the val split", str(tmp_path))
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("computed again")))
+    with caplog.at_level(logging.WARNING, logger="headstart"):
+        again = evaluate.remembered(y, proba, ["ants", "bees", "wasps"], paths, "the val split", str(tmp_path))
+    assert again == first and "no photos of 'wasps'" in caplog.text
+    monkeypatch.undo()
+    other = evaluate.remembered(y[::-1], proba, ["ants", "bees", "wasps"], paths, "the val split", str(tmp_path))
+    assert other["accuracy"] != first["accuracy"]

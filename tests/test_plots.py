@@ -44,3 +44,16 @@ def test_history_is_numbered_as_history_csv_numbers_it():
     long = [{"epoch": e, "train_loss": 1 / e} for e in range(1, 31)]
     labels = [t.get_text() for t in plots.history_figure(long).axes[0].get_xticklabels()]
     assert labels[0] == "1" and len(labels) <= 11 and all(int(a) < int(b) for a, b in zip(labels, labels[1:]))
+
+
+def test_a_picture_drawn_before_is_copied_not_drawn(tmp_path, monkeypatch):
+    """The same confusion matrix again (a re-run on cached features) is the same PNG, copied from the cache without
+    matplotlib; different counts draw a new picture."""
+    cm = np.array([[5, 1], [2, 7]])
+    first = plots.plot_confusion(cm, ["ants", "bees"], tmp_path / "a.png", str(tmp_path / "cache"))
+    monkeypatch.setattr(plots, "_save", lambda *a: (_ for _ in ()).throw(AssertionError("drawn again")))
+    again = plots.plot_confusion(cm, ["ants", "bees"], tmp_path / "b.png", str(tmp_path / "cache"))
+    assert again.read_bytes() == first.read_bytes()
+    monkeypatch.undo()
+    other = plots.plot_confusion(cm.T, ["ants", "bees"], tmp_path / "c.png", str(tmp_path / "cache"))
+    assert other.read_bytes() != first.read_bytes() and Image.open(other).size == Image.open(first).size

@@ -55,8 +55,9 @@ def test_clothing_reaches_82_percent(tmp_path):
 
 @pytest.mark.slow
 def test_cached_rerun_imports_no_torch_and_writes_the_same_run(ants_run, tmp_path):
-    """A re-run the cache answers in full (features, head fit, Grad-CAM pictures, the backbone's facts and
-    weights) never imports torch, timm or torchvision: that is what makes it 2 s instead of 8. Its run folder is
+    """A re-run the cache answers in full (features, head fit, metrics, pictures, Grad-CAM overlays, the backbone's
+    facts and weights) never imports torch, timm, torchvision, scikit-learn or matplotlib: that is what makes it 1 s
+    instead of 8. Its run folder is
     the first run's, byte for byte, and the classifier it returns still predicts (building the network then)."""
     import subprocess
     import sys
@@ -65,7 +66,7 @@ def test_cached_rerun_imports_no_torch_and_writes_the_same_run(ants_run, tmp_pat
     photo = sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[0]
     code = ("import sys, headstart\n"
             "clf = headstart.train(sys.argv[1], out=sys.argv[2], progress=False)\n"
-            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'sklearn', 'matplotlib') if m in sys.modules))\n"
             "print(clf.predict([sys.argv[3]])[0].top[0])\n")
     again = tmp_path / "again"
     done = subprocess.run([sys.executable, "-c", code, str(HYMENOPTERA), str(again), str(photo)], capture_output=True, text=True)
@@ -74,7 +75,8 @@ def test_cached_rerun_imports_no_torch_and_writes_the_same_run(ants_run, tmp_pat
     assert imported == "[]"
     label, p = clf.predict([photo])[0].top[0]
     assert top.startswith(f"('{label}', {str(p)[:6]}")
-    for name in ("model.safetensors", "metrics.json", "predictions.csv", "worst_errors.csv", "confusion_matrix.png"):
+    for name in ("model.safetensors", "metrics.json", "predictions.csv", "worst_errors.csv", "confusion_matrix.png",
+                 "classification_report.txt"):
         assert (again / name).read_bytes() == (first / name).read_bytes(), name
     strip = lambda html: re.sub(r"<p class=note>Timing:.*?</p>|\d{4}-\d\d-\d\d \d\d:\d\d", "", html)  # noqa: E731 - timings, date
     assert strip((again / "report.html").read_text()) == strip((first / "report.html").read_text())

@@ -1,6 +1,6 @@
 """One content-addressed store for everything headstart remembers between runs.
 
-Every cache (embeddings, backbones, head fits, exported graphs, Grad-CAM pictures, thumbnails) is a ``Store``: a
+Every cache (embeddings, backbones, head fits, exported graphs, metrics, pictures, Grad-CAM overlays, thumbnails) is a ``Store``: a
 folder whose entries are named by a key, the sha256 of everything the entry depends on (``key(...)``). An entry
 is one or more files written atomically, records last, so a reader finds a whole entry or none. One policy for
 every store:

@@ -209,7 +209,7 @@ def fit_head(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extract: E
         "as asked" if table or cfg.head != "auto" else "the first candidate: too few photos per class to cross-validate")
     log.info("head: %s %s, %s", fit.kind, fit.params, how)
     spec = heads.spec(fit.kind, lb.num_features, cfg)
-    return Outcome(lb, fit.state, fit, evaluate_splits(spec, fit.state, feats, d, d.ds.classes), feats, table, crop_table,
+    return Outcome(lb, fit.state, fit, evaluate_splits(spec, fit.state, feats, d, d.ds.classes, cfg.cache_dir), feats, table, crop_table,
                    [{"stage": "head", **row} for row in fit.history], timing={"head_s": round(time.perf_counter() - t, 3)}, leaks=leaks)
 
 
@@ -284,7 +284,7 @@ def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
         lb = backbones.LoadedBackbone(lb.spec, net.backbone, lb.data_config, f"{lb.source}, {stage} here",
                                       backbones.state_digest(net.backbone.state_dict()), lb.num_features, lb.num_classes)
         feats = {name: extract(s, lb) for name, s in d.splits.items() if name != "train"}
-        metrics = evaluate_splits(heads.spec(start.fit.kind, lb.num_features, cfg), heads.to_arrays(net.head), feats, d, d.ds.classes)
+        metrics = evaluate_splits(heads.spec(start.fit.kind, lb.num_features, cfg), heads.to_arrays(net.head), feats, d, d.ds.classes, cfg.cache_dir)
         if ckdir is not None and out is not None and distributed.is_main():  # done: the bundle supersedes the checkpoint
             (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
     stages = start.stages | {stage: {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch,
@@ -313,7 +313,7 @@ def readable(split: Split, root: Path, min_size: int, extract: Extractor) -> Spl
 
 
 def evaluate_splits(spec: dict[str, Any], state: heads.HeadState, feats: dict[str, features.Features], d: Data,
-                    classes: list[str]) -> dict[str, dict[str, Any]]:
+                    classes: list[str], cache_dir: str | None) -> dict[str, dict[str, Any]]:
     """Metrics of the head on the validation (and test) features."""
     out = {}
     for name in ("val", "test"):
@@ -322,7 +322,7 @@ def evaluate_splits(spec: dict[str, Any], state: heads.HeadState, feats: dict[st
             continue
         y = np.asarray(d.splits[name].labels)[f.ok]
         kept = [str(p) for p, ok in zip(d.splits[name].paths, f.ok) if ok]
-        out[name] = evaluate.evaluate(y, heads.proba(spec, state, f.x), classes, kept, split=f"the {name} split")
+        out[name] = evaluate.remembered(y, heads.proba(spec, state, f.x), classes, kept, f"the {name} split", cache_dir)
     return out
 
 
@@ -396,15 +396,16 @@ def checkpoint_dir(out: str | Path | None) -> Iterator[Path | None]:
 def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], summary: str) -> None:
     """The bundle plus every readable output of the run, each file written atomically, and report.html."""
     clf.save(out)
+    cache_dir = clf.info.get("train_config", {}).get("cache_dir")
     for name, m in metrics.items():
-        evaluate.write(m, out, prefix="" if name == "val" else f"{name}_")
+        evaluate.write(m, out, prefix="" if name == "val" else f"{name}_", cache_dir=cache_dir)
     atomic_write_text(out / "data_summary.txt", summary + "\n")
     history = clf.info.get("history", [])
     if history:
         keys = list(dict.fromkeys(k for row in history for k in row))
         atomic_write_text(out / "history.csv", evaluate.to_csv([keys] + [[row.get(k, "") for k in keys] for row in history]))
         atomic_write_text(out / "history.json", json.dumps(history, indent=1))
-        plot_history(history, out / "history.png")
+        plot_history(history, out / "history.png", cache_dir)
     build_report(out, error_overlay=gradcam_overlay(clf))
 
 

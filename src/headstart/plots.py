@@ -7,19 +7,29 @@ as soon as it is written.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from . import cache
 from .files import atomic_path
 
 if TYPE_CHECKING:  # matplotlib loads where a picture is drawn: a prediction or a cached step draws none
     from matplotlib.figure import Figure
 
 
-def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
+def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path, cache_dir: str | None = None) -> Path:
     """Counts in each cell, rows normalised for colour so rare classes stay readable."""
+    drawn = _drawn_once(path, cache_dir, ("confusion", np.asarray(cm).tolist(), list(classes)), lambda: _confusion_figure(cm, classes))
+    assert drawn is not None  # a confusion matrix always has a picture
+    return drawn
+
+
+def _confusion_figure(cm: np.ndarray, classes: Sequence[str]) -> Figure:
     n = len(classes)
     size = max(4.0, 0.55 * n + 2.5)
     from matplotlib.figure import Figure
@@ -36,14 +46,13 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], path: Path) -> Path:
         for j in range(n):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9, color="white" if norm[i, j] > 0.5 else "black")
     ax.set_title(f"confusion matrix (accuracy {np.trace(cm) / max(cm.sum(), 1):.1%})")
-    return _save(fig, path)
+    return fig
 
 
-def plot_history(history: list[dict[str, Any]], path: Path) -> Path | None:
+def plot_history(history: list[dict[str, Any]], path: Path, cache_dir: str | None = None) -> Path | None:
     """Loss and accuracy per epoch (see ``history_figure``), written to ``path``; ``None`` when there is nothing to
     draw (a one-shot linear head)."""
-    fig = history_figure(history)
-    return None if fig is None else _save(fig, path)
+    return _drawn_once(path, cache_dir, ("history", history), lambda: history_figure(history))
 
 
 def history_figure(history: list[dict[str, Any]]) -> Figure | None:
@@ -94,9 +103,15 @@ def _keys(rows: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r if isinstance(r[k], (int, float)) and k != "epoch"))
 
 
-def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
+def plot_leaderboard(rows: list[dict[str, Any]], path: Path, cache_dir: str | None = None) -> Path:
     """The chart people choose a model by: validation accuracy against single-photo latency, one labelled point
     per backbone (up and to the left is better)."""
+    drawn = _drawn_once(path, cache_dir, ("leaderboard", rows), lambda: _leaderboard_figure(rows))
+    assert drawn is not None  # an empty leaderboard still has its picture ("no backbone finished")
+    return drawn
+
+
+def _leaderboard_figure(rows: list[dict[str, Any]]) -> Figure:
     done = [r for r in rows if r.get("status") == "ok" and r.get("accuracy") is not None and r.get("predict_ms") is not None]
     from matplotlib.figure import Figure
 
@@ -120,7 +135,32 @@ def plot_leaderboard(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("accuracy vs latency")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
+
+
+@functools.cache
+def _drawing() -> str:
+    """What a picture's look depends on besides its data: this file's code and matplotlib's version."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16] + version("matplotlib")
+
+
+def _drawn_once(path: Path, cache_dir: str | None, data: Any, figure: Callable[[], Figure | None]) -> Path | None:
+    """``figure()`` written to ``path``, or the same picture copied from ``<cache>/pictures/`` when this data was
+    drawn before by this code: a re-run on cached features draws its run folder without importing matplotlib
+    (0.4 s of a 1 s re-run)."""
+    store = cache.store("pictures", cache_dir)
+    name = cache.key("picture", _drawing(), data)
+    known = store.read_bytes(name, ".png")
+    if known is not None:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(known)
+        return path
+    fig = figure()
+    if fig is None:
+        return None
+    _save(fig, path)
+    store.write_bytes(name, ".png", path.read_bytes())
+    return path
 
 
 def _save(fig: Figure, path: Path) -> Path:
