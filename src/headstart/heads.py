@@ -5,13 +5,13 @@ is an ``nn.Sequential`` of those layers, and the numpy forward pass (``logits``:
 cached features, which never import torch) walks the same list, reading the module's own state-dict keys.
 Fitting lives in the table too: ``HEADS[kind].fit``. ``head="auto"`` cross-validates every candidate of the
 table on the training split only (``select``); the validation split is never looked at until the final
-evaluation. Adding a head type is one ``HeadType`` entry.
+evaluation. Fitting is numpy and scikit-learn only (the MLP's Adam included), so choosing a head never imports
+torch. Adding a head type is one ``HeadType`` entry.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import math
@@ -189,52 +189,113 @@ def fit_linear(d: FitData, cfg: TrainConfig, params: dict[str, float], epochs: i
 
 
 def fit_mlp(d: FitData, cfg: TrainConfig, params: dict[str, float], epochs: int | None = None) -> HeadFit:
-    """The classic head, Adam; with validation data, early stopping on its loss keeps the best epoch,
+    """The classic head, trained with Adam in numpy (torch's rules: L2 weight decay added to the gradient, inverted
+    dropout, class-weighted mean cross-entropy, nn.Linear's initialisation), since importing torch for a two-layer
+    network costs more than fitting it. With validation data, early stopping on its loss keeps the best epoch,
     otherwise it trains for exactly ``epochs``."""
-    import torch
-    from torch import nn
-
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    head = to_torch(spec("mlp", d.x.shape[1], cfg), d.n_classes)
-    for name, value in _standardizer(d.x).items():
-        head.get_buffer(name).copy_(torch.from_numpy(value))
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(d.weights, dtype=torch.float32) if d.weights is not None else None)
-    xt, yt = torch.from_numpy(d.x), torch.from_numpy(d.y).long()
-    val = (torch.from_numpy(d.x_val), torch.from_numpy(d.y_val).long()) if d.x_val is not None else None
+    rng = np.random.default_rng(cfg.seed)
+    std = _standardizer(d.x)
+    xs = ((d.x - std["0.mean"]) / std["0.std"]).astype(np.float32)
+    xv = ((d.x_val - std["0.mean"]) / std["0.std"]).astype(np.float32) if d.x_val is not None else None
+    params_ = _mlp_init(xs.shape[1], cfg.hidden, d.n_classes, rng)
+    adam = _Adam(params_, cfg.lr, cfg.weight_decay)
+    w = np.asarray(d.weights if d.weights is not None else np.ones(d.n_classes), np.float32)
+    keep = 1.0 - cfg.dropout
     best, best_loss, best_epoch, history = None, math.inf, 0, []
     for epoch in range(1, (epochs or cfg.max_epochs) + 1):
-        head.train()
         total = 0.0
-        for idx in torch.randperm(len(xt), generator=gen).split(cfg.head_batch_size):
-            opt.zero_grad()
-            loss = loss_fn(head(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        row = {"epoch": epoch, "train_loss": total / len(xt)}
-        if val is not None:
-            row |= _val_row(head, *val)
+        for idx in np.array_split(rng.permutation(len(xs)), max(1, -(-len(xs) // cfg.head_batch_size))):
+            mask = (rng.random((len(idx), cfg.hidden), dtype=np.float32) < keep) / np.float32(keep) if keep < 1 else None
+            loss, grads = _mlp_step(params_, xs[idx], d.y[idx], w, mask)
+            adam.step(grads)
+            total += loss * len(idx)
+        row = {"epoch": epoch, "train_loss": total / len(xs)}
+        if xv is not None:
+            z = _mlp_logits(params_, xv)
+            row |= {"val_loss": _nll(z, d.y_val), "val_accuracy": float((z.argmax(1) == d.y_val).mean())}
             if row["val_loss"] < best_loss - 1e-4:
-                best, best_loss, best_epoch = copy.deepcopy(head.state_dict()), row["val_loss"], epoch
+                best, best_loss, best_epoch = [a.copy() for a in params_], row["val_loss"], epoch
             elif epoch - best_epoch >= cfg.patience:
                 history.append(row)
                 break
         history.append(row)
-    if best is not None:
-        head.load_state_dict(best)
-    return HeadFit(to_arrays(head.eval()), "mlp", {"dropout": cfg.dropout, "hidden": cfg.hidden}, best_epoch or len(history), history)
+    w1, b1, w2, b2 = best if best is not None else params_
+    state = std | {"1.weight": w1.T.copy(), "1.bias": b1, "4.weight": w2.T.copy(), "4.bias": b2}
+    return HeadFit(state, "mlp", {"dropout": cfg.dropout, "hidden": cfg.hidden}, best_epoch or len(history), history)
 
 
-def _val_row(head: nn.Module, xv: Any, yv: Any) -> dict[str, float]:
-    import torch
-    from torch import nn
+def _mlp_init(dim: int, hidden: int, n_classes: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """nn.Linear's default: weights and biases uniform in ±1/√fan_in (weights stored input-major for x @ W)."""
+    def uniform(fan_in: int, *shape: int) -> np.ndarray:
+        bound = 1 / math.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
 
-    head.eval()
-    with torch.no_grad():
-        out = head(xv)
-        return {"val_loss": float(nn.functional.cross_entropy(out, yv)), "val_accuracy": float((out.argmax(1) == yv).float().mean())}
+    return [uniform(dim, dim, hidden), uniform(dim, hidden), uniform(hidden, hidden, n_classes), uniform(hidden, n_classes)]
+
+
+def _mlp_logits(p: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    return np.maximum(x @ p[0] + p[1], 0) @ p[2] + p[3]
+
+
+def _nll(z: np.ndarray, y: np.ndarray) -> float:
+    z = z - z.max(1, keepdims=True)
+    return float((np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]).mean())
+
+
+def _mlp_step(p: list[np.ndarray], x: np.ndarray, y: np.ndarray, w: np.ndarray, mask: np.ndarray | None) -> tuple[float, list[np.ndarray]]:
+    """One batch: the class-weighted mean cross-entropy and its gradients (backpropagation by hand: two layers)."""
+    pre = x @ p[0] + p[1]
+    h = np.maximum(pre, 0)
+    if mask is not None:
+        h *= mask
+    z = h @ p[2] + p[3]
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    prob = e / e.sum(1, keepdims=True)
+    rows = np.arange(len(y))
+    wy = w[y]
+    loss = float((wy * -np.log(np.maximum(prob[rows, y], 1e-30))).sum() / wy.sum())
+    dz = prob
+    dz[rows, y] -= 1
+    dz *= (wy / wy.sum())[:, None]
+    dh = dz @ p[2].T
+    if mask is not None:
+        dh *= mask
+    dh *= pre > 0
+    return loss, [x.T @ dh, dh.sum(0), h.T @ dz, dz.sum(0)]
+
+
+class _Adam:
+    """torch.optim.Adam's update (weight decay as L2 on the gradient, bias-corrected moments), in place and without
+    temporaries: numpy's one-operation-at-a-time arrays made a naive version cost twice the batch's own matmuls."""
+
+    def __init__(self, params: list[np.ndarray], lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.wd, self.betas, self.eps, self.t = params, lr, weight_decay, betas, eps, 0
+        self.m = [np.zeros_like(a) for a in params]
+        self.v = [np.zeros_like(a) for a in params]
+        self.tmp = [np.empty_like(a) for a in params]
+
+    def step(self, grads: list[np.ndarray]) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for a, g, m, v, tmp in zip(self.params, grads, self.m, self.v, self.tmp):
+            if self.wd:
+                np.multiply(a, self.wd, out=tmp)
+                g += tmp  # the gradient arrays are the step's own: changed in place
+            m *= b1 / (1 - b1)  # m and v scaled so one fused add per moment suffices: m' = (1-b1)(m/(1-b1)·b1 + g)
+            m += g
+            m *= 1 - b1
+            np.multiply(g, g, out=tmp)
+            v *= b2 / (1 - b2)
+            v += tmp
+            v *= 1 - b2
+            np.sqrt(v, out=tmp)
+            tmp *= 1 / math.sqrt(c2)
+            tmp += self.eps
+            np.divide(m, tmp, out=tmp)
+            tmp *= self.lr / c1
+            a -= tmp
 
 
 @dataclass(frozen=True)
@@ -245,12 +306,11 @@ class HeadType:
     fit: Callable[[FitData, TrainConfig, dict[str, float], int | None], HeadFit]
     candidates: tuple[dict[str, float], ...]  # parameter settings cross-validated when head="auto"
     iterative: bool  # trained by epochs with early stopping (the final fit reuses the CV's mean epoch count)
-    needs_torch: bool
 
 
 HEADS: dict[str, HeadType] = {
-    "mlp": HeadType(_mlp_layers, fit_mlp, ({},), iterative=True, needs_torch=True),
-    "linear": HeadType(_linear_layers, fit_linear, ({"C": 0.05}, {"C": 0.5}), iterative=False, needs_torch=False),
+    "mlp": HeadType(_mlp_layers, fit_mlp, ({},), iterative=True),
+    "linear": HeadType(_linear_layers, fit_linear, ({"C": 0.05}, {"C": 0.5}), iterative=False),
 }
 
 
@@ -316,8 +376,8 @@ def _fit_key(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, vie
     """Inputs, settings, the candidates and the library versions that compute a fit."""
     from importlib.metadata import version
 
-    libs = [version(p) for p in ("torch", "scikit-learn", "numpy")]
-    return cache.key("head-fit", n_classes, candidates(cfg.head), {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs,
+    libs = [version(p) for p in ("scikit-learn", "numpy")]
+    return cache.key("head-fit", "numpy-mlp", n_classes, candidates(cfg.head), {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs,
                      arrays=(x, y, *views))
 
 
@@ -335,8 +395,7 @@ def fit(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: l
     if isinstance(record, dict) and state is not None:
         log.info("head: cross-validation and fit read back from %s", store.path(name, ".json"))
         return HeadFit(state, record["kind"], record["params"], record["epochs"], record["history"]), record["table"]
-    with single_thread(torch_too=any(HEADS[k].needs_torch for k, _ in candidates(cfg.head))), \
-            warnings.catch_warnings(record=True) as caught:
+    with single_thread(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         kind, params, epochs, table = select(x, y, n_classes, cfg, views)
         xa, ya = with_views(x, y, np.arange(len(y)), views)
@@ -370,19 +429,14 @@ def _retell(caught: list[warnings.WarningMessage]) -> None:
 
 
 @contextlib.contextmanager
-def single_thread(torch_too: bool = True) -> Iterator[None]:
+def single_thread() -> Iterator[None]:
     """Head-sized matrices gain nothing from threads, and on a busy CPU thread hand-offs cost 10x or more
-    (measured on 2 busy shared cores: the clothing head's cross-validation took 280 s with 2 threads).
-    ``torch_too=False`` leaves torch alone (and unimported) when only scikit-learn runs."""
+    (measured on 2 busy shared cores: the clothing head's cross-validation took 280 s with 2 threads). Every BLAS and
+    OpenMP pool is put back as it was afterwards (torch's too, when loaded: fine-tuning in the same process must run
+    as it would have in a fresh one)."""
     from threadpoolctl import threadpool_limits
 
-    with contextlib.ExitStack() as stack:
-        if torch_too:  # torch's count first: inside threadpool_limits it would read 1 and "restore" that
-            import torch
-
-            stack.callback(torch.set_num_threads, torch.get_num_threads())
-            torch.set_num_threads(1)
-        stack.enter_context(threadpool_limits(1))
+    with threadpool_limits(1):
         yield
 
 
@@ -406,7 +460,7 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) 
     n_folds = min(cfg.cv_folds, int(np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
     if n_folds >= 2:
         weights = class_weights(y, n_classes, cfg.class_weights)
-        with single_thread(torch_too=False):
+        with single_thread():
             for tr, te in StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y):
                 f = fit_linear(FitData(x[tr], y[tr], n_classes, weights), cfg, OOF_PARAMS)
                 p[te] = proba(spec("linear", x.shape[1], cfg), f.state, x[te])
