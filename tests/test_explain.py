@@ -141,6 +141,7 @@ def test_gradcam_on_a_trained_bundle(ants_run, tmp_path):
     against = explain.gradcam(clf, bee, target=other)
     assert against.probability == pytest.approx(1 - cam.confidence, abs=1e-4)
     assert not np.allclose(against.heat, cam.heat)
+    assert cam.heat.max() == against.heat.max() == 1  # neither map blank: a binary head's class 0 has a logit of 0
 
     thumb = explain.gradcam_thumbnail(clf, bee, size=160)
     assert max(thumb.size) == 160 and thumb.mode == "RGB"
@@ -154,6 +155,20 @@ def test_gradcam_on_a_trained_bundle(ants_run, tmp_path):
         assert img.size[0] > 400
     r = CliRunner().invoke(main, ["explain", str(out), str(bee), "--gradcam", "--class", other, "--out", str(tmp_path / "o.png")])
     assert r.exit_code == 0 and f"Grad-CAM for '{other}'" in r.output and (tmp_path / "o.png").is_file()
+
+
+def test_the_report_gradcam_from_the_cached_graph_is_pytorchs(ants_run):
+    """The report's Grad-CAM overlays come from the cached feature graph with its pooled map as a second output, in
+    numpy (no torch): the same photo pixels and the same heat-map as PyTorch's Grad-CAM at the default layer."""
+    from headstart.predict import graph_gradcam
+
+    clf, _ = ants_run
+    for photo in sorted((HYMENOPTERA / "val" / "ants").glob("*.jpg"))[:2] + sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[:2]:
+        drawn = graph_gradcam(clf, photo)
+        assert drawn is not None, "the default backbone's graph ends in a global average pool"
+        cam = explain.gradcam(clf, photo)
+        assert np.array_equal(drawn[0], cam.image)
+        assert np.abs(drawn[1] - cam.heat).max() < 1e-3 and drawn[1].max() == pytest.approx(1)
 
 
 @pytest.mark.slow

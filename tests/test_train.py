@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import headstart
 from conftest import CLOTHING, HYMENOPTERA
@@ -80,6 +81,35 @@ def test_cached_rerun_imports_no_torch_and_writes_the_same_run(ants_run, tmp_pat
         assert (again / name).read_bytes() == (first / name).read_bytes(), name
     strip = lambda html: re.sub(r"<p class=note>Timing:.*?</p>|\d{4}-\d\d-\d\d \d\d:\d\d", "", html)  # noqa: E731 - timings, date
     assert strip((again / "report.html").read_text()) == strip((first / "report.html").read_text())
+
+
+@pytest.mark.slow
+def test_new_photos_need_neither_torch_nor_timm(ants_run, tmp_path):
+    """What a user meets every day: photos never seen (no embedding cached), a backbone exported by an earlier run.
+    ONNX Runtime embeds them, numpy and scikit-learn choose the head, the report's Grad-CAM pictures come from the
+    cached graph: torch, timm and torchvision are never imported, and the run is complete."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "photos"
+    for split, per_class in (("train", 12), ("val", 6)):
+        for cls in ("ants", "bees"):
+            (folder / split / cls).mkdir(parents=True)
+            for src in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:per_class]:
+                with Image.open(src) as img:  # re-encoded: new bytes, so nothing about them is cached
+                    img.convert("RGB").save(folder / split / cls / src.name, quality=83)
+    with Image.open(sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[-1]) as img:  # a sure mistake: its Grad-CAM
+        img.convert("RGB").save(folder / "val" / "ants" / "planted-bee.jpg", quality=83)
+    code = ("import sys, headstart\n"
+            "clf = headstart.train(sys.argv[1], out=sys.argv[2], progress=False)\n"
+            "print(clf.info['timing']['embeddings_computed'])\n"
+            "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(folder), str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    computed, imported = done.stdout.strip().splitlines()[-2:]
+    assert computed == "37" and imported == "[]"
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert (tmp_path / "run" / "model.safetensors").is_file() and "planted-bee.jpg overlay" in report  # its Grad-CAM was drawn
 
 
 def test_damaged_cached_backbone_weights_are_rebuilt(ants_run, tmp_path):

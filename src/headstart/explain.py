@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,6 +32,7 @@ from . import backbones, transforms
 from .config import HeadstartError
 from .data import open_rgb, to_rgb
 from .files import atomic_path
+from .plots import overlay, thumbnail
 from .predict import Classifier, load_run
 
 
@@ -382,7 +382,9 @@ def gradcam(source: Source, image: ImageLike, target: str | int | None = None, l
     top = int(proba.argmax())
     c = top if target is None else class_index(subj.classes, target)
     act = box["act"]
-    (grad,) = torch.autograd.grad(logits[0, c], act, allow_unused=True)
+    # the class score less the mean score: softmax ignores a shift common to every class, and a binary linear head
+    # keeps one class's logit at 0, whose own gradient would be zero everywhere (a blank map for that class)
+    (grad,) = torch.autograd.grad(logits[0, c] - logits[0].mean(), act, allow_unused=True)
     if grad is None:
         raise HeadstartError(f"the class scores do not depend on layer '{layer}'; pick one before the pooling")
     weights = grad.float().mean(dim=(2, 3), keepdim=True)  # one weight per channel: its average gradient
@@ -391,12 +393,6 @@ def gradcam(source: Source, image: ImageLike, target: str | int | None = None, l
     peak = float(cam.max())
     heat = (cam / peak if peak > 0 else cam).numpy().astype(np.float32)
     return GradCam(heat, shown, subj.classes[c], float(proba[c]), subj.classes[top], float(proba[top]), layer)
-
-
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The heat-map in the 'jet' colours blended over the photo, as (H, W, 3) uint8."""
-    colour = matplotlib.colormaps["jet"](heat)[..., :3] * 255
-    return (image * (1 - alpha) + colour * alpha).round().clip(0, 255).astype(np.uint8)
 
 
 def gradcam_figure(cam: GradCam, title: str | None = None) -> Figure:
@@ -418,9 +414,7 @@ def gradcam_figure(cam: GradCam, title: str | None = None) -> Figure:
 def gradcam_thumbnail(source: Source, image: ImageLike, size: int = 224, target: str | int | None = None) -> Image.Image:
     """A small Grad-CAM overlay (longer side ``size`` px) for galleries such as the report's worst errors."""
     cam = gradcam(source, image, target=target)
-    thumb = Image.fromarray(overlay(cam.image, cam.heat))
-    thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
-    return thumb
+    return thumbnail(cam.image, cam.heat, size)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:

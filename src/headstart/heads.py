@@ -71,13 +71,40 @@ def logits(spec: dict[str, Any], state: HeadState, x: np.ndarray) -> np.ndarray:
     at inference)."""
     z = np.asarray(x, np.float32)
     for i, (op, _) in enumerate(spec_layers(spec, _n_out(state))):
-        if op == "standardize":
-            z = (z - state[f"{i}.mean"]) / state[f"{i}.std"]
-        elif op == "linear":
-            z = z @ state[f"{i}.weight"].T + state[f"{i}.bias"]
-        elif op == "relu":
-            z = np.maximum(z, 0)
+        z = _layer(op, i, state, z)
     return z
+
+
+def _layer(op: str, i: int, state: HeadState, z: np.ndarray) -> np.ndarray:
+    """Layer ``i`` of a head at inference (dropout is the identity)."""
+    if op == "standardize":
+        return (z - state[f"{i}.mean"]) / state[f"{i}.std"]
+    if op == "linear":
+        return z @ state[f"{i}.weight"].T + state[f"{i}.bias"]
+    if op == "relu":
+        return np.maximum(z, 0)
+    return z
+
+
+def input_gradient(spec: dict[str, Any], state: HeadState, x: np.ndarray, c: int) -> np.ndarray:
+    """∂ (logit_c - mean logit) / ∂ x for one row of pooled features: backwards over the same layer list as ``logits``. What a
+    Grad-CAM of the last feature map needs (the pooling spreads it evenly), without torch."""
+    acts, z = [], np.asarray(x, np.float32)[None]
+    layers = spec_layers(spec, _n_out(state))
+    for i, (op, _) in enumerate(layers):
+        acts.append(z)
+        z = _layer(op, i, state, z)
+    g = np.full_like(z, -1 / z.shape[1])  # the class score less the mean score, as explain.gradcam scores it
+    g[0, c] += 1
+    for i in reversed(range(len(layers))):
+        op = layers[i][0]
+        if op == "standardize":
+            g = g / state[f"{i}.std"]
+        elif op == "linear":
+            g = g @ state[f"{i}.weight"]
+        elif op == "relu":
+            g = g * (acts[i] > 0)
+    return g[0]
 
 
 def shapes(spec: dict[str, Any], n_classes: int) -> dict[str, tuple[int, ...]]:

@@ -282,6 +282,42 @@ class Calibration:
     paths: tuple[Path, ...] = ()
 
 
+MAP = "feature_map"  # the second output of ``map_session``'s graph
+
+
+def with_map_output(graph: bytes) -> bytes | None:
+    """The feature graph with, as a second output ``feature_map``, the (N, C, h, w) map whose global average pool is
+    the embedding; None when the embedding is not exactly that (then Grad-CAM needs PyTorch). Pure graph surgery:
+    no export, no torch."""
+    import onnx as onnx_lib
+
+    model = onnx_lib.load_from_string(graph)
+    made = {o: n for n in model.graph.node for o in n.output}
+    flat = made.get(model.graph.output[0].name)
+    pool = made.get(flat.input[0]) if flat is not None and flat.op_type == "Flatten" else None
+    if pool is None or pool.op_type != "GlobalAveragePool":
+        return None
+    model.graph.node.append(onnx_lib.helper.make_node("Identity", [pool.input[0]], [MAP]))
+    model.graph.output.append(onnx_lib.helper.make_tensor_value_info(MAP, onnx_lib.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def map_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
+    """A session giving the embedding and the map it pools, derived from the cached feature graph (remembered beside
+    it), or None when that graph is not cached or does not end in a global average pool."""
+    store, name = cache.store("onnx", cache_dir), _graph_key(lb, "embedding")
+    derived = cache.key(name, "with-map")
+    path = store.path(derived, ".onnx")
+    if not path.is_file():
+        graph = store.read_bytes(name, ".onnx")
+        made = with_map_output(graph) if graph is not None else None
+        if made is None:
+            return None
+        if not store.write_bytes(derived, ".onnx", made):
+            return session(made, spin=False)
+    return session(path, spin=False)
+
+
 def int8_key(lb: LoadedBackbone, calibration: Calibration) -> str:
     from importlib.metadata import version
 

@@ -32,8 +32,8 @@ from .audit import leaks as find_leaks  # the module: headstart.audit is the fun
 from .config import HeadstartError, IgnoredSetting, TrainConfig, __version__
 from .data import Dataset, Skipped, Split, open_rgb, read_exclude, scan, summarize, tally, train_val_split, without
 from .files import atomic_write_text, sha256_file
-from .plots import plot_history
-from .predict import CONFIG_FILE, Classifier, load_run
+from .plots import plot_history, thumbnail
+from .predict import CONFIG_FILE, Classifier, graph_gradcam, load_run
 from .report import build_report
 
 log = logging.getLogger("headstart")
@@ -415,7 +415,7 @@ def gradcam_overlay(clf: Classifier, size: int = GRADCAM_THUMB) -> Callable[[Pat
     report without running the network (nor importing torch)."""
     b = clf.backbone
     state = clf.head_state()
-    model_key = cache.key("gradcam", size, b.spec.timm_name, b.spec.kwargs, b.digest, b.data_config, clf.classes, sorted(state),
+    model_key = cache.key("gradcam-centred", size, b.spec.timm_name, b.spec.kwargs, b.digest, b.data_config, clf.classes, sorted(state),
                           arrays=tuple(state[k] for k in sorted(state)))
     store = cache.store("overlays", clf.info.get("train_config", {}).get("cache_dir"))
 
@@ -424,9 +424,13 @@ def gradcam_overlay(clf: Classifier, size: int = GRADCAM_THUMB) -> Callable[[Pat
         known = store.read(name, ".png", _read_png)
         if known is not None:
             return known
-        from .explain import gradcam_thumbnail  # torch and the network: only when a picture must be drawn
+        drawn = graph_gradcam(clf, photo)  # from the cached feature graph, without torch, where it can be
+        if drawn is not None:
+            img = thumbnail(*drawn, size)
+        else:
+            from .explain import gradcam_thumbnail  # torch and the network: only when a picture must be drawn
 
-        img = gradcam_thumbnail(clf, photo, size=size).convert("RGB")
+            img = gradcam_thumbnail(clf, photo, size=size).convert("RGB")
         store.write(name, {".png": lambda p: img.save(p, format="PNG")})
         return img
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from . import cache
 from .files import atomic_path
@@ -136,6 +137,21 @@ def _leaderboard_figure(rows: list[dict[str, Any]]) -> Figure:
     ax.set_title("accuracy vs latency")
     ax.grid(alpha=0.3)
     return fig
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """A heat-map in the 'jet' colours blended over the photo, as (H, W, 3) uint8."""
+    import matplotlib
+
+    colour = matplotlib.colormaps["jet"](heat)[..., :3] * 255
+    return (image * (1 - alpha) + colour * alpha).round().clip(0, 255).astype(np.uint8)
+
+
+def thumbnail(image: np.ndarray, heat: np.ndarray, size: int) -> Image.Image:
+    """The overlay as a small picture (longer side ``size`` px), for galleries such as the report's worst errors."""
+    thumb = Image.fromarray(overlay(image, heat))
+    thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
+    return thumb
 
 
 @functools.cache

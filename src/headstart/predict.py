@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+from PIL import Image
 from safetensors.numpy import save_file
 
-from . import backbones, evaluate, features, heads, onnx
-from .data import IMAGE_EXTENSIONS, HeadstartError, Skipped, scan
+from . import backbones, evaluate, features, heads, onnx, transforms
+from .data import IMAGE_EXTENSIONS, HeadstartError, Skipped, open_rgb, scan
 from .files import atomic_path, atomic_write_text, sha256_file
 from .heads import HeadState
 
@@ -154,6 +155,26 @@ class Classifier:
         atomic_write_text(folder / CONFIG_FILE, json.dumps(cfg, indent=2, default=str))
         self.path = folder
         return folder
+
+
+def graph_gradcam(clf: Classifier, photo: str | os.PathLike) -> tuple[np.ndarray, np.ndarray] | None:
+    """The photo as the model sees it (H, W, 3 uint8) and the Grad-CAM heat (H, W in [0, 1]) of its predicted class
+    at the map the backbone's global pooling reads, from the cached feature graph: the pooling spreads a class
+    score's gradient evenly over that map, so each channel's Grad-CAM weight is the head's input gradient
+    (``heads.input_gradient``) and neither torch nor the network's build is needed. None when the graph is not
+    cached for these weights or its embedding is not such a pooling (``explain.gradcam`` then runs in PyTorch)."""
+    session = onnx.map_session(clf.backbone, clf.info.get("train_config", {}).get("cache_dir"))
+    if session is None:
+        return None
+    cfg = clf.backbone.data_config
+    pixels = transforms.pixel_transform(cfg)(open_rgb(photo, transforms.decode_size(cfg)))
+    emb, fmap = session.run(None, {"pixels": pixels[None]})
+    spec, state = clf.info["head"], clf.head_state()
+    c = int(heads.logits(spec, state, emb)[0].argmax())
+    cam = np.maximum(np.tensordot(heads.input_gradient(spec, state, emb[0], c), fmap[0], axes=1), 0).astype(np.float32)
+    heat = np.asarray(Image.fromarray(cam, mode="F").resize(pixels.shape[1::-1], Image.Resampling.BILINEAR))
+    peak = float(heat.max())
+    return pixels, (heat / peak if peak > 0 else heat).astype(np.float32)
 
 
 def load(folder: str | os.PathLike) -> Classifier | Ensemble:
