@@ -166,6 +166,21 @@ def test_audit_files_json_html_and_exclude_list(planted):
 
 
 @pytest.mark.slow
+def test_the_k_means_trees_find_the_same_planted_faults(planted, monkeypatch):
+    """The search a folder of over EXACT_UP_TO photos gets, on the planted folder (its cache is warm)."""
+    import importlib
+
+    truth, exact, _ = planted
+    monkeypatch.setattr(importlib.import_module("headstart.audit"), "EXACT_UP_TO", 0)
+    a = headstart.audit(exact.root)
+    assert _leak_pairs(a, exact=True) == _leak_pairs(exact, exact=True) == truth.exact
+    assert _leak_pairs(a, exact=False) == _leak_pairs(exact, exact=False)
+    assert {tuple(f.paths) for f in a.of("near-duplicate")} == {tuple(f.paths) for f in exact.of("near-duplicate")}
+    flagged = {p for f in a.findings if f.kind in ("outlier", "mislabel") for p in f.paths}
+    assert len(flagged & truth.offtopic) >= 8
+
+
+@pytest.mark.slow
 def test_a_warm_audit_of_clothing_reads_the_cache_and_finds_no_duplicates(planted):
     a = headstart.audit(CLOTHING)  # the planted copy's untouched photos have the same bytes: everything is cached
     assert not a.of("exact-duplicate") and not [f for f in a.of("leak") if f.info["how"].startswith("exact")]
