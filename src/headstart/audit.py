@@ -287,7 +287,7 @@ def _blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
 def nearest(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """For each row of ``q``, the ``k`` most similar rows of ``r`` (indices, cosine similarities; most similar
     first), both L2-normalised. ``same``: ``q`` is ``r``, and a row is not its own neighbour. Exact up to
-    ``EXACT_UP_TO`` rows of ``r`` (every pair scored, n² time); above, a k-means tree (``nearest_in_tree``:
+    ``EXACT_UP_TO`` rows of ``r`` (every pair scored, n² time); above, k-means trees (``nearest_in_tree``:
     n log n time). Either way memory grows linearly: at most ``CHUNK_CELLS`` similarities exist at once."""
     if len(r) > EXACT_UP_TO:
         return nearest_in_tree(q, r, k, same)
