@@ -133,6 +133,7 @@ def speed() -> str:
     import headstart
 
     clothing = shared() / "datasets/clothing"
+    load = _load()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["HEADSTART_CACHE"] = str(Path(tmp) / "cache")  # a fresh cache, for this process and its children
         headstart.train(clothing, out=Path(tmp) / "run", progress=False)  # features (and their cache) as training leaves them
@@ -147,7 +148,8 @@ def speed() -> str:
     runs = ", ".join(f"{r['s']:.2f}" for r in warm)
     wb = sorted(warm_big, key=lambda r: r["s"])[1]
     return "\n".join([
-        "## Audit speed (`python benchmarks/audit_bench.py`)", "", f"Machine: {machine()}.", "",
+        "## Audit speed (`python benchmarks/audit_bench.py speed`)", "",
+        f"Machine: {machine()}; load average {load} at the start, {_load()} at the end (2 cores shared with other jobs).", "",
         "| folder | audit | wall s (in-process) | peak memory | what it found |", "|---|---|---:|---:|---|",
         f"| clothing, 1 439 photos | first after `headstart train` (features cached, photo statistics computed) | {first['s']:.2f} | "
         f"{first['peak_mb']:.0f} MB | {first['summary']} |",

@@ -65,7 +65,7 @@ OFFERED = 8  # nearest rows each row is offered to as a neighbour (b near a is a
 # found): at 100 000 photos these give 0.997 / 1.000; a beam of 4, 0.986 / 0.999; leaves of 64, 0.993 / 1.000 in
 # 1.5× the time. At 50 000 with leaves of 64: one tree with a beam of 16 (the work of two with 8) 0.988 / 0.996, two
 # with 8 0.998 / 1.000, and with branching 32 0.994 / 0.999. Exact and trees take the same CPU time at 10 000
-# photos; at 20 000 the trees half.
+# photos; at 20 000 the trees take half.
 FIT, KMEANS_ROUNDS = 32, 6  # k-means of a tree node: sample rows per centre, rounds
 WIDE = 64  # nearest photos the outlier score reads above EXACT_UP_TO
 OUTLIER_Z = 3.5  # robust z-score (median and MAD) above which a photo is far from every class
@@ -341,7 +341,10 @@ def build_tree(r: np.ndarray, seed: int = 0) -> Tree:
         below: list[np.ndarray] = []
         centres, offsets, kids = [], [], []
         for g in groups:
-            parts, c, o = _split(r, g, rng) if len(g) > LEAF else ([g], np.zeros((1, r.shape[1]), np.float32), np.zeros(1, np.float32))
+            if len(g) > LEAF:
+                parts, c, o = _split(r, g, rng)
+            else:  # a leaf already: carried down as it is
+                parts, c, o = [g], np.zeros((1, r.shape[1]), np.float32), np.zeros(1, np.float32)
             kids.append(np.arange(len(below), len(below) + len(parts)))
             below += parts
             centres.append(c)
@@ -479,7 +482,7 @@ def class_affinity(x: np.ndarray, labels: np.ndarray, n_classes: int, k: int = C
     """For each row, its highest mean similarity to its ``k`` nearest photos of one class, over all classes
     (itself and any photo that may be a copy of it, cosine ≥ ``SAME_PICTURE``, left out, so a copied stray still
     looks stray): low = far from every class. Above ``EXACT_UP_TO`` rows, read from each row's ``WIDE`` nearest
-    photos (the k-means tree), a class absent from them counting as far."""
+    photos (the k-means trees), a class absent from them counting as far."""
     if len(x) > EXACT_UP_TO:
         return _affinity_of_neighbours(x, labels, n_classes, k)
     best = np.full(len(x), -1.0, dtype=np.float32)
