@@ -166,6 +166,21 @@ def test_audit_files_json_html_and_exclude_list(planted):
 
 
 @pytest.mark.slow
+def test_the_k_means_trees_find_the_same_planted_faults(planted, monkeypatch):
+    """The search a folder of over EXACT_UP_TO photos gets, on the planted folder (its cache is warm)."""
+    import importlib
+
+    truth, exact, _ = planted
+    monkeypatch.setattr(importlib.import_module("headstart.audit"), "EXACT_UP_TO", 0)
+    a = headstart.audit(exact.root)
+    assert _leak_pairs(a, exact=True) == _leak_pairs(exact, exact=True) == truth.exact
+    assert _leak_pairs(a, exact=False) == _leak_pairs(exact, exact=False)
+    assert {tuple(f.paths) for f in a.of("near-duplicate")} == {tuple(f.paths) for f in exact.of("near-duplicate")}
+    flagged = {p for f in a.findings if f.kind in ("outlier", "mislabel") for p in f.paths}
+    assert len(flagged & truth.offtopic) >= 8
+
+
+@pytest.mark.slow
 def test_a_warm_audit_of_clothing_reads_the_cache_and_finds_no_duplicates(planted):
     a = headstart.audit(CLOTHING)  # the planted copy's untouched photos have the same bytes: everything is cached
     assert not a.of("exact-duplicate") and not [f for f in a.of("leak") if f.info["how"].startswith("exact")]
@@ -240,8 +255,9 @@ def test_cli_refuses_a_near_threshold_out_of_range_before_any_work(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
-def test_inverted_lists_find_nearly_every_nearest_neighbour(monkeypatch):
-    """Above EXACT_UP_TO photos the search is approximate: it must still find the close pairs copies are."""
+def test_k_means_trees_find_nearly_every_nearest_neighbour(monkeypatch):
+    """Above EXACT_UP_TO photos the search is approximate: it must still find the close pairs copies are. Small
+    leaves and branching make the trees several levels deep, as a large folder's are."""
     import importlib
 
     a = importlib.import_module("headstart.audit")
@@ -250,13 +266,31 @@ def test_inverted_lists_find_nearly_every_nearest_neighbour(monkeypatch):
     x = normalised((centres[rng.integers(0, 40, 4000)] + rng.normal(scale=0.8, size=(4000, 64))).astype(np.float32))
     exact_idx, exact_sim = a.nearest_exact(x, x, 3, same=True)
     monkeypatch.setattr(a, "EXACT_UP_TO", 1000)
+    monkeypatch.setattr(a, "BRANCH", 4)
+    monkeypatch.setattr(a, "LEAF", 32)
+    tree = a.build_tree(x)
+    assert len(tree.centres) >= 4 and max(map(len, tree.leaves)) <= 32
+    assert (np.sort(np.concatenate(tree.leaves)) == np.arange(4000)).all()  # every row in one leaf
     idx, sim = a.nearest(x, x, 3, same=True)
     assert (idx[:, 0] == exact_idx[:, 0]).mean() >= 0.95
     assert (sim <= exact_sim + 1e-5).all() and (idx != np.arange(4000)[:, None]).all()
+    assert all(len(set(row)) == 3 for row in idx.tolist())  # found by both trees, or both ways: listed once
     labels = rng.integers(0, 5, 4000)
     approx = a.class_affinity(x, labels, 5)
     monkeypatch.setattr(a, "EXACT_UP_TO", 10_000)
     assert np.corrcoef(approx, a.class_affinity(x, labels, 5))[0, 1] > 0.9
+
+
+def test_a_tree_of_one_repeated_point_still_has_small_leaves(monkeypatch):
+    import importlib
+
+    a = importlib.import_module("headstart.audit")
+    monkeypatch.setattr(a, "LEAF", 16)
+    x = normalised(np.ones((500, 8), np.float32))
+    tree = a.build_tree(x)
+    assert max(map(len, tree.leaves)) <= 16 and sum(map(len, tree.leaves)) == 500
+    idx, sim = a.nearest_in_tree(x, x, 2, same=True)
+    assert (idx >= 0).all() and np.allclose(sim, 1.0)
 
 
 def test_the_leak_warning_says_what_each_kind_of_copy_means():

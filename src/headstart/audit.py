@@ -14,8 +14,9 @@ Every finding names its photos (relative to the data folder), a score and the ru
 * ``quality``: near-uniform or placeholder, very dark or bright, blurry, tiny, extreme aspect ratio, grayscale in
   a colour set; and ``imbalance`` of the training classes.
 
-The neighbour search is exact and chunked: similarities are computed for a block of rows at a time
-(``CHUNK_CELLS`` numbers at most), so memory grows with the number of photos, never with its square.
+The neighbour search is exact up to ``EXACT_UP_TO`` photos (every pair, a block of rows at a time: ``CHUNK_CELLS``
+similarities at most) and above uses k-means trees searched with a beam (n log n time); either way memory grows
+with the number of photos, never with its square.
 ``leaks`` is the cheap part that ``pipeline.train`` runs on the embeddings it already computed. Nothing is ever
 deleted or moved: the audit writes ``audit.json``, ``audit.html`` and an editable ``exclude.txt``
 (``headstart train --exclude``).
@@ -55,8 +56,17 @@ THUMB, DETAIL = 64, 32  # px: the grayscale thumbnail kept per photo; the detail
 CLASS_K = 5  # nearest photos per class for the outlier score
 SAME_PICTURE = 0.80  # embedding cosine from which a neighbour may be a copy: left out of the outlier score
 CHUNK_CELLS = 1 << 23  # similarities held at once (32 MB of float32), whatever the number of photos
-EXACT_UP_TO = 20_000  # photos searched exactly (every pair); above, inverted lists (BENCHMARKS.md, "Audit scaling")
-PROBES = 8  # inverted lists searched per photo above EXACT_UP_TO
+EXACT_UP_TO = 10_000  # photos searched exactly (every pair); above, k-means trees, faster from here (see below)
+BRANCH, LEAF = 64, 128  # the k-means tree: most children per node, most rows per leaf
+BEAM = 8  # tree nodes each query keeps per level (and leaves whose rows it scores)
+TREES = 2  # trees searched (differently seeded): a close pair is missed only if each misses it
+OFFERED = 8  # nearest rows each row is offered to as a neighbour (b near a is a near b)
+# The trees' numbers, from tuning runs on photos like BENCHMARKS.md's ("Audit scaling"; recall@1 / near copies
+# found): at 100 000 photos these give 0.997 / 1.000; a beam of 4, 0.986 / 0.999; leaves of 64, 0.993 / 1.000 in
+# 1.5× the time. At 50 000 with leaves of 64: one tree with a beam of 16 (the work of two with 8) 0.988 / 0.996, two
+# with 8 0.998 / 1.000, and with branching 32 0.994 / 0.999. Exact and trees take the same CPU time at 10 000
+# photos; at 20 000 the trees take half.
+FIT, KMEANS_ROUNDS = 32, 6  # k-means of a tree node: sample rows per centre, rounds
 WIDE = 64  # nearest photos the outlier score reads above EXACT_UP_TO
 OUTLIER_Z = 3.5  # robust z-score (median and MAD) above which a photo is far from every class
 THUMBS = 60  # findings per kind shown with pictures in audit.html (the rest as text)
@@ -282,10 +292,10 @@ def _blocks(n_rows: int, n_cols: int) -> Iterator[slice]:
 def nearest(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """For each row of ``q``, the ``k`` most similar rows of ``r`` (indices, cosine similarities; most similar
     first), both L2-normalised. ``same``: ``q`` is ``r``, and a row is not its own neighbour. Exact up to
-    ``EXACT_UP_TO`` rows of ``r`` (every pair scored, n² time); above, inverted lists (``nearest_in_lists``:
-    about n·√n). Either way at most ``CHUNK_CELLS`` similarities exist at once."""
+    ``EXACT_UP_TO`` rows of ``r`` (every pair scored, n² time); above, k-means trees (``nearest_in_tree``:
+    n log n time). Either way memory grows linearly: at most ``CHUNK_CELLS`` similarities exist at once."""
     if len(r) > EXACT_UP_TO:
-        return nearest_in_lists(q, r, k, same)
+        return nearest_in_tree(q, r, k, same)
     return nearest_exact(q, r, k, same)
 
 
@@ -307,40 +317,157 @@ def nearest_exact(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> t
     return idx, sim
 
 
-def _kmeans(r: np.ndarray, n_lists: int, iterations: int = 5, seed: int = 0) -> np.ndarray:
-    """Spherical k-means centres of the rows (seeded), for ``nearest_in_lists``."""
-    centres = r[np.random.default_rng(seed).choice(len(r), n_lists, replace=False)].copy()
-    for _ in range(iterations):
-        assign = nearest_exact(r, centres, 1)[0][:, 0]
-        order = np.argsort(assign, kind="stable")
-        counts = np.bincount(assign, minlength=n_lists)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        sums = np.add.reduceat(r[order], starts[counts > 0], axis=0)
-        centres[counts > 0] = normalised(sums)
-    return centres
+@dataclass
+class Tree:
+    """A hierarchical spherical k-means tree over the rows of a matrix. Each level below the root holds, for each
+    node, the k-means centre and offset that routed rows to it (a row goes to the child of highest ``row · centre
+    - offset``) and its children on the next level; the last level's nodes are the leaves, each holding at most
+    ``LEAF`` rows, every row in one leaf. A node small enough already is carried down unchanged (its one child is
+    itself), so every leaf sits on the last level and the search moves level by level."""
+
+    centres: list[np.ndarray]
+    offsets: list[np.ndarray]
+    children: list[list[np.ndarray]]
+    leaves: list[np.ndarray]
 
 
-def nearest_in_lists(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """``nearest`` through inverted lists: the rows of ``r`` are grouped around √n k-means centres, and each
-    query scores only the rows of its ``PROBES`` nearest groups (about n·√n work instead of n²). Approximate: a
-    neighbour in an unprobed group is missed (its place holds index -1, similarity -inf)."""
-    n_lists = max(1, int(np.sqrt(len(r))))
-    centres = _kmeans(r, n_lists)
-    assign = nearest_exact(r, centres, 1)[0][:, 0]
-    probes = nearest_exact(q, centres, min(PROBES, n_lists))[0]
+def build_tree(r: np.ndarray, seed: int = 0) -> Tree:
+    """Split every node of over ``LEAF`` rows into at most ``BRANCH`` by spherical k-means, level by level, until
+    none is left: about log n / log ``BRANCH`` levels, each costing one pass over the rows (n log n in all)."""
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(len(r))]
+    tree = Tree([], [], [], groups)
+    while any(len(g) > LEAF for g in groups):
+        below: list[np.ndarray] = []
+        centres, offsets, kids = [], [], []
+        for g in groups:
+            if len(g) > LEAF:
+                parts, c, o = _split(r, g, rng)
+            else:  # a leaf already: carried down as it is
+                parts, c, o = [g], np.zeros((1, r.shape[1]), np.float32), np.zeros(1, np.float32)
+            kids.append(np.arange(len(below), len(below) + len(parts)))
+            below += parts
+            centres.append(c)
+            offsets.append(o)
+        tree.centres.append(np.concatenate(centres))
+        tree.offsets.append(np.concatenate(offsets))
+        tree.children.append(kids)
+        groups = below
+    tree.leaves = groups
+    return tree
+
+
+def _split(r: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """``rows`` in up to ``BRANCH`` groups (with the centres and offsets that route a row to its group) by spherical
+    k-means of the rows less their mean (so one group does not draw every row to it for what all rows share),
+    fitted on a sample of at most ``FIT`` rows per group: a node costs one pass over its rows, whatever its size.
+    Rows that are all one point go to equal slices."""
+    b = min(BRANCH, -(-len(rows) // LEAF))
+    sample = r[rng.choice(rows, min(len(rows), FIT * b), replace=False)]
+    mu = sample.mean(axis=0)
+    sample = normalised(sample - mu)
+    c = sample[rng.choice(len(sample), b, replace=False)]
+    for _ in range(KMEANS_ROUNDS):
+        onehot = np.eye(b, dtype=np.float32)[(sample @ c.T).argmax(axis=1)]
+        used = onehot.sum(axis=0) > 0
+        c[used] = normalised((onehot.T @ sample)[used])
+    offset = mu @ c.T
+    assign = np.concatenate([(r[rows[s]] @ c.T - offset).argmax(axis=1) for s in _blocks(len(rows), b)])
+    used = np.flatnonzero(np.bincount(assign, minlength=b))
+    if len(used) < 2:
+        return np.array_split(rows, b), np.zeros((b, r.shape[1]), np.float32), np.zeros(b, np.float32)
+    return [rows[assign == j] for j in used], c[used], offset[used]
+
+
+def nearest_in_tree(q: np.ndarray, r: np.ndarray, k: int, same: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``nearest`` through ``TREES`` k-means trees (``build_tree``, each seeded differently), each searched with a
+    beam (``search_tree``): a row's ``k`` best of what the trees found and, with ``same``, of the rows that found
+    it among their ``OFFERED`` nearest (b near a is a near b), so a close pair is missed only when every search
+    misses it. Approximate: a place left empty holds index -1, similarity -inf."""
+    k = min(k, len(r) - (1 if same else 0))
+    if k <= 0:
+        return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
+    found = [search_tree(build_tree(r, seed), q, r, k, same) for seed in range(TREES)]
+    idx, sim = _combined(np.concatenate([i for i, _ in found], axis=1), np.concatenate([s for _, s in found], axis=1), k)
+    if not same:
+        return idx, sim
+    offered = idx[:, :OFFERED]
+    by, to, val = offered.ravel(), np.repeat(np.arange(len(q)), offered.shape[1]), sim[:, :OFFERED].ravel()
+    order = np.argsort(by, kind="stable")
+    return _combined(idx, sim, k, (by[order], to[order], val[order]))
+
+
+def _combined(idx: np.ndarray, sim: np.ndarray, k: int,
+              extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` most similar distinct neighbours, best first, among its candidates in ``idx``/``sim`` (-1:
+    none) and the ``extra`` (row, neighbour, similarity) triples (sorted by row); a block of rows at a time."""
+    n = len(idx)
+    out_idx, out_sim = np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32)
+    for b in _blocks(n, 8 * idx.shape[1]):
+        src = np.repeat(np.arange(b.stop - b.start), idx.shape[1])
+        dst, val = idx[b].ravel(), sim[b].ravel()
+        if extra is not None:
+            lo, hi = np.searchsorted(extra[0], [b.start, b.stop])
+            src = np.concatenate([src, extra[0][lo:hi] - b.start])
+            dst, val = np.concatenate([dst, extra[1][lo:hi]]), np.concatenate([val, extra[2][lo:hi]])
+        ok = dst >= 0
+        src, dst, val = src[ok], dst[ok], val[ok]
+        order = np.lexsort((-val, dst, src))  # by row, then neighbour, best first
+        src, dst, val = src[order], dst[order], val[order]
+        first = np.ones(len(src), bool)
+        first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])  # a neighbour found twice counts once
+        src, dst, val = src[first], dst[first], val[first]
+        order = np.lexsort((-val, src))
+        src, dst, val = src[order], dst[order], val[order]
+        rank = np.arange(len(src)) - np.searchsorted(src, src)
+        top = rank < k
+        out_idx[b][src[top], rank[top]], out_sim[b][src[top], rank[top]] = dst[top], val[top]
+    return out_idx, out_sim
+
+
+def search_tree(tree: Tree, q: np.ndarray, r: np.ndarray, k: int, same: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best rows of ``r`` (the rows ``tree`` was built on) for each query, by beam search: each query
+    follows the tree's routing and keeps at each level the ``BEAM`` nodes it misses by the least (the sum, down the
+    path, of how far each child's routing score fell short of the best sibling's: 0 on the path a row like it was
+    sent down), then scores the rows of its ``BEAM`` leaves. A query costs about ``BEAM`` × ``BRANCH`` centres per
+    level and ``BEAM`` × ``LEAF`` rows, so n queries cost n log n."""
+    beam = np.zeros((len(q), 1), dtype=np.int64)  # every query at the root
+    score = np.zeros((len(q), 1), dtype=np.float32)  # minus the shortfall so far: higher is better
+    for centres, offsets, children in zip(tree.centres, tree.offsets, tree.children):
+        # a node with one child (a leaf carried down) passes its place and score on as they are
+        only = np.array([c[0] if len(c) == 1 else -1 for c in children])[np.maximum(beam, 0)]
+        only[beam < 0] = -1
+        nodes = np.full((len(q), BEAM), -1, dtype=np.int64)
+        below = np.full((len(q), BEAM), -np.inf, dtype=np.float32)
+        nodes[:, :beam.shape[1]] = only
+        below[:, :beam.shape[1]] = np.where(only >= 0, score, -np.inf)
+        for rows, slots, node in _by_node(np.where(only >= 0, -1, beam)):
+            cols = children[node]
+            s = q[rows] @ centres[cols].T - offsets[cols]
+            _merge(nodes, below, rows, cols, score[rows, slots][:, None] + s - s.max(axis=1, keepdims=True), BEAM)
+        beam, score = nodes, below
     idx = np.full((len(q), k), -1, dtype=np.int64)
     sim = np.full((len(q), k), -np.inf, dtype=np.float32)
-    for group in range(n_lists):
-        members = np.flatnonzero(assign == group)
-        asking = np.flatnonzero((probes == group).any(axis=1))
-        for b in _blocks(len(asking), len(members)) if len(members) else ():
-            rows = asking[b]
-            s = q[rows] @ r[members].T
+    for rows, _, leaf in _by_node(beam):
+        cols = tree.leaves[leaf]
+        vecs = r[cols]
+        for b in _blocks(len(rows), len(cols)):
+            s = q[rows[b]] @ vecs.T
             if same:
-                s[rows[:, None] == members[None, :]] = -np.inf
-            _merge(idx, sim, rows, members, s, k)
-    order = np.argsort(-sim, axis=1)
-    return np.take_along_axis(idx, order, axis=1), np.take_along_axis(sim, order, axis=1)
+                s[rows[b][:, None] == cols[None, :]] = -np.inf
+            _merge(idx, sim, rows[b], cols, s, k)
+    return idx, sim
+
+
+def _by_node(beam: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(queries, their beam slots, node) for every node in some query's ``beam`` (-1: an empty slot): sorted once,
+    so a level costs its (query, node) pairs, not nodes × queries."""
+    who, slot = np.nonzero(beam >= 0)
+    node = beam[who, slot]
+    order = np.argsort(node, kind="stable")
+    who, slot, node = who[order], slot[order], node[order]
+    for run in np.split(np.arange(len(node)), np.flatnonzero(np.diff(node)) + 1) if len(node) else ():
+        yield who[run], slot[run], int(node[run[0]])
 
 
 def _merge(idx: np.ndarray, sim: np.ndarray, rows: np.ndarray, members: np.ndarray, s: np.ndarray, k: int) -> None:
@@ -355,7 +482,7 @@ def class_affinity(x: np.ndarray, labels: np.ndarray, n_classes: int, k: int = C
     """For each row, its highest mean similarity to its ``k`` nearest photos of one class, over all classes
     (itself and any photo that may be a copy of it, cosine ≥ ``SAME_PICTURE``, left out, so a copied stray still
     looks stray): low = far from every class. Above ``EXACT_UP_TO`` rows, read from each row's ``WIDE`` nearest
-    photos (inverted lists), a class absent from them counting as far."""
+    photos (the k-means trees), a class absent from them counting as far."""
     if len(x) > EXACT_UP_TO:
         return _affinity_of_neighbours(x, labels, n_classes, k)
     best = np.full(len(x), -1.0, dtype=np.float32)
