@@ -271,3 +271,23 @@ def test_a_flat_curve_keeps_the_default_rate_and_says_so(top_on_ants):
     assert "flat" in found.message and "keeping the default rate 0.001" in found.message
     short = lr_find(top, acts, y, cfg, 1e-3, steps=6, batch_size=8)
     assert short.lr == 1e-3 and "too short" in short.message
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_cached_activations_is_chosen_by_held_out_training_photos(small, tmp_path):
+    """The held-out fifth of train decides; the validation split is only watched; the history has the learning
+    rate of every step and marks the kept epoch; lr-find's curve lands in the run folder."""
+    clf = headstart.train(small, out=tmp_path / "run", finetune=True, cache_bottom=True, ft_epochs=2, ft_views=1,
+                          ft_lr="auto", progress=False)
+    stage = clf.info["stages"]["finetune"]
+    sel = stage["selection"]
+    assert sel["held_out_photos"] == 10 and sel["fit_photos"] == 38 and sel["lr_source"] in ("lr-find (valley)", "default")
+    assert stage["best_epoch"] == (2 if sel["loss_after"] < sel["loss_before"] else 0)
+    if stage["best_epoch"] == 0:  # the frozen head stays, exactly
+        assert clf.info["metrics"] == {k: v for k, v in clf.info["stages"]["feature_extraction"].items()}
+    history = clf.info["history"]
+    steps = [r for r in history if r["stage"] == "finetune-check" and "lr" in r]
+    assert len(steps) == 2 * 2 and max(r["lr"] for r in steps) <= sel["lr"] * (1 + 1e-6)  # 38 photos: 2 steps an epoch
+    assert [r["epoch"] for r in history if r.get("checkpoint")] == [stage["best_epoch"]]
+    assert (tmp_path / "run" / "history.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "lr_find.csv").read_text().startswith("lr,smoothed_loss")
