@@ -149,7 +149,7 @@ def _head_options(f: Any) -> Any:
 @click.option("--unfreeze-layers", type=int, default=_DEFAULTS.unfreeze_layers, help="Instead: the last N layers with weights (the Keras way).")
 @click.option("--ft-epochs", "--epochs", "ft_epochs", type=int, default=_DEFAULTS.ft_epochs, show_default=True,
               help="Fine-tuning epochs (--epochs: the same); early stopping may end sooner.")
-@click.option("--ft-lr", "--lr", "ft_lr", default=_DEFAULTS.ft_lr, callback=_number_or_auto, show_default=True, metavar="LR|auto",
+@click.option("--ft-lr", "--lr", "ft_lr", type=str, default=_DEFAULTS.ft_lr, callback=_number_or_auto, show_default=True, metavar="LR|auto",
               help="Head learning rate while fine-tuning (--lr: the same); the unfrozen blocks get geometrically less, down to "
                    "--backbone-lr-ratio of it. auto: lr-find's valley (see headstart lr-find).")
 @click.option("--backbone-lr-ratio", type=float, default=_DEFAULTS.backbone_lr_ratio, show_default=True,

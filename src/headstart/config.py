@@ -186,7 +186,7 @@ class TrainConfig:
                                            "give precision auto or fp32, or runtime pytorch")
         if self.ft_lr == "auto" and not self.cache_bottom:
             raise ConfigError("ft_lr", "ft_lr='auto' runs lr-find on the cached bottom activations: give cache_bottom=True "
-                                       "(the default), or a number for ft_lr")
+                                       "(--cache-bottom), or a number for ft_lr")
         if self.runtime == "pytorch" and self.precision == "int8":
             raise ConfigError("precision", "precision='int8' cannot go with runtime='pytorch': int8 runs the backbone in "
                                            "ONNX Runtime on the CPU; give runtime auto or onnxruntime, or precision auto, fp32 or bf16")
@@ -312,7 +312,12 @@ def _crop(name: str, value: Any, refuse: Refuse) -> Any:
 
 
 def _lr(name: str, value: Any, refuse: Refuse) -> Any:
-    return value if value == "auto" else _in_range(name, value, refuse)
+    if value == "auto":
+        return value
+    try:
+        return _in_range(name, value, refuse)
+    except ConfigError as e:
+        raise ConfigError(name, f"{e}, or auto (lr-find's suggestion)") from None
 
 
 def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
