@@ -125,7 +125,7 @@ validation split chooses nothing).
 
 lr-find curves (the suggestion used in red): [clothing](docs/lr_find_clothing.png), [ants/bees](docs/lr_find_hymenoptera.png).
 """
-    write_section("finetune", body)
+    write_section("finetune-cached", body)
 
 
 if __name__ == "__main__":
