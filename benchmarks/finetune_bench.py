@@ -32,7 +32,7 @@ def one(data: Path, seed: int, kind: str, extra: dict) -> dict:
                 "finetune-auto": {"finetune": True, "cache_bottom": True, "ft_lr": "auto", **extra}}[kind]
     t = time.perf_counter()
     clf = headstart.train(data, seed=seed, progress=False, **settings)
-    row = {"data": data.name, "seed": seed, "kind": kind, "seconds": round(time.perf_counter() - t, 1)}
+    row = {"data": data.name, "seed": seed, "kind": kind, "seconds": round(time.perf_counter() - t, 1), "load": os.getloadavg()[0]}
     for split, m in clf.info["metrics"].items():
         row[split] = m["accuracy"]
         row[f"{split}_n"] = m["n"]
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=Path("finetune_results.json"))
     ap.add_argument("--extra", default="{}")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--note", default="", help="a sentence for the section: when the runs in --keep were measured, under what load")
     args = ap.parse_args()
     extra = json.loads(args.extra)
     done = json.loads(args.keep.read_text()) if args.keep.exists() else []
@@ -117,7 +118,7 @@ Default backbone (EfficientNet-Lite0), default settings plus `finetune=True, cac
 (and `ft_lr="auto"`: lr-find's valley). Machine: {machine()}; load average at the end {load[0]:.1f} (2 cores shared
 with other work: times are wall time under that load). `images vs frozen`: validation photos gained (+) or lost (−)
 against the frozen head of the same seed. `kept`: what the held-out fifth of the training photos chose (the
-validation split chooses nothing).
+validation split chooses nothing). {args.note}
 
 {table(done)}
 
