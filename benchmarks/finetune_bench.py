@@ -51,8 +51,8 @@ def stats(rows: list[dict], key: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| data | run | seeds | val accuracy % (mean ± half-range) | test accuracy % | images vs frozen, val, per seed | kept (per seed) | time s (mean) |",
-             "|---|---|---:|---:|---:|---|---|---:|"]
+    lines = ["| data | run | seeds | val accuracy % (mean ± half-range) | test accuracy % | images vs frozen, val, per seed | kept (per seed) | held-out loss, head → fine-tuned (per seed) | time s (mean) |",
+             "|---|---|---:|---:|---:|---|---|---|---:|"]
     for data in dict.fromkeys(r["data"] for r in rows):
         frozen = {r["seed"]: r for r in rows if r["data"] == data and r["kind"] == "frozen"}
         for kind in ("frozen", "finetune", "finetune-auto"):
@@ -61,8 +61,9 @@ def table(rows: list[dict]) -> str:
                 continue
             diff = ", ".join(f"{round((r['val'] - frozen[r['seed']]['val']) * r['val_n']):+d}" for r in mine if r["seed"] in frozen)
             kept = ", ".join(r.get("kept", "—") for r in mine)
+            losses = ", ".join(f"{r['selection']['loss_before']:.3f} → {r['selection']['loss_after']:.3f}" for r in mine if r.get("selection"))
             lines.append(f"| {data} | {kind} | {len(mine)} | {stats(mine, 'val')} | {stats(mine, 'test')} | {diff if kind != 'frozen' else ''} | "
-                         f"{kept if kind != 'frozen' else ''} | {statistics.mean(r['seconds'] for r in mine):.0f} |")
+                         f"{kept if kind != 'frozen' else ''} | {losses} | {statistics.mean(r['seconds'] for r in mine):.0f} |")
     return "\n".join(lines)
 
 
