@@ -235,3 +235,11 @@ def test_an_unknown_backbone_is_refused_before_the_folder_is_listed(tmp_path):
     with pytest.raises(HeadstartError, match="unknown backbone 'nosuchnet'"):
         headstart.train(tmp_path / "no-such-folder", out=tmp_path / "run", backbone="nosuchnet", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_ft_lr_takes_a_rate_or_auto_and_auto_needs_the_cached_bottom():
+    assert TrainConfig(ft_lr="auto", cache_bottom=True).ft_lr == "auto"
+    with pytest.raises(ConfigError, match=r"ft_lr='fast' is not a number: give a number above 0, or auto"):
+        TrainConfig(ft_lr="fast")
+    with pytest.raises(ConfigError, match="give cache_bottom=True"):
+        TrainConfig(ft_lr="auto")

@@ -76,7 +76,7 @@ def test_sharded_extraction_equals_a_single_process(tmp_path):
 @pytest.mark.slow
 def test_ddp_fine_tuning_matches_one_process_and_only_rank_0_writes(tmp_path):
     small = _subset(tmp_path / "small", {"train": 24, "val": 12})
-    common = [str(small), "--finetune", "--epochs", "2", "--seed", "3", "--json"]
+    common = [str(small), "--finetune", "--no-cache-bottom", "--epochs", "2", "--seed", "3", "--json"]  # the per-epoch loop: what runs under torchrun
     env = _env(HEADSTART_CACHE=str(tmp_path / "cache"))
     def headstart(*args: str) -> subprocess.CompletedProcess:
         done = subprocess.run([sys.executable, "-m", "headstart", "train", *common, *args], env=env, capture_output=True, text=True, timeout=900)

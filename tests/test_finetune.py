@@ -89,7 +89,7 @@ def _run(args: list[str], env: dict) -> subprocess.Popen:
 @pytest.mark.slow
 def test_killed_fine_tuning_resumes_to_the_same_result(small, tmp_path):
     env = dict(os.environ)
-    common = [str(small), "--finetune", "--epochs", "3", "--quiet", "--seed", "7"]
+    common = [str(small), "--finetune", "--no-cache-bottom", "--epochs", "3", "--quiet", "--seed", "7"]  # the loop that checkpoints
     killed = tmp_path / "killed"
     proc = _run([*common, "--out", str(killed)], env)
     ckpt = killed / "checkpoint" / CHECKPOINT
@@ -196,3 +196,98 @@ def test_augmented_views_are_cached_for_the_head(small):
     assert again.info["timing"]["embeddings_computed"] == 0
     assert again.info["metrics"] == first.info["metrics"]
     assert np.isfinite(again.info["metrics"]["val"]["log_loss"])
+
+
+# ------------------------------------------------------------------------------------ lr-find, cached bottom
+
+
+@pytest.fixture(scope="module")
+def top_on_ants(small):
+    """The unfrozen top of Lite0 (3 blocks) with the real ants/bees head fitted on its frozen features, and the
+    bottom activations of the small training set."""
+    from headstart import finetune, heads, pipeline
+    from headstart.config import TrainConfig
+
+    cfg = TrainConfig(finetune=True, seed=0)
+    d = pipeline.split(small, cfg)
+    lb = pipeline.load_backbone(cfg, None)
+    net = finetune.Net(lb.model, heads.to_torch(heads.spec("linear", lb.num_features, cfg), 2))
+    finetune.unfreeze_top(net.backbone, blocks=3)
+    bottom, seq = finetune.split_frozen(net.backbone)
+    acts = finetune.activations(bottom, d.train, lb.data_config, None, 0, 16, 0)
+    y = np.asarray(d.train.labels)
+    with torch.inference_mode():  # the head fitted as the head stage fits it, on the network's own pooled features
+        x = net.backbone.forward_head(seq.eval()(acts), pre_logits=True).numpy()
+    fitted = heads.fit_linear(heads.FitData(x, y, 2), cfg, {"C": 0.1})
+    net.head = heads.to_torch(heads.spec("linear", lb.num_features, cfg), 2, fitted.state)
+    for p in net.head.parameters():
+        p.requires_grad_(True)
+    return finetune.Top(net, seq), bottom, acts, torch.from_numpy(y), cfg
+
+
+def test_the_top_on_cached_bottom_activations_is_the_whole_backbone(top_on_ants):
+    top, bottom, acts, _, _ = top_on_ants
+    assert len(bottom) > 10 and len(top.top) == 5  # cut where the trainable blocks begin
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    top.eval()
+    with torch.inference_mode():
+        assert torch.allclose(top(bottom(x)), top.net(x), atol=1e-4)
+    assert acts.shape[0] == 48 and all(not p.requires_grad for p in bottom.parameters())
+
+
+def test_lr_find_restores_the_exact_model_state(top_on_ants):
+    """Parameters, BatchNorm buffers (here allowed to move: train_bn) and module modes are as before the sweep."""
+    import dataclasses
+
+    from headstart.finetune import lr_find
+
+    top, _, acts, y, cfg = top_on_ants
+    before = {k: v.clone() for k, v in top.state_dict().items()}
+    modes = [m.training for m in top.modules()]
+    found = lr_find(top, acts, y, dataclasses.replace(cfg, train_bn=True), 1e-3, steps=30, batch_size=8)
+    after = top.state_dict()
+    assert any("running_var" in k for k in after) and all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in top.modules()] == modes
+    assert found.lrs and len(found.lrs) == len(found.losses)
+
+
+def test_lr_find_suggests_a_rate_inside_the_sweep(top_on_ants):
+    from headstart.finetune import lr_find
+
+    top, _, acts, y, cfg = top_on_ants
+    found = lr_find(top, acts, y, cfg, 1e-3, steps=60, batch_size=8)
+    assert set(found.suggestions) == {"valley", "steep", "minimum/10"}
+    assert found.lrs[0] <= found.lr <= found.lrs[-1] and found.lr == found.suggestions["valley"]
+    assert found.losses[-1] > min(found.losses)  # the sweep went far enough to see the loss climb
+
+
+def test_a_flat_curve_keeps_the_default_rate_and_says_so(top_on_ants):
+    from headstart.finetune import lr_find
+
+    top, _, acts, y, cfg = top_on_ants
+    same, label = acts[:1].repeat(48, 1, 1, 1), y[:1].repeat(48)  # one photo in every batch: only the rate moves the loss
+    found = lr_find(top, same, label, cfg, 1e-3, start=1e-12, end=1e-11, steps=20, batch_size=8)
+    assert found.lr == 1e-3 and found.suggestions == {}
+    assert "flat" in found.message and "keeping the default rate 0.001" in found.message
+    short = lr_find(top, acts, y, cfg, 1e-3, steps=6, batch_size=8)
+    assert short.lr == 1e-3 and "too short" in short.message
+
+
+@pytest.mark.slow
+def test_fine_tuning_on_cached_activations_is_chosen_by_held_out_training_photos(small, tmp_path):
+    """The held-out fifth of train decides; the validation split is only watched; the history has the learning
+    rate of every step and marks the kept epoch; lr-find's curve lands in the run folder."""
+    clf = headstart.train(small, out=tmp_path / "run", finetune=True, cache_bottom=True, ft_epochs=2, ft_views=1,
+                          ft_lr="auto", progress=False)
+    stage = clf.info["stages"]["finetune"]
+    sel = stage["selection"]
+    assert sel["held_out_photos"] == 10 and sel["fit_photos"] == 38 and sel["lr_source"] in ("lr-find (valley)", "default")
+    assert stage["best_epoch"] == (2 if sel["loss_after"] < sel["loss_before"] else 0)
+    if stage["best_epoch"] == 0:  # the frozen head stays, exactly
+        assert clf.info["metrics"] == {k: v for k, v in clf.info["stages"]["feature_extraction"].items()}
+    history = clf.info["history"]
+    steps = [r for r in history if r["stage"] == "finetune-check" and "lr" in r]
+    assert len(steps) == 2 * 2 and max(r["lr"] for r in steps) <= sel["lr"] * (1 + 1e-6)  # 38 photos: 2 steps an epoch
+    assert [r["epoch"] for r in history if r.get("checkpoint")] == [stage["best_epoch"]]
+    assert (tmp_path / "run" / "history.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "lr_find.csv").read_text().startswith("lr,smoothed_loss")

@@ -57,3 +57,19 @@ def test_a_picture_drawn_before_is_copied_not_drawn(tmp_path, monkeypatch):
     monkeypatch.undo()
     other = plots.plot_confusion(cm.T, ["ants", "bees"], tmp_path / "c.png", str(tmp_path / "cache"))
     assert other.read_bytes() != first.read_bytes() and Image.open(other).size == Image.open(first).size
+
+
+def test_history_draws_the_learning_rate_per_step_and_marks_the_kept_epoch(tmp_path):
+    rows = [{"stage": "finetune", "epoch": 0, "val_loss": 0.5}]
+    for e in (1, 2):
+        rows += [{"stage": "finetune", "step": 2 * e - 1 + i, "lr": 1e-3 * (i + 1)} for i in range(2)]
+        rows.append({"stage": "finetune", "epoch": e, "train_loss": 0.6 - e / 10, "val_loss": 0.5 - e / 20})
+    rows[-1]["checkpoint"] = True
+    fig = plots.history_figure(rows)
+    lr_axis = fig.axes[-1]
+    assert lr_axis.get_title() == "learning rate (head)" and list(lr_axis.lines[0].get_ydata()) == [1e-3, 2e-3, 1e-3, 2e-3]
+    loss_axis = fig.axes[0]
+    assert any(t.get_text() == " kept" for t in loss_axis.texts)  # at the kept epoch
+    assert len(loss_axis.lines[0].get_xdata()) == 3  # the step rows are not epochs
+    path = plots.plot_lr_find([1e-5, 1e-4, 1e-3, 1e-2], [0.7, 0.65, 0.6, 2.0], {"valley": 1e-4}, 1e-4, tmp_path / "lr.png")
+    assert path.stat().st_size > 1000

@@ -135,3 +135,14 @@ def test_names_from_the_folder_are_shown_as_text_never_as_markup(tmp_path):
     assert "&lt;img src=x onerror=alert(1)&gt;</td>" in page  # the class, in the tables
     assert 'a"b<c' not in page and "a&#34;b&lt;c.jpg</span>" in page  # the worst error's caption
     assert 'x"y<z' not in page and "x&#34;y&lt;z.jpg</code>" in page  # the skipped file
+
+
+def test_the_report_says_which_photos_chose_between_fine_tuning_and_the_head():
+    from headstart.report import _finetune_choice
+
+    said = _finetune_choice({"held_out_photos": 200, "fit_photos": 800, "loss_before": 0.453, "loss_after": 0.563,
+                             "lr": 1e-3, "lr_source": "ft_lr"})
+    assert "200 training photos held out" in said and "kept: the frozen head" in said and "validation split chose nothing" in said
+    assert "kept: the fine-tuned network" in _finetune_choice({"held_out_photos": 10, "fit_photos": 38, "loss_before": 0.5,
+                                                               "loss_after": 0.4, "lr": 1e-4, "lr_source": "lr-find (valley)"})
+    assert _finetune_choice(None) is None

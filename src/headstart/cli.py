@@ -61,7 +61,7 @@ _DEFAULTS = TrainConfig()
 ENGINES = ["pytorch", "onnxruntime"]
 
 
-def _crop_pct(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
+def _number_or_auto(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
     """A number when the text is one; TrainConfig judges it (and any word other than auto)."""
     if value is None or value == "auto":
         return value
@@ -103,7 +103,7 @@ def _compute_options(f: Any) -> Any:
         click.option("--input-size", type=int, default=_DEFAULTS.input_size,
                      help=f"Pixels (square) the backbone sees, {RANGES['input_size'].describe()}; default: its timm data "
                           "config. Networks trained at 224 often do better at 256-288 (the FixRes effect; see README)."),
-        click.option("--crop-pct", default=_DEFAULTS.crop_pct, callback=_crop_pct, metavar="P|auto",
+        click.option("--crop-pct", default=_DEFAULTS.crop_pct, callback=_number_or_auto, metavar="P|auto",
                      help="Share of the shorter side kept by the centre crop; default: the backbone's timm data config "
                           "(about 0.88). 1.0 keeps the whole frame: better for product or catalogue photos. auto: "
                           "whichever of the two cross-validates better on the training photos (see README)."),
@@ -149,7 +149,22 @@ def _head_options(f: Any) -> Any:
 @click.option("--unfreeze-layers", type=int, default=_DEFAULTS.unfreeze_layers, help="Instead: the last N layers with weights (the Keras way).")
 @click.option("--ft-epochs", "--epochs", "ft_epochs", type=int, default=_DEFAULTS.ft_epochs, show_default=True,
               help="Fine-tuning epochs (--epochs: the same); early stopping may end sooner.")
-@click.option("--ft-lr", type=float, default=_DEFAULTS.ft_lr, show_default=True, help="Head learning rate while fine-tuning; the backbone gets a tenth.")
+@click.option("--ft-lr", "--lr", "ft_lr", type=str, default=_DEFAULTS.ft_lr, callback=_number_or_auto, show_default=True, metavar="LR|auto",
+              help="Head learning rate while fine-tuning (--lr: the same); the unfrozen blocks get geometrically less, down to "
+                   "--backbone-lr-ratio of it. auto: lr-find's valley (see headstart lr-find).")
+@click.option("--backbone-lr-ratio", type=float, default=_DEFAULTS.backbone_lr_ratio, show_default=True,
+              help="The lowest unfrozen block's rate as a share of the head's (fastai's slice(lr × ratio, lr)).")
+@click.option("--cache-bottom/--no-cache-bottom", default=_DEFAULTS.cache_bottom, show_default=True,
+              help="Fine-tune on the frozen bottom's activations cached once per photo and view (minutes on a CPU; held-out "
+                   "photos decide whether it beats the head), or run the per-epoch loop over photos (checkpoints, --resume, torchrun).")
+@click.option("--ft-views", type=int, default=_DEFAULTS.ft_views, show_default=True,
+              help="Augmented views (--augment) per training photo whose bottom activations are cached for fine-tuning.")
+@click.option("--ft-holdout", type=float, default=_DEFAULTS.ft_holdout, show_default=True,
+              help="Share of the training photos held out to decide whether fine-tuning beats the frozen head.")
+@click.option("--ft-mixup", type=float, default=_DEFAULTS.ft_mixup, show_default=True,
+              help="timm Mixup alpha on the cached activations while fine-tuning (0: off).")
+@click.option("--ft-ema", type=float, default=_DEFAULTS.ft_ema, show_default=True,
+              help="timm ModelEmaV3 decay of the fine-tuned weights (0: off).")
 @click.option("--train-bn", is_flag=True, help="Let BatchNorm statistics move while fine-tuning (off: the safe default).")
 @click.option("--augment", default=_DEFAULTS.augment, show_default=True,
               help="Augmentation of the training photos: none, classic, rrc, randaugment, erasing (combine with +). Applies "
@@ -205,6 +220,28 @@ def _print_summary(clf: Any, out: Path) -> None:
     click.echo(f"saved to {out}  (open {out / 'report.html'} in a browser; predict: headstart predict {out} PHOTO.jpg)")
 
 
+@main.command("lr-find")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for lr_find.csv and lr_find.png (default: runs/<data>-lr-find).")
+@click.option("--backbone", default=_DEFAULTS.backbone, show_default=True, help="Registry name or any timm model name.")
+@click.option("--weights", help="Local weight file (.safetensors or torch state dict) for the backbone.")
+@click.option("--unfreeze", type=int, default=_DEFAULTS.unfreeze, show_default=True, help="Top blocks that fine-tuning would train.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seeds the split and the sweep's batches.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Feature cache (default: $HEADSTART_CACHE or ~/.cache/headstart).")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and the result.")
+def lr_find(data: Path, out: Path | None, quiet: bool, **opts: Any) -> None:
+    """The learning-rate range test of fine-tuning on DATA: the suggested --ft-lr, and the curve as CSV and PNG."""
+    cfg = _config(finetune=True, **opts)
+    _say(f"lr-find on {data} with {cfg.backbone}: loading libraries and listing the photos…", quiet)
+    from .pipeline import lr_find as run
+
+    _setup_logging(quiet)
+    out = out or _free_run_dir(Path("runs") / f"{data.resolve().name}-lr-find")
+    found = run(data, out=out, config=cfg, progress=not quiet and sys.stderr.isatty())
+    click.echo(f"lr-find: {found.message}")
+    click.echo(f"suggested: --ft-lr {found.lr:.2g}; curve: {out / 'lr_find.png'}")
+
+
 def _relaunch_under_torchrun(nproc: int) -> None:
     """`headstart train … --nproc N` = `torchrun --standalone --nproc-per-node N -m headstart train …` (same options)."""
     if distributed.launched():
@@ -215,12 +252,14 @@ def _relaunch_under_torchrun(nproc: int) -> None:
     args: list[str] = []
     for param in ctx.command.params:
         value = ctx.params[param.name]
-        if param.name == "nproc" or value is None or value is False or value == param.default:
+        if param.name == "nproc" or value is None or value == param.default:
             continue
         if isinstance(param, click.Argument):
             args.insert(0, str(value))
+        elif getattr(param, "is_flag", False):  # --flag, or the --no-flag of an on-by-default switch
+            args.append(param.opts[0] if value else param.secondary_opts[0])
         else:
-            args += [param.opts[0]] if getattr(param, "is_flag", False) else [param.opts[0], str(value)]
+            args += [param.opts[0], str(value)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "headstart", "train", *args]
     if not (ctx.params["quiet"] or ctx.params["as_json"]):
         click.echo("headstart: " + " ".join(cmd), err=True)

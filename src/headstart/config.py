@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 
 __version__ = "0.1.0"
 DEFAULT_BACKBONE = "efficientnet_lite0"
+DEFAULT_FT_LR = 1e-3  # the fine-tuning rate, and what --ft-lr auto keeps when the lr-find curve says nothing
 # headstart audit: two photos are near copies at this copy similarity (audit.copy_similarity); measured in BENCHMARKS.md.
 AUDIT_NEAR = 0.75
 
@@ -101,7 +102,11 @@ RANGES: dict[str, Range] = {
     "top_k": COUNT,
     "unfreeze": Range(0, whole=True),  # 0: only the head trains
     "unfreeze_layers": Range(0, whole=True),  # 0: unfreeze decides
-    "ft_lr": POSITIVE,
+    "ft_lr": POSITIVE,  # or "auto"
+    "ft_views": Range(0, whole=True),
+    "ft_holdout": Range(0.05, 0.5),
+    "ft_mixup": NON_NEGATIVE,
+    "ft_ema": Range(0, 1, high_open=True),
     "backbone_lr_ratio": POSITIVE,
     "ft_epochs": COUNT,
     "ft_patience": COUNT,  # 0 would stop before the first epoch (finetune.fit stops once epoch - best > patience)
@@ -152,7 +157,13 @@ class TrainConfig:
     finetune: bool = False
     unfreeze: int = 3  # top blocks of the backbone to unfreeze (timm's own block grouping)
     unfreeze_layers: int = 0  # the Keras alternative: the last N layers with weights (overrides unfreeze)
-    ft_lr: float = 1e-3  # head learning rate while fine-tuning (the head stage's Adam rate)
+    ft_lr: float | Literal["auto"] = DEFAULT_FT_LR  # head learning rate while fine-tuning; "auto": lr-find's valley
+    cache_bottom: bool = False  # fine-tune on the frozen bottom's activations, cached once per photo and view (fast on a
+    # CPU, held-out selection); False: the per-epoch loop over decoded photos (checkpoints, --resume, torchrun)
+    ft_views: int = 2  # augmented views (--augment) per training photo whose bottom activations are cached
+    ft_holdout: float = 0.2  # share of the training photos held out to decide whether fine-tuning beats the head
+    ft_mixup: float = 0.0  # timm Mixup alpha on the cached activations; 0 = off
+    ft_ema: float = 0.0  # timm ModelEmaV3 decay of the fine-tuned weights; 0 = off
     backbone_lr_ratio: float = 0.1  # the backbone learns 10x more gently than the head
     ft_epochs: int = 8
     ft_patience: int = 3
@@ -173,6 +184,9 @@ class TrainConfig:
         if self.runtime == "onnxruntime" and self.precision == "bf16":
             raise ConfigError("precision", "precision='bf16' cannot go with runtime='onnxruntime', which runs fp32: "
                                            "give precision auto or fp32, or runtime pytorch")
+        if self.ft_lr == "auto" and not self.cache_bottom:
+            raise ConfigError("ft_lr", "ft_lr='auto' runs lr-find on the cached bottom activations: give cache_bottom=True "
+                                       "(--cache-bottom), or a number for ft_lr")
         if self.runtime == "pytorch" and self.precision == "int8":
             raise ConfigError("precision", "precision='int8' cannot go with runtime='pytorch': int8 runs the backbone in "
                                            "ONNX Runtime on the CPU; give runtime auto or onnxruntime, or precision auto, fp32 or bf16")
@@ -187,7 +201,8 @@ class TrainConfig:
                 why.setdefault(name, reason)
 
         if _is_scratch(self.backbone):  # what pipeline.train_network and finetune.fit(stage="scratch") read
-            unused("finetune unfreeze unfreeze_layers ft_lr backbone_lr_ratio ft_epochs ft_patience train_bn",
+            unused("finetune unfreeze unfreeze_layers ft_lr backbone_lr_ratio ft_epochs ft_patience train_bn cache_bottom ft_views "
+                   "ft_holdout ft_mixup ft_ema",
                    "backbone 'scratch' trains the whole network, BatchNorm included, with lr, scratch_epochs and scratch_patience")
             unused("head hidden dropout weight_decay max_epochs patience head_batch_size cv_folds class_weights aug_views",
                    "backbone 'scratch' has no head stage on cached features")
@@ -202,11 +217,16 @@ class TrainConfig:
                        "head='linear' is a logistic regression; this shapes the MLP head")
             if not self.finetune:
                 unused("unfreeze unfreeze_layers ft_lr backbone_lr_ratio ft_epochs ft_patience ft_batch_size ft_weight_decay "
-                       "label_smoothing train_bn channels_last", "it applies only when fine-tuning (finetune=True, --finetune)")
+                       "label_smoothing train_bn channels_last cache_bottom ft_views ft_holdout ft_mixup ft_ema",
+                       "it applies only when fine-tuning (finetune=True, --finetune)")
                 if self.aug_views == 0:
                     unused("augment", "augmentation applies only when fine-tuning (finetune=True, --finetune), to backbone "
                                       "'scratch', or to cached views for the head (aug_views > 0)")
-            elif self.unfreeze_layers:
+            elif self.cache_bottom:
+                unused("ft_patience", "cache_bottom runs one fixed one-cycle schedule; held-out photos decide whether it is kept")
+            if self.finetune and not self.cache_bottom:
+                unused("ft_views ft_holdout ft_mixup ft_ema", "it applies to fine-tuning on cached activations (cache_bottom=True)")
+            if self.finetune and self.unfreeze_layers:
                 unused("unfreeze", f"unfreeze_layers={self.unfreeze_layers} chooses what is unfrozen instead")
         unused("top_k", "training ranks no predictions; give top_k when predicting (Classifier.predict, headstart predict -k)")
         changed = [f.name for f in fields(self) if getattr(self, f.name) != f.default]
@@ -291,6 +311,15 @@ def _crop(name: str, value: Any, refuse: Refuse) -> Any:
     return float(value)
 
 
+def _lr(name: str, value: Any, refuse: Refuse) -> Any:
+    if value == "auto":
+        return value
+    try:
+        return _in_range(name, value, refuse)
+    except ConfigError as e:
+        raise ConfigError(name, f"{e}, or auto (lr-find's suggestion)") from None
+
+
 def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
     rule = RANGES[name]
     if value is None and name == "input_size":
@@ -303,7 +332,7 @@ def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
 
 
 _CHECKS: dict[str, Callable[[str, Any, Refuse], Any]] = {
-    "backbone": _backbone, "weights": _path, "cache_dir": _path, "exclude": _path, "augment": _augment, "crop_pct": _crop,
+    "backbone": _backbone, "weights": _path, "cache_dir": _path, "exclude": _path, "augment": _augment, "crop_pct": _crop, "ft_lr": _lr,
 }
 
 

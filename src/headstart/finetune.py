@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from . import distributed, features, transforms
-from .config import HeadstartError, TrainConfig
+from .config import DEFAULT_FT_LR, HeadstartError, TrainConfig
 from .data import Split, open_rgb
 from .files import atomic_path
 
@@ -138,6 +138,7 @@ class FitResult:
     best_epoch: int = 0
     best_val_loss: float = math.inf
     unfrozen: list[str] = field(default_factory=list)
+    selection: dict[str, Any] = field(default_factory=dict)  # what chose the kept weights, on which photos
 
 
 @dataclass
@@ -399,3 +400,358 @@ def _restore(path: Path, net: Net, opt: torch.optim.Optimizer, result: FitResult
     opt.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     result.history, result.best_epoch, result.best_val_loss = meta["history"], meta["best_epoch"], meta["best_val_loss"]
     return meta["epoch"] + 1, best
+
+
+# ------------------------------------------------------------------- the frozen bottom, computed once per photo
+
+
+class Top(nn.Module):
+    """The trainable top of ``net``: the unfrozen blocks, pooling and head, fed the frozen bottom's activations.
+    It shares its modules with ``net``, so training it trains ``net`` in place."""
+
+    def __init__(self, net: Net, top: nn.Module):
+        super().__init__()
+        self.top, self.net = top, net
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.net.head(self.net.backbone.forward_head(self.top(a), pre_logits=True))
+
+
+class _Whole(nn.Module):
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+
+def split_frozen(backbone: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
+    """(bottom, top) with ``top(bottom(x)) == backbone.forward_features(x)`` and nothing trainable in ``bottom``,
+    so the bottom runs once per photo and each step only the top. timm's EfficientNet/MobileNetV2 layout
+    (conv_stem, bn1, blocks, conv_head, bn2) is cut block by block, checked on one input; any other model is all
+    top (the photos themselves are what is cached)."""
+    names = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
+    whole = (nn.Sequential(), nn.Sequential(_Whole(backbone)))
+    if not all(hasattr(backbone, n) for n in names) or not all(isinstance(s, nn.Sequential) for s in backbone.blocks):
+        return whole
+    seq = [backbone.conv_stem, backbone.bn1, *[b for stage in backbone.blocks for b in stage], backbone.conv_head, backbone.bn2]
+    cut = next((i for i, m in enumerate(seq) if any(p.requires_grad for p in m.parameters())), len(seq))
+    bottom, top = nn.Sequential(*seq[:cut]), nn.Sequential(*seq[cut:])
+    was = backbone.training
+    backbone.eval()
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        same = torch.allclose(top(bottom(x)), backbone.forward_features(x), atol=1e-5)
+    backbone.train(was)
+    return (bottom, top) if same else whole
+
+
+def activations(bottom: nn.Module, split: Split, data_config: dict[str, Any], policy: str | None, seed: int,
+                batch_size: int, workers: int, progress: bool = False, cache_dir: str | None = None) -> torch.Tensor:
+    """The frozen bottom's output for every photo of ``split`` (all must decode): the eval transform when
+    ``policy`` is None, else one augmented view seeded by (``seed``, photo). Remembered in the cache by the bottom's
+    weights, the transform and the photos' content, so a second run (another seed of the top, lr-find) is free."""
+    import numpy as np
+
+    from . import backbones, cache
+
+    name = cache.key("activations", backbones.state_digest(bottom.state_dict()), repr(bottom), data_config, policy, seed,
+                     [features.file_digest(Path(p)) for p in split.paths], split.labels)
+    store = cache.store("activations", cache_dir)
+    known = store.read(name, ".npy", lambda p: np.load(p, allow_pickle=False))
+    if known is not None and len(known) == len(split):
+        return torch.from_numpy(known)
+    transform = transforms.eval_transform(data_config) if policy is None else transforms.train_transform(data_config, policy)
+    ds = _Augmented(split, transform, transforms.decode_size(data_config))
+    ds.seed = seed if policy is not None else None
+    bottom.eval()
+    parts = []
+    with torch.inference_mode():
+        for batch in tqdm(DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate),
+                          desc="bottom activations", disable=not progress, leave=False):
+            parts.append(bottom(batch[0]) if len(bottom) else batch[0])
+    out = torch.cat(parts)
+    store.write(name, {".npy": lambda p: _write_npy(p, out.numpy())})
+    return out
+
+
+def _write_npy(path: Path, a: Any) -> None:
+    import numpy as np
+
+    with open(path, "wb") as f:  # np.save(path) would add ".npy" to a temporary name
+        np.save(f, a, allow_pickle=False)
+
+
+# --------------------------------------------------------------------------------------------------- lr-find
+
+
+@dataclass
+class LrFind:
+    """The learning-rate range test: rates tried, their smoothed losses, the rate to use and why."""
+
+    lrs: list[float]
+    losses: list[float]
+    suggestions: dict[str, float]  # valley (fastai's default), steep, minimum/10
+    lr: float  # what fine-tuning uses: valley, or the default when the curve says nothing
+    message: str
+
+
+def _groups(top: Top, base_lr: float, ratio: float) -> list[dict[str, Any]]:
+    """Discriminative rates: the head at ``base_lr``, each trainable block group below it geometrically lower,
+    the lowest at ``base_lr × ratio`` (fastai's ``slice(lr × ratio, lr)``)."""
+    blocks = [[p for n, p in top.net.backbone.named_parameters() if n in set(g) and p.requires_grad]
+              for g in block_groups(top.net.backbone)]
+    blocks = [g for g in blocks if g][::-1]  # top first
+    n = len(blocks)
+    groups = [{"params": list(top.net.head.parameters()), "lr": base_lr}]
+    groups += [{"params": g, "lr": base_lr * ratio ** ((i + 1) / n)} for i, g in enumerate(blocks)]
+    return groups
+
+
+def lr_find(top: Top, acts: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, default_lr: float, start: float = 1e-6,
+            end: float = 1.0, steps: int = 100, batch_size: int = 16) -> LrFind:
+    """fastai's / Lightning's range test on cached bottom activations: the head's rate grows exponentially from
+    ``start`` to ``end`` over ``steps`` small batches (the block groups keep their ratios), the loss is smoothed
+    (β = 0.98, debiased) and the sweep stops once it passes 4× its minimum. Model, BatchNorm buffers and module
+    modes are put back exactly as they were; the optimizer is a fresh one and is dropped."""
+    saved = {k: v.detach().clone() for k, v in top.state_dict().items()}
+    modes = {m: m.training for m in top.modules()}
+    grads = {p: p.requires_grad for p in top.parameters()}
+    groups = _groups(top, 1.0, cfg.backbone_lr_ratio)
+    ratios = [g["lr"] for g in groups]
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.ft_weight_decay)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.cat([torch.randperm(len(acts), generator=gen) for _ in range(-(-steps * batch_size // len(acts)))])
+    lrs, losses, avg, best = [], [], 0.0, math.inf
+    top.train()
+    if not cfg.train_bn:
+        freeze_batchnorm(top)
+    try:
+        for i in range(steps):
+            lr = start * (end / start) ** (i / max(steps - 1, 1))
+            for g, r in zip(opt.param_groups, ratios):
+                g["lr"] = lr * r
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(top(acts[idx]), labels[idx])
+            loss.backward()
+            opt.step()
+            avg = 0.98 * avg + 0.02 * loss.item()
+            smooth = avg / (1 - 0.98 ** (i + 1))
+            if not math.isfinite(smooth) or smooth > 4 * best:
+                break
+            best = min(best, smooth)
+            lrs.append(lr)
+            losses.append(smooth)
+    finally:
+        top.load_state_dict(saved)
+        for m, training in modes.items():
+            m.train(training)
+        for p, g in grads.items():
+            p.requires_grad_(g)
+    return suggest(lrs, losses, default_lr)
+
+
+def suggest(lrs: list[float], losses: list[float], default_lr: float) -> LrFind:
+    """fastai's suggestions on the curve (its last 5 points dropped, as fastai does): ``valley`` (the middle of the
+    longest descent), ``steep`` (steepest slope in log-rate) and ``minimum/10``. A curve that is too short or
+    flat (the loss moving by under 5 % of its level) says nothing: the default rate is kept, and the message says so."""
+    import numpy as np
+
+    lr, loss = np.asarray(lrs[:-5] if len(lrs) > 10 else lrs), np.asarray(losses[:-5] if len(losses) > 10 else losses)
+    if len(lr) < 10:
+        return LrFind(list(lrs), list(losses), {}, default_lr, f"the sweep stopped after {len(lrs)} steps, too short to read: "
+                                                               f"keeping the default rate {default_lr:g}")
+    if loss.max() - loss.min() < 0.05 * abs(loss.min()):
+        return LrFind(list(lrs), list(losses), {}, default_lr, f"the loss hardly moved over {lr[0]:.1e}–{lr[-1]:.1e} "
+                                                               f"(a flat curve): keeping the default rate {default_lr:g}")
+    lds = np.ones(len(loss), dtype=int)  # fastai's valley: longest decreasing run, then 2/3 of the way down it
+    start_i = end_i = 0
+    for i in range(1, len(loss)):
+        for j in range(i):
+            if loss[i] < loss[j] and lds[i] < lds[j] + 1:
+                lds[i] = lds[j] + 1
+        if lds[end_i] < lds[i]:
+            end_i, start_i = i, i - lds[i]
+    third = (end_i - start_i) / 3
+    valley = float(lr[start_i + int(third) + int(third / 2)])
+    slope = np.diff(loss) / np.diff(np.log(lr))
+    found = {"valley": valley, "steep": float(lr[int(np.argmin(slope))]), "minimum/10": float(lr[int(np.argmin(loss))] / 10)}
+    return LrFind(list(lrs), list(losses), found, valley, f"suggested rate {valley:.2g} (valley; steep {found['steep']:.2g}, "
+                                                          f"minimum/10 {found['minimum/10']:.2g})")
+
+
+# ------------------------------------------------------------------------- the schedule on cached activations
+
+
+@dataclass
+class Regime:
+    """How the top is trained: fastai's one-cycle over discriminative rates, and the regularisers (timm's)."""
+
+    lr: float
+    epochs: int
+    batch_size: int = 32
+    mixup: float = 0.0  # timm Mixup's alpha on the cached activations (manifold mixup at the cut); 0 = off
+    ema: float = 0.0  # timm ModelEmaV3 decay; 0 = off
+    pct_start: float = 0.3  # fastai's fine_tune
+
+
+def train_top(top: Top, views: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, regime: Regime,
+              watch: dict[str, tuple[torch.Tensor, torch.Tensor]], stage: str) -> list[dict[str, Any]]:
+    """One-cycle training of ``top`` on cached activations (``views``: V × N × …, each step takes a random view of
+    each photo); after each epoch the loss and accuracy on every ``watch`` set are recorded, nothing is chosen by
+    them. Returns the history rows (per epoch, plus one row per step with its head learning rate)."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.utils import ModelEmaV3
+
+    groups = _groups(top, regime.lr, cfg.backbone_lr_ratio)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.ft_weight_decay)
+    n, bs = views.shape[1], regime.batch_size
+    per_epoch = -(-n // bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=regime.epochs * per_epoch,
+                                                pct_start=regime.pct_start)
+    classes = int(top.net.head[-1].out_features)
+    mix = Mixup(mixup_alpha=regime.mixup, label_smoothing=cfg.label_smoothing, num_classes=classes) if regime.mixup else None
+    loss_fn = SoftTargetCrossEntropy() if mix else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    ema = ModelEmaV3(top, decay=regime.ema) if regime.ema else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rows: list[dict[str, Any]] = []
+    step = 0
+    for epoch in range(1, regime.epochs + 1):
+        t0 = time.perf_counter()
+        transforms.seed(_epoch_seed(cfg.seed, epoch))  # dropout, mixup's draws
+        top.train()
+        if not cfg.train_bn:
+            freeze_batchnorm(top)
+        order = torch.randperm(n, generator=gen)
+        pick = torch.randint(len(views), (n,), generator=gen)
+        total = 0.0
+        for idx in order.split(bs):
+            x, y = views[pick[idx], idx], labels[idx]
+            if mix and len(idx) % 2 == 0:
+                x, y = mix(x.clone(), y)
+            elif mix:
+                y = nn.functional.one_hot(y, classes).float() * (1 - cfg.label_smoothing) + cfg.label_smoothing / classes
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(top(x), y)
+            loss.backward()
+            opt.step()
+            step += 1
+            rows.append({"stage": stage, "step": step, "lr": opt.param_groups[0]["lr"]})
+            sched.step()
+            if ema is not None:
+                ema.update(top, step=step)
+            total += loss.item() * len(idx)
+        judged = ema.module if ema is not None else top
+        row = {"stage": stage, "epoch": epoch, "train_loss": total / n}
+        for name, (a, y) in watch.items():
+            row[f"{name}_loss"], row[f"{name}_accuracy"] = top_loss(judged, a, y)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        rows.append(row)
+        log.info("%s epoch %d: %s", stage, epoch, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.endswith(("loss", "accuracy"))))
+    if ema is not None:
+        top.load_state_dict(ema.module.state_dict())
+    return rows
+
+
+def top_loss(top: nn.Module, acts: torch.Tensor, labels: torch.Tensor, batch_size: int = 128) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``top`` on cached activations."""
+    was = top.training
+    top.eval()
+    total, correct = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(acts), batch_size):
+            logits = top(acts[i:i + batch_size]).float()
+            total += float(nn.functional.cross_entropy(logits, labels[i:i + batch_size], reduction="sum"))
+            correct += int((logits.argmax(1) == labels[i:i + batch_size]).sum())
+    top.train(was)
+    return total / max(len(acts), 1), correct / max(len(acts), 1)
+
+
+def held_out(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A stratified, seeded part of the training photos kept out to judge fine-tuning (indices: fit, held out)."""
+    from sklearn.model_selection import train_test_split
+
+    idx = list(range(len(labels)))
+    counts = [labels.count(c) for c in set(labels)]
+    fit_i, held_i = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels if min(counts) >= 2 else None)
+    return sorted(fit_i), sorted(held_i)
+
+
+def fit_top(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg: TrainConfig,
+            refit_head: Callable[[list[int]], nn.Module], progress: bool = True) -> tuple[FitResult, LrFind | None]:
+    """fastai's fine_tune on a CPU budget. The frozen head is the warm-up; the top ``unfreeze`` blocks and the head
+    then train with one-cycle over discriminative rates, on the frozen bottom's activations cached once per photo
+    and per augmented view (``ft_views``). Honest selection: first the same schedule runs on the training photos
+    less a held-out part (``ft_holdout``), from a head refitted without them (``refit_head``); only when it ends
+    below that head's loss on the held-out photos is it run again on all training photos, and its last epoch kept.
+    Otherwise the frozen head stays. The validation split is only watched (history), never chosen by."""
+    result = FitResult(unfrozen=unfreeze_top(net.backbone, blocks=cfg.unfreeze, layers=cfg.unfreeze_layers))
+    for p in net.head.parameters():
+        p.requires_grad_(True)
+    torch.manual_seed(cfg.seed)
+    bottom, seq = split_frozen(net.backbone)
+    top = Top(net, seq)
+    workers = features.default_workers() if cfg.workers < 0 else cfg.workers
+
+    def acts(split: Split, policy: str | None, seed: int) -> torch.Tensor:
+        return activations(bottom, split, data_config, policy, seed, cfg.ft_batch_size, workers, progress, cfg.cache_dir)
+
+    t0 = time.perf_counter()
+    views = torch.stack([acts(train, None, 0)] + [acts(train, cfg.augment, _epoch_seed(cfg.seed, 1000 + k)) for k in range(cfg.ft_views)])
+    y = torch.tensor(train.labels)
+    watch = {"val": (acts(val, None, 0), torch.tensor(val.labels))}
+    log.info("finetune: bottom activations of %d photos × %d views and %d validation photos in %.1f s (%s)", len(y), len(views),
+             len(val), time.perf_counter() - t0, "cached per photo" if len(bottom) else "this model cannot be cut: whole photos")
+    found = lr_find(top, views[0], y, cfg, DEFAULT_FT_LR) if cfg.ft_lr == "auto" else None
+    if found is not None:
+        log.info("lr-find: %s", found.message)
+    regime = Regime(lr=found.lr if found else float(cfg.ft_lr), epochs=cfg.ft_epochs, mixup=cfg.ft_mixup, ema=cfg.ft_ema)
+    start = {k: v.detach().clone() for k, v in top.state_dict().items()}
+    fit_i, held_i = held_out(train.labels, cfg.ft_holdout, cfg.seed)
+    net.head.load_state_dict(refit_head(fit_i).state_dict())
+    held = (views[0][held_i], y[held_i])
+    before = top_loss(top, *held)
+    check = train_top(top, views[:, fit_i], y[fit_i], cfg, regime, {"held_out": held}, "finetune-check")
+    after = [r["held_out_loss"] for r in check if "epoch" in r][-1]
+    top.load_state_dict(start)
+    log.info("finetune check on %d held-out training photos: loss %.4f → %.4f (head refitted on the other %d)", len(held_i),
+             before[0], after, len(fit_i))
+    first = {"stage": "finetune", "epoch": 0, "val_loss": 0.0, "val_accuracy": 0.0}
+    first["val_loss"], first["val_accuracy"] = top_loss(top, *watch["val"])
+    result.history = [{"stage": "finetune-check", "epoch": 0, "held_out_loss": before[0], "held_out_accuracy": before[1]}, *check, first]
+    result.selection = {"held_out_photos": len(held_i), "fit_photos": len(fit_i), "loss_before": before[0], "loss_after": after,
+                        "lr": regime.lr, "lr_source": "lr-find (valley)" if found and found.suggestions else "default" if found else "ft_lr"}
+    if after < before[0]:
+        result.history += train_top(top, views, y, cfg, regime, watch, "finetune")
+        result.best_epoch = regime.epochs
+    kept = next(r for r in result.history if r.get("stage") == "finetune" and r.get("epoch") == result.best_epoch)
+    kept["checkpoint"] = True
+    result.best_val_loss = kept["val_loss"]
+    net.to("cpu").eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return result, found
+
+
+def lr_range_test(net: Net, train: Split, data_config: dict[str, Any], cfg: TrainConfig, progress: bool = True,
+                  photos: int = 256) -> LrFind:
+    """``headstart lr-find``: the range test of the top that ``--finetune`` would train, on the bottom activations
+    of up to ``photos`` training photos (a seeded sample; cached, so fine-tuning reuses them when it takes them all)."""
+    unfreeze_top(net.backbone, blocks=cfg.unfreeze, layers=cfg.unfreeze_layers)
+    for p in net.head.parameters():
+        p.requires_grad_(True)
+    bottom, seq = split_frozen(net.backbone)
+    if len(train) > photos:
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:photos]
+        train = train.subset(sorted(keep.tolist()))
+    workers = features.default_workers() if cfg.workers < 0 else cfg.workers
+    acts = activations(bottom, train, data_config, None, 0, cfg.ft_batch_size, workers, progress, cfg.cache_dir)
+    try:
+        return lr_find(Top(net, seq), acts, torch.tensor(train.labels), cfg, DEFAULT_FT_LR if cfg.ft_lr == "auto" else float(cfg.ft_lr))
+    finally:
+        for p in net.parameters():
+            p.requires_grad_(False)

@@ -22,6 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -32,7 +33,7 @@ from .audit import leaks as find_leaks  # the module: headstart.audit is the fun
 from .config import HeadstartError, IgnoredSetting, TrainConfig, __version__
 from .data import Dataset, Skipped, Split, open_rgb, read_exclude, scan, summarize, tally, train_val_split, without
 from .files import atomic_write_text, sha256_file
-from .plots import plot_history, thumbnail
+from .plots import plot_history, plot_lr_find, thumbnail
 from .predict import CONFIG_FILE, Classifier, graph_gradcam, load_run
 from .report import build_report
 
@@ -139,6 +140,35 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
         save_run(clf, Path(out), result.metrics, summarize(d.ds.classes, d.splits, extract.skipped, d.ds.root))
     distributed.barrier()  # every rank returns once the run folder is complete
     return clf
+
+
+def lr_find(data: str | Path, out: str | Path | None = None, config: TrainConfig | None = None, progress: bool = True,
+            **overrides: Any) -> Any:
+    """The learning-rate range test of fine-tuning (``headstart lr-find``): the head stage as ``train`` runs it
+    (answered by the cache after a first run), then an exponential sweep over the unfrozen top on cached bottom
+    activations. Returns ``finetune.LrFind``; with ``out``, writes lr_find.csv and lr_find.png (the suggestion marked)."""
+    from . import finetune
+
+    cfg = dataclasses.replace(settings(config, overrides), finetune=True)
+    d = split(data, cfg)
+    lb = load_backbone(cfg, None if cfg.crop_pct == "auto" else cfg.crop_pct)
+    extract = Extractor(cfg, d.ds.root, progress, list(d.ds.skipped), calibration(cfg, d))
+    start = fit_head(cfg, d, lb, extract)
+    train_split = d.train.subset(np.flatnonzero(start.feats["train"].ok).tolist())
+    head = heads.to_torch(heads.spec(start.fit.kind, lb.num_features, cfg), len(d.ds.classes), start.fit.state)
+    found = finetune.lr_range_test(finetune.Net(lb.model, head), train_split, lb.data_config, cfg, progress)
+    log.info("lr-find: %s", found.message)
+    if out is not None:
+        write_lr_find(found, Path(out), f"lr-find: {d.ds.root.name}, {lb.spec.name}, top {cfg.unfreeze} blocks")
+    return found
+
+
+def write_lr_find(found: Any, out: Path, title: str) -> None:
+    """lr_find.csv (rate, smoothed loss) and lr_find.png (the curve, suggestions marked, the one used in red)."""
+    rows = [["lr", "smoothed_loss"]] + [[f"{a:.6g}", f"{b:.6g}"] for a, b in zip(found.lrs, found.losses)]
+    atomic_write_text(out / "lr_find.csv", evaluate.to_csv(rows))
+    if found.lrs:
+        plot_lr_find(found.lrs, found.losses, found.suggestions, found.lr, out / "lr_find.png", title)
 
 
 # ------------------------------------------------------------------------------------------------- steps
@@ -259,17 +289,61 @@ def choose_crop(cfg: TrainConfig, d: Data, extract: Extractor) -> tuple[backbone
 def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor, stage: str, out: str | Path | None,
                   resume: bool, progress: bool, resume_hint: str) -> Outcome:
     """Fine-tune the backbone's top with the fitted head (``stage="finetune"``), or train the from-scratch baseline
-    (``"scratch"``), checkpointing every epoch into the run folder; then evaluate the trained network."""
+    (``"scratch"``); then evaluate the trained network. Fine-tuning runs on cached bottom activations
+    (``cache_bottom``), otherwise the per-epoch loop checkpoints every epoch into the run folder."""
+    from . import finetune
+
+    t = time.perf_counter()
+    net, train_split = start_network(cfg, d, start, extract, stage)
+    cached = stage == "finetune" and cfg.cache_bottom and not distributed.active()
+    if cached and resume:
+        log.info("finetune: nothing to resume on cached activations; the cache makes the run again cheap")
+    lb, feats, metrics = start.lb, start.feats, start.metrics
+    with checkpoint_dir(None if cached else out) as ckdir:
+        if cached:
+            res, found = finetune.fit_top(net, train_split, d.splits["val"], lb.data_config, cfg, refit_head(cfg, d, start), progress)
+            start.stages["lr_find"] = vars(found) if found else None
+        else:
+            res = finetune.fit(net, train_split, d.splits["val"], lb.data_config, cfg, stage=stage, checkpoint_dir=ckdir,
+                               resume=resume, progress=progress, resume_hint=resume_hint)
+        if not (cached and res.best_epoch == 0):  # else the network is the frozen one: its features and metrics stand
+            lb, feats, metrics = evaluate_network(cfg, d, start, net, extract, stage)
+        if ckdir is not None and out is not None and distributed.is_main():  # done: the bundle supersedes the checkpoint
+            (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
+    stages = {k: v for k, v in start.stages.items() if v is not None} | {stage: stage_record(res, stage, metrics)}
+    if stage == "finetune" and res.best_epoch == 0:
+        _say_head_kept(res, stages[stage]["epochs_run"], time.perf_counter() - t)
+    return dataclasses.replace(start, lb=lb, head=net.head, metrics=metrics, feats=feats, history=start.history + res.history,
+                               stages=stages, timing=start.timing | {f"{stage}_s": round(time.perf_counter() - t, 3)})
+
+
+def evaluate_network(cfg: TrainConfig, d: Data, start: Outcome, net: Any, extract: Extractor, stage: str) -> tuple[backbones.LoadedBackbone, dict[str, features.Features], dict[str, dict[str, Any]]]:
+    """The trained backbone as a bundle's backbone, the val/test embeddings it gives, and its metrics there."""
+    lb = start.lb
+    lb = backbones.LoadedBackbone(lb.spec, net.backbone, lb.data_config, f"{lb.source}, {stage} here",
+                                  backbones.state_digest(net.backbone.state_dict()), lb.num_features, lb.num_classes)
+    feats = {name: extract(s, lb) for name, s in d.splits.items() if name != "train"}
+    return lb, feats, evaluate_splits(heads.spec(start.fit.kind, lb.num_features, cfg), heads.to_arrays(net.head), feats, d, d.ds.classes, cfg.cache_dir)
+
+
+def stage_record(res: Any, stage: str, metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """config.json's entry for a training stage: what trained, which epoch was kept and on which photos, its scores."""
+    return {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch,
+            "epochs_run": sum(r.get("epoch", 0) > 0 and r["stage"] == stage for r in res.history),
+            **({"selection": res.selection} if res.selection else {}), **evaluate.headline(metrics)}
+
+
+def start_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor, stage: str) -> tuple[Any, Split]:
+    """The network training starts from (fine-tuning: the backbone with the fitted head; scratch: a seeded linear
+    head) and the training photos that decode (under DDP every rank must take the same number of steps)."""
     import torch
 
     from . import finetune
 
-    t = time.perf_counter()
-    lb, train_split = start.lb, d.train
+    lb = start.lb
     if stage == "finetune":
         start.stages["feature_extraction"] = evaluate.headline(start.metrics)
         log.info("feature extraction: val accuracy %.1f%%; now fine-tuning", 100 * start.metrics["val"]["accuracy"])
-        # only images that decoded: under DDP every rank must take the same number of steps
         train_split = d.train.subset(np.flatnonzero(start.feats["train"].ok).tolist())
         head = heads.to_torch(heads.spec(start.fit.kind, lb.num_features, cfg), len(d.ds.classes), start.fit.state)
     else:
@@ -277,25 +351,36 @@ def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
         with torch.random.fork_rng():  # the scratch net's head starts from the seed too, not from whatever RNG state
             torch.manual_seed(cfg.seed)
             head = heads.to_torch(heads.spec("linear", lb.num_features, cfg), len(d.ds.classes))
-    net = finetune.Net(lb.model, head)
-    with checkpoint_dir(out) as ckdir:
-        res = finetune.fit(net, train_split, d.splits["val"], lb.data_config, cfg, stage=stage, checkpoint_dir=ckdir, resume=resume,
-                           progress=progress, resume_hint=resume_hint)
-        lb = backbones.LoadedBackbone(lb.spec, net.backbone, lb.data_config, f"{lb.source}, {stage} here",
-                                      backbones.state_digest(net.backbone.state_dict()), lb.num_features, lb.num_classes)
-        feats = {name: extract(s, lb) for name, s in d.splits.items() if name != "train"}
-        metrics = evaluate_splits(heads.spec(start.fit.kind, lb.num_features, cfg), heads.to_arrays(net.head), feats, d, d.ds.classes, cfg.cache_dir)
-        if ckdir is not None and out is not None and distributed.is_main():  # done: the bundle supersedes the checkpoint
-            (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
-    stages = start.stages | {stage: {"unfrozen": res.unfrozen, "best_epoch": res.best_epoch,
-                                     "epochs_run": sum(r["epoch"] > 0 for r in res.history), **evaluate.headline(metrics)}}
-    if stage == "finetune" and res.best_epoch == 0:
+    return finetune.Net(lb.model, head), train_split
+
+
+def _say_head_kept(res: Any, epochs: int, seconds: float) -> None:
+    """Fine-tuning kept the frozen head: say which photos decided it."""
+    sel = res.selection
+    if sel:
+        log.warning("fine-tuning did not beat the head on the %d held-out training photos (loss %.4f → %.4f), so the saved "
+                    "model is the frozen backbone with its head, what a run without --finetune gives",
+                    sel["held_out_photos"], sel["loss_before"], sel["loss_after"])
+    else:
         log.warning("fine-tuning ran %d epochs (%.0f s) and never beat the starting head on validation loss, so early "
                     "stopping kept epoch 0: the saved model is the frozen backbone with its head, what a run without "
                     "--finetune gives. On a few hundred photos that is common; a lower --ft-lr or fewer --unfreeze "
-                    "blocks may help, or leave --finetune out", stages[stage]["epochs_run"], time.perf_counter() - t)
-    return dataclasses.replace(start, lb=lb, head=net.head, metrics=metrics, feats=feats, history=start.history + res.history,
-                               stages=stages, timing=start.timing | {f"{stage}_s": round(time.perf_counter() - t, 3)})
+                    "blocks may help, or leave --finetune out", epochs, seconds)
+
+
+def refit_head(cfg: TrainConfig, d: Data, start: Outcome) -> Callable[[list[int]], Any]:
+    """The chosen head (same kind and parameters) refitted on some of the training photos: fine-tuning is judged
+    against it on the photos it did not see."""
+    x, y = start.feats["train"].x, train_labels(d, start.feats["train"])
+    n = len(d.ds.classes)
+
+    def fit(idx: list[int]) -> Any:
+        kind = heads.HEADS[start.fit.kind]
+        data = heads.FitData(x[idx], y[idx], n, heads.class_weights(y[idx], n, cfg.class_weights))
+        f = kind.fit(data, cfg, start.fit.params, max(start.fit.epochs, 1) if kind.iterative else None)
+        return heads.to_torch(heads.spec(start.fit.kind, x.shape[1], cfg), n, f.state)
+
+    return fit
 
 
 def readable(split: Split, root: Path, min_size: int, extract: Extractor) -> Split:
@@ -406,6 +491,9 @@ def save_run(clf: Classifier, out: Path, metrics: dict[str, dict[str, Any]], sum
         atomic_write_text(out / "history.csv", evaluate.to_csv([keys] + [[row.get(k, "") for k in keys] for row in history]))
         atomic_write_text(out / "history.json", json.dumps(history, indent=1))
         plot_history(history, out / "history.png", cache_dir)
+    found = clf.info.get("stages", {}).get("lr_find")
+    if found:
+        write_lr_find(SimpleNamespace(**found), out, f"lr-find: {clf.backbone.spec.name}")
     build_report(out, error_overlay=gradcam_overlay(clf))
 
 

@@ -68,10 +68,13 @@ def history_figure(history: list[dict[str, Any]]) -> Figure | None:
     starts = [i for i in range(len(rows)) if stages[i] is not None and (i == 0 or stages[i] != stages[i - 1])]
     ticks = sorted(set(range(0, len(rows), -(-len(rows) // 10))) | set(starts))  # about ten, plus each stage's first
     panels = _panels(rows)
+    steps = [r for r in history if "step" in r and "lr" in r]
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5.2 * len(panels), 3.6), dpi=110)
-    axes = fig.subplots(1, len(panels), squeeze=False)
+    fig = Figure(figsize=(5.2 * (len(panels) + bool(steps)), 3.6), dpi=110)
+    axes = fig.subplots(1, len(panels) + bool(steps), squeeze=False)
+    if steps:
+        _lr_panel(axes[0][-1], steps)
     for ax, (title, keys) in zip(axes[0], panels):
         for k in keys:
             ax.plot(x, [r.get(k, np.nan) for r in rows], label=k.replace("_", " "), lw=1.6)
@@ -82,7 +85,48 @@ def history_figure(history: list[dict[str, Any]]) -> Figure | None:
         ax.legend(frameon=False, fontsize=8)
         for i in starts:
             _mark_stage(ax, i, str(stages[i]))
+        _mark_kept(ax, rows)
     return fig
+
+
+def _mark_kept(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """A dotted red line at the epoch whose weights the run kept (rows marked ``checkpoint``)."""
+    for i in (i for i, r in enumerate(rows) if r.get("checkpoint")):
+        ax.axvline(i, color="tab:red", ls=":", lw=1.2)
+        ax.text(i, 0.02, " kept", transform=ax.get_xaxis_transform(), fontsize=8, color="tab:red")
+
+
+def _lr_panel(ax: Any, steps: list[dict[str, Any]]) -> None:
+    """The head's learning rate at every optimiser step, one line per stage (the one-cycle shape)."""
+    for stage in dict.fromkeys(r.get("stage") for r in steps):
+        mine = [r for r in steps if r.get("stage") == stage]
+        ax.plot([r["step"] for r in mine], [r["lr"] for r in mine], lw=1.4, label=str(stage))
+    ax.set_title("learning rate (head)")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestions: dict[str, float], chosen: float | None,
+                 path: Path, title: str = "learning-rate range test") -> Path:
+    """The lr-find curve (smoothed loss against rate, log axis) with each suggestion marked, the one used in red."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 3.8), dpi=110)
+    ax = fig.subplots()
+    ax.plot(lrs, losses, lw=1.6, color="tab:blue")
+    ax.set_xscale("log")
+    for (name, lr), marker in zip(suggestions.items(), "ovs"):
+        y = float(np.interp(np.log(lr), np.log(lrs), losses))
+        ax.plot([lr], [y], marker, ms=8, color="tab:red" if lr == chosen else "0.35", label=f"{name} {lr:.1e}")
+    if chosen is not None and chosen not in suggestions.values():
+        ax.axvline(chosen, color="tab:red", ls="--", lw=1, label=f"kept default {chosen:g}")
+    ax.set_xlabel("learning rate (head)")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8)
+    return _save(fig, path)
 
 
 def _panels(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:

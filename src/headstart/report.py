@@ -225,7 +225,18 @@ def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         t += [f"{label} {timing[k]:.1f} s" for label, k in (("extraction", "extract_s"), ("head", "head_s"), ("total", "total_s")) if k in timing]
         said = ", ".join(t)
     return {"heads": heads, "chosen": str(cfg.get("head", {}).get("kind")), "crops": crops,
-            "curves": _img(png.read_bytes(), "training curves", "plot") if png is not None else None, "timing": said}
+            "curves": _img(png.read_bytes(), "training curves", "plot") if png is not None else None, "timing": said,
+            "finetune": _finetune_choice(cfg.get("stages", {}).get("finetune", {}).get("selection"))}
+
+
+def _finetune_choice(sel: dict[str, Any] | None) -> str | None:
+    """Which photos decided whether the fine-tuned network or the frozen head was kept (``--cache-bottom``)."""
+    if not sel:
+        return None
+    kept = "the fine-tuned network (retrained on all training photos)" if sel["loss_after"] < sel["loss_before"] else "the frozen head"
+    return (f"Fine-tuning (head rate {sel['lr']:.2g}, from {sel['lr_source']}) was judged on {sel['held_out_photos']} training photos "
+            f"held out from a run on the other {sel['fit_photos']}: loss {sel['loss_before']:.3f} with the head refitted on "
+            f"those, {sel['loss_after']:.3f} after fine-tuning; kept: {kept}. The validation split chose nothing.")
 
 
 def _member(m: dict[str, Any]) -> dict[str, str]:
