@@ -257,7 +257,8 @@ def _relaunch_under_torchrun(nproc: int) -> None:
         if isinstance(param, click.Argument):
             args.insert(0, str(value))
         elif getattr(param, "is_flag", False):  # --flag, or the --no-flag of an on-by-default switch
-            args.append(param.opts[0] if value else param.secondary_opts[0])
+            if value or param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
         else:
             args += [param.opts[0], str(value)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "headstart", "train", *args]

@@ -375,7 +375,19 @@ def _cross_validate(kind: str, params: dict[str, float], x: np.ndarray, y: np.nd
         acc.append(float((p.argmax(1) == y[te]).mean()))
         nll.append(float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()))
     return {"kind": kind, "params": params, "cv_accuracy": float(np.mean(acc)), "cv_log_loss": float(np.mean(nll)),
+            "cv_se": float(np.std(acc, ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else 0.0,
             "epochs": int(round(np.mean(epochs))) if epochs else 0}
+
+
+def chosen(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row the search picks: the best by ``cv_rank``, unless a head fitted in one shot (not by epochs) scores
+    within one standard error of the best's fold accuracies — the one-standard-error rule (Breiman et al.): a lead
+    smaller than the folds' own spread is noise, and the simpler head generalises at least as well. Measured on
+    clothing, whole frame: the MLP led Lite1's search by under one standard error and scored 86.2 % on validation,
+    the linear head 88.0 % (their ensemble with Lite0: 85.8 % against 88.9 %)."""
+    best = max(table, key=cv_rank)
+    close = [r for r in table if not HEADS[r["kind"]].iterative and r["cv_accuracy"] >= best["cv_accuracy"] - best.get("cv_se", 0.0)]
+    return max(close, key=cv_rank) if HEADS[best["kind"]].iterative and close else best
 
 
 def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[str, dict[str, float], int, list[dict[str, Any]]]:
@@ -390,7 +402,7 @@ def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views
         return kind, params, 0, []
     folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y))
     table = [_cross_validate(kind, params, x, y, n_classes, cfg, views or [], folds) for kind, params in tried]
-    best = max(table, key=cv_rank)
+    best = chosen(table)
     return best["kind"], best["params"], best["epochs"], table
 
 
@@ -404,7 +416,7 @@ def _fit_key(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, vie
     from importlib.metadata import version
 
     libs = [version(p) for p in ("scikit-learn", "numpy")]
-    return cache.key("head-fit", "numpy-mlp", n_classes, candidates(cfg.head), {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs,
+    return cache.key("head-fit", "numpy-mlp", "one-se", n_classes, candidates(cfg.head), {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs,
                      arrays=(x, y, *views))
 
 

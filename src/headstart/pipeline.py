@@ -276,7 +276,7 @@ def choose_crop(cfg: TrainConfig, d: Data, extract: Extractor) -> tuple[backbone
         _, table = heads.fit(f.x, np.asarray(d.train.labels)[f.ok], len(d.ds.classes), cfg)
         if not table:  # too few photos per class to cross-validate: nothing to choose by
             return lb, f, []
-        best = max(table, key=heads.cv_rank)
+        best = heads.chosen(table)  # the head this crop would be used with
         rows.append({"crop_pct": lb.data_config["crop_pct"], "cv_accuracy": best["cv_accuracy"], "cv_log_loss": best["cv_log_loss"]})
         tried.append((lb, f))
     pick = max(range(len(rows)), key=lambda i: heads.cv_rank(rows[i]))  # first of equals: timm's
