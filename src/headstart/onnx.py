@@ -308,13 +308,17 @@ def map_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
     store, name = cache.store("onnx", cache_dir), _graph_key(lb, "embedding")
     derived = cache.key(name, "with-map")
     path = store.path(derived, ".onnx")
-    if not path.is_file():
-        graph = store.read_bytes(name, ".onnx")
-        made = with_map_output(graph) if graph is not None else None
-        if made is None:
-            return None
-        if not store.write_bytes(derived, ".onnx", made):
-            return session(made, spin=False)
+    if path.is_file():
+        try:
+            return session(path, spin=False)
+        except Exception:  # noqa: BLE001 - a damaged file reads as absent (the cache's one policy): derived again
+            pass
+    graph = store.read_bytes(name, ".onnx")
+    made = with_map_output(graph) if graph is not None else None
+    if made is None:
+        return None
+    if not store.write_bytes(derived, ".onnx", made):
+        return session(made, spin=False)
     return session(path, spin=False)
 
 
