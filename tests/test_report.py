@@ -146,3 +146,15 @@ def test_the_report_says_which_photos_chose_between_fine_tuning_and_the_head():
     assert "kept: the fine-tuned network" in _finetune_choice({"held_out_photos": 10, "fit_photos": 38, "loss_before": 0.5,
                                                                "loss_after": 0.4, "lr": 1e-4, "lr_source": "lr-find (valley)"})
     assert _finetune_choice(None) is None
+
+
+def test_the_report_says_why_a_head_below_the_top_cv_row_was_chosen():
+    """The one-standard-error rule can keep the linear head under a higher MLP row: the page says why, and says
+    nothing when the top row is the head used."""
+    from headstart import report
+
+    table = [{"kind": "mlp", "params": {}, "cv_accuracy": 0.857, "cv_log_loss": 0.42, "cv_se": 0.012},
+             {"kind": "linear", "params": {"C": 0.05}, "cv_accuracy": 0.850, "cv_log_loss": 0.43, "cv_se": 0.010}]
+    said = report._one_se({"head_selection": table, "head": {"kind": "linear"}})
+    assert said is not None and "one standard error" in said and "±1.2%" in said and "linear" in said
+    assert report._one_se({"head_selection": table, "head": {"kind": "mlp"}}) is None

@@ -26,6 +26,7 @@ from . import cache
 from .config import HeadstartError
 from .data import open_rgb, to_rgb
 from .files import atomic_write_text
+from .heads import cv_rank
 from .plots import plot_confusion, plot_history, plot_leaderboard
 
 log = logging.getLogger("headstart")
@@ -224,7 +225,7 @@ def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         t = [f"{timing['embeddings_computed']} embeddings computed"] if "embeddings_computed" in timing else []
         t += [f"{label} {timing[k]:.1f} s" for label, k in (("extraction", "extract_s"), ("head", "head_s"), ("total", "total_s")) if k in timing]
         said = ", ".join(t)
-    return {"heads": heads, "chosen": str(cfg.get("head", {}).get("kind")), "crops": crops,
+    return {"heads": heads, "chosen": str(cfg.get("head", {}).get("kind")), "one_se": _one_se(cfg), "crops": crops,
             "curves": _img(png.read_bytes(), "training curves", "plot") if png is not None else None, "timing": said,
             "finetune": _finetune_choice(cfg.get("stages", {}).get("finetune", {}).get("selection"))}
 
@@ -237,6 +238,16 @@ def _finetune_choice(sel: dict[str, Any] | None) -> str | None:
     return (f"Fine-tuning (head rate {sel['lr']:.2g}, from {sel['lr_source']}) was judged on {sel['held_out_photos']} training photos "
             f"held out from a run on the other {sel['fit_photos']}: loss {sel['loss_before']:.3f} with the head refitted on "
             f"those, {sel['loss_after']:.3f} after fine-tuning; kept: {kept}. The validation split chose nothing.")
+
+
+def _one_se(cfg: dict[str, Any]) -> str | None:
+    """Why the chosen head is not the table's top row, when it is not: the one-standard-error rule (heads.chosen)."""
+    table, kind = cfg.get("head_selection", []), cfg.get("head", {}).get("kind")
+    top = max(table, key=cv_rank, default=None)
+    if top is None or top["kind"] == kind or "cv_se" not in top:
+        return None
+    return (f"{top['kind']} led by less than one standard error of its fold accuracies (±{top['cv_se']:.1%}), "
+            f"so the simpler {kind} head is kept: a lead that small is noise")
 
 
 def _member(m: dict[str, Any]) -> dict[str, str]:
