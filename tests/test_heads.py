@@ -4,6 +4,8 @@ and the one cache store every cache uses."""
 from __future__ import annotations
 
 import logging
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ import torch
 
 from headstart import cache, heads
 from headstart.config import TrainConfig, choices
+
+from conftest import HYMENOPTERA
 
 
 def test_the_config_offers_exactly_the_head_table():
@@ -68,3 +72,52 @@ def test_scikit_learns_warnings_are_retold_once_in_headstarts_words(monkeypatch,
     retold = [r.getMessage() for r in caplog.records if "iteration limit" in r.getMessage()]
     assert len(retold) == 1 and "--head mlp" in retold[0]
     assert not [w for w in recwarn if "sklearn" in w.filename], [str(w.message) for w in recwarn]
+
+
+@pytest.fixture(scope="module")
+def ants_train(ants_run) -> tuple[np.ndarray, np.ndarray]:
+    """The ants/bees training embeddings, read back from the session's cache (the ants run computed them)."""
+    from headstart import features
+    from headstart.data import scan
+
+    split = scan(HYMENOPTERA).splits["train"]
+    f = features.extract(split.paths, ants_run[0].backbone, progress=False)
+    assert f.ok.all()
+    return f.x, np.asarray(split.labels)
+
+
+def test_the_search_runs_its_fits_on_every_core_and_finds_the_same_table(ants_train, monkeypatch):
+    x, y = ants_train
+    cfg = TrainConfig(cache_dir=None)
+    threads = []
+    real = heads._fold_score
+
+    def spy(*args):
+        threads.append(threading.current_thread().name)
+        return real(*args)
+
+    cores = min(2, os.cpu_count() or 1)
+    monkeypatch.setattr(heads, "_fold_score", spy)
+    with heads.single_thread():
+        parallel = heads.select(x, y, 2, cfg)
+        monkeypatch.setattr(heads.os, "cpu_count", lambda: 1)
+        serial = heads.select(x, y, 2, cfg)
+    assert len(threads) == 2 * 3 * 5 and len({t for t in threads[:15] if t.startswith("head-cv")}) == (cores if cores > 1 else 0)
+    assert set(threads[15:]) == {threading.main_thread().name}
+    assert parallel == serial  # each fit seeds its own generator: the thread count changes nothing
+
+
+def test_early_stopping_ends_a_fit_once_the_loss_has_clearly_risen_and_keeps_the_same_best_epoch(ants_train):
+    """Prechelt's GL criterion beside patience: on ants/bees the held-out loss of a fold bottoms out within a few
+    epochs and then climbs; waiting the full patience for it to come back only cost time."""
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = ants_train
+    tr, te = next(StratifiedKFold(5, shuffle=True, random_state=0).split(x, y))
+    data = heads.FitData(x[tr], y[tr], 2, None, x[te], y[te])
+    patient = heads.fit_mlp(data, TrainConfig(overfit_stop=1e9), {})
+    quick = heads.fit_mlp(data, TrainConfig(), {})
+    assert quick.epochs == patient.epochs and len(quick.history) < len(patient.history)
+    assert quick.history[-1]["val_loss"] > 1.1 * min(h["val_loss"] for h in quick.history)
+    for k in quick.state:
+        np.testing.assert_array_equal(quick.state[k], patient.state[k])

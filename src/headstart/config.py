@@ -93,6 +93,7 @@ RANGES: dict[str, Range] = {
     "weight_decay": NON_NEGATIVE,
     "max_epochs": COUNT,
     "patience": COUNT,
+    "overfit_stop": POSITIVE,
     "batch_size": COUNT,
     "head_batch_size": COUNT,
     "val_fraction": Range(0, 1, low_open=True, high_open=True),  # 0 leaves no validation, 1 nothing to train on
@@ -138,7 +139,8 @@ class TrainConfig:
     lr: float = 1e-3  # Adam, as in the classic recipe
     weight_decay: float = 1e-4
     max_epochs: int = 200  # head epochs are milliseconds on cached features; early stopping ends them
-    patience: int = 15
+    patience: int = 15  # early stopping ends the head's fit after this many epochs without a better validation loss
+    overfit_stop: float = 0.1  # ...or once the validation loss is 10 % above its best (Prechelt's GL criterion): overfitting
     batch_size: int = 32  # images per backbone forward pass
     head_batch_size: int = 64
     val_fraction: float = 0.2  # only when the folder has no validation split
@@ -204,7 +206,7 @@ class TrainConfig:
             unused("finetune unfreeze unfreeze_layers ft_lr backbone_lr_ratio ft_epochs ft_patience train_bn cache_bottom ft_views "
                    "ft_holdout ft_mixup ft_ema",
                    "backbone 'scratch' trains the whole network, BatchNorm included, with lr, scratch_epochs and scratch_patience")
-            unused("head hidden dropout weight_decay max_epochs patience head_batch_size cv_folds class_weights aug_views",
+            unused("head hidden dropout weight_decay max_epochs patience overfit_stop head_batch_size cv_folds class_weights aug_views",
                    "backbone 'scratch' has no head stage on cached features")
             if self.crop_pct == "auto":
                 unused("crop_pct", "the crop is chosen by the head's cross-validation, which backbone 'scratch' has none of")
@@ -213,7 +215,7 @@ class TrainConfig:
         else:
             unused("scratch_epochs scratch_patience", "it applies to backbone 'scratch' only")
             if self.head == "linear":
-                unused("hidden dropout lr weight_decay max_epochs patience head_batch_size",
+                unused("hidden dropout lr weight_decay max_epochs patience overfit_stop head_batch_size",
                        "head='linear' is a logistic regression; this shapes the MLP head")
             if not self.finetune:
                 unused("unfreeze unfreeze_layers ft_lr backbone_lr_ratio ft_epochs ft_patience ft_batch_size ft_weight_decay "

@@ -15,13 +15,14 @@ import contextlib
 import io
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from . import cache
+from . import cache, distributed
 from .config import HeadstartError, TrainConfig
 
 if TYPE_CHECKING:  # torch is imported where a head trains or runs as a module
@@ -218,7 +219,9 @@ def fit_linear(d: FitData, cfg: TrainConfig, params: dict[str, float], epochs: i
 def fit_mlp(d: FitData, cfg: TrainConfig, params: dict[str, float], epochs: int | None = None) -> HeadFit:
     """The classic head, trained with Adam in numpy (torch's rules: L2 weight decay added to the gradient, inverted
     dropout, class-weighted mean cross-entropy, nn.Linear's initialisation), since importing torch for a two-layer
-    network costs more than fitting it. With validation data, early stopping on its loss keeps the best epoch,
+    network costs more than fitting it. With validation data, early stopping on its loss keeps the best epoch (and
+    ends the fit after ``patience`` epochs without progress, or as soon as the loss is ``overfit_stop`` above its best:
+    once it has risen that far it did not come back in any fold of the shared sets, and the wait halved the search),
     otherwise it trains for exactly ``epochs``."""
     rng = np.random.default_rng(cfg.seed)
     std = _standardizer(d.x)
@@ -242,7 +245,7 @@ def fit_mlp(d: FitData, cfg: TrainConfig, params: dict[str, float], epochs: int 
             row |= {"val_loss": _nll(z, d.y_val), "val_accuracy": float((z.argmax(1) == d.y_val).mean())}
             if row["val_loss"] < best_loss - 1e-4:
                 best, best_loss, best_epoch = [a.copy() for a in params_], row["val_loss"], epoch
-            elif epoch - best_epoch >= cfg.patience:
+            elif epoch - best_epoch >= cfg.patience or row["val_loss"] > best_loss * (1 + cfg.overfit_stop):
                 history.append(row)
                 break
         history.append(row)
@@ -361,22 +364,39 @@ def cv_rank(row: dict[str, Any]) -> tuple[float, float]:
     return round(row["cv_accuracy"], 4), -row["cv_log_loss"]
 
 
-def _cross_validate(kind: str, params: dict[str, float], x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
-                    views: list[np.ndarray], folds: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    """One candidate's mean accuracy and log loss over the folds (and, for an iterative head, its mean best epoch)."""
-    acc, nll, epochs = [], [], []
-    weights = class_weights(y, n_classes, cfg.class_weights)
-    for tr, te in folds:
-        xt, yt = with_views(x, y, tr, views)
-        fit = HEADS[kind].fit(FitData(xt, yt, n_classes, weights, x[te], y[te]), cfg, params, None)
-        if HEADS[kind].iterative:
-            epochs.append(fit.epochs)
-        p = proba(spec(kind, x.shape[1], cfg), fit.state, x[te])
-        acc.append(float((p.argmax(1) == y[te]).mean()))
-        nll.append(float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()))
+def _fold_score(kind: str, params: dict[str, float], x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
+                views: list[np.ndarray], fold: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, int]:
+    """One candidate fitted on one fold's training rows: accuracy and log loss on its held-out rows, and the best
+    epoch (0 for a head fitted in one shot)."""
+    tr, te = fold
+    xt, yt = with_views(x, y, tr, views)
+    fit = HEADS[kind].fit(FitData(xt, yt, n_classes, class_weights(y, n_classes, cfg.class_weights), x[te], y[te]), cfg, params, None)
+    p = proba(spec(kind, x.shape[1], cfg), fit.state, x[te])
+    return (float((p.argmax(1) == y[te]).mean()), float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()),
+            fit.epochs if HEADS[kind].iterative else 0)
+
+
+def _summary(kind: str, params: dict[str, float], scores: list[tuple[float, float, int]]) -> dict[str, Any]:
+    """One candidate's row of the table: mean accuracy and log loss over the folds, the accuracy's standard error,
+    and (for an iterative head) its mean best epoch."""
+    acc, nll, epochs = (list(v) for v in zip(*scores))
     return {"kind": kind, "params": params, "cv_accuracy": float(np.mean(acc)), "cv_log_loss": float(np.mean(nll)),
             "cv_se": float(np.std(acc, ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else 0.0,
-            "epochs": int(round(np.mean(epochs))) if epochs else 0}
+            "epochs": int(round(np.mean(epochs))) if HEADS[kind].iterative else 0}
+
+
+def _on_cores(fn: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
+    """``[fn(j) for j in jobs]`` with one thread per core this process may use: each fit is single-threaded and
+    numpy's BLAS releases the GIL, so independent fits share the cores without the hand-offs that made a
+    multi-threaded BLAS slow on busy ones (see ``single_thread``). Results come back in the jobs' order, and each
+    fit seeds its own generator, so the outcome does not depend on the thread count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = min(len(jobs), max(1, (os.cpu_count() or 1) // distributed.local_world()))
+    if threads <= 1:
+        return [fn(j) for j in jobs]
+    with ThreadPoolExecutor(threads, thread_name_prefix="head-cv") as pool:
+        return list(pool.map(fn, jobs))
 
 
 def chosen(table: list[dict[str, Any]]) -> dict[str, Any]:
@@ -401,13 +421,15 @@ def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views
         log.info("a class has a single training image: no cross-validation, using the %s head", kind)
         return kind, params, 0, []
     folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y))
-    table = [_cross_validate(kind, params, x, y, n_classes, cfg, views or [], folds) for kind, params in tried]
+    jobs = [(c, f) for c in range(len(tried)) for f in folds]  # the table's order: the MLP's long fits start first
+    scores = _on_cores(lambda job: _fold_score(*tried[job[0]], x, y, n_classes, cfg, views or [], job[1]), jobs)
+    table = [_summary(*tried[c], scores[c * len(folds):(c + 1) * len(folds)]) for c in range(len(tried))]
     best = chosen(table)
     return best["kind"], best["params"], best["epochs"], table
 
 
 # Everything the head's selection and fit depend on, besides the features and labels themselves.
-_SELECTION_FIELDS = ("head", "hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience", "head_batch_size", "cv_folds",
+_SELECTION_FIELDS = ("head", "hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience", "overfit_stop", "head_batch_size", "cv_folds",
                      "class_weights", "seed")
 
 
