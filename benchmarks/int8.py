@@ -2,6 +2,7 @@
 
     python benchmarks/int8.py [--backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2] [--data hymenoptera,clothing]
                               [--keep results.json]   (measurements already in it are not repeated)
+    python benchmarks/int8.py --predict     (only: the default model's predict latency and throughput, fp32 and int8)
 
 BENCHMARKS.md's table adds mobilenetv2 (`--backbones ...,mobilenetv2` with HEADSTART_WEIGHTS=../shared/weights).
 
@@ -97,6 +98,53 @@ def speed(name: str, cache: Path, repeat: int = 5) -> dict[str, float]:
     return {k: n / statistics.median(times[k]) for k, (_, n) in work.items()}
 
 
+def predict_speed(cache: Path, singles: int = 40, repeat: int = 3) -> dict[str, dict[str, float]]:
+    """The default backbone's trained bundle (ants/bees), fp32 and int8, as a user calls it: ``headstart.load(run)``
+    then ``predict``. Single-photo latency from the file to the answer (decode, resize, forward, head; median over
+    ``singles`` validation photos after a warm-up) and batch throughput (the 153 validation photos in one call,
+    median of ``repeat``); the two precisions take turns, so a changing load weighs on both alike."""
+    data = shared() / "datasets" / "hymenoptera"
+    val = scan(data).splits["val"].paths
+    with tempfile.TemporaryDirectory(prefix="headstart-int8-predict-") as tmp:
+        models = {}
+        for p in ("fp32", "int8"):
+            headstart.train(data, out=Path(tmp) / p, precision=p, cache_dir=str(cache), progress=False)
+            models[p] = headstart.load(Path(tmp) / p)
+            models[p].predict(val[:3])  # warm-up: the session is built once per bundle
+        single: dict[str, list[float]] = {p: [] for p in models}
+        batch: dict[str, list[float]] = {p: [] for p in models}
+        for photo in val[:singles]:
+            for p, m in models.items():
+                t = time.perf_counter()
+                m.predict([photo])
+                single[p].append(time.perf_counter() - t)
+        for _ in range(repeat):
+            for p, m in models.items():
+                t = time.perf_counter()
+                m.predict(val)
+                batch[p].append(time.perf_counter() - t)
+    return {p: {"single_ms": 1000 * statistics.median(single[p]), "p95_ms": 1000 * sorted(single[p])[int(0.95 * len(single[p]))],
+                "batch_img_s": len(val) / statistics.median(batch[p])} for p in models}
+
+
+def predict_section(speeds: dict[str, dict[str, float]], loads: list[tuple[float, ...]]) -> str:
+    a, b = speeds["fp32"], speeds["int8"]
+    return "\n".join([
+        "## Predict with an int8 or fp32 bundle (`python benchmarks/int8.py --predict`)", "",
+        f"The default backbone ({DEFAULT_BACKBONE}) trained on ants/bees with `--precision fp32` and `--precision int8`, each",
+        "bundle opened with `headstart.load(run)` and asked as a user asks it (`predict`, no embedding cache). *Single*:",
+        "one photo per call, from the file to the answer (decode, resize, forward, head), median and 95th percentile over",
+        "40 validation photos after a warm-up; *batch*: the 153 validation photos in one call (decode threads overlap",
+        "the forward passes), median of 3. fp32 and int8 take turns.", "",
+        "| bundle | single photo, median | single photo, p95 | batch throughput |",
+        "|---|---:|---:|---:|",
+        *(f"| {p} | {s['single_ms']:.1f} ms | {s['p95_ms']:.1f} ms | {s['batch_img_s']:.0f} img/s |" for p, s in speeds.items()),
+        "", f"int8 against fp32: {a['single_ms'] / b['single_ms']:.2f}× the single-photo speed, {b['batch_img_s'] / a['batch_img_s']:.2f}× "
+        f"the batch throughput on this CPU ({'with' if vnni() else 'without'} VNNI).",
+        "", f"Machine: {machine()}; load average (1/5/15 min) at the start and end: "
+        + ", ".join("/".join(f"{v:.1f}" for v in load) for load in loads) + "."])
+
+
 def section(rows: list[dict], speeds: dict[str, dict[str, float]], loads: list[tuple[float, ...]]) -> str:
     def pct(x: float | None) -> str:
         return "–" if x is None else f"{x:.1f} %"
@@ -171,7 +219,16 @@ def main() -> None:
     ap.add_argument("--backbones", default="efficientnet_lite0,efficientnet_lite1,efficientnet_lite2")
     ap.add_argument("--data", default="hymenoptera,clothing")
     ap.add_argument("--keep", type=Path, help="JSON file of measurements: those in it are not repeated, new ones are added")
+    ap.add_argument("--predict", action="store_true", help="only the predict section: single-photo latency and batch throughput")
     args = ap.parse_args()
+    if args.predict:
+        loads = [os.getloadavg()]
+        with tempfile.TemporaryDirectory(prefix="headstart-int8-bench-") as tmp:
+            speeds = predict_speed(Path(tmp))
+        loads.append(os.getloadavg())
+        write_section("int8-predict", predict_section(speeds, loads))
+        print(predict_section(speeds, loads))
+        return
     kept = json.loads(args.keep.read_text()) if args.keep and args.keep.is_file() else {"rows": [], "speeds": {}, "loads": []}
     rows, speeds, loads = kept["rows"], kept["speeds"], kept["loads"] + [os.getloadavg()]
 

@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import headstart
+
 from conftest import CLOTHING, HYMENOPTERA
 from headstart.audit import (Audit, Finding, confident_learning, copy_similarity, exclude_lines, measure, nearest,
                              normalised)
@@ -238,6 +240,10 @@ def test_training_warns_of_leaks_and_the_report_says_so(tmp_path, caplog):
     info = json.loads((tmp_path / "run" / "config.json").read_text())
     assert {p["how"] for p in info["leaks"]["pairs"]} == {"exact-bytes", "near"}
     assert "Leak across splits" in (tmp_path / "run" / "report.html").read_text()
+    with pytest.MonkeyPatch.context() as mp:  # the same photos again: the pairs' similarities are read back, none compared
+        mp.setattr(sys.modules["headstart.audit"], "copy_similarity", lambda *a: pytest.fail("a pair was compared again"))
+        again = headstart.train(data, out=tmp_path / "again", head="linear", progress=False)
+    assert again.info["leaks"] == info["leaks"]
     # the run folder audits the same photos, and its exclude list trains without the leaked copies
     r = CliRunner().invoke(main, ["audit", str(tmp_path / "run"), "--json"])
     assert r.exit_code == 0, r.output

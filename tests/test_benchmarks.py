@@ -39,3 +39,30 @@ def test_rewriting_one_benchmark_section_keeps_every_other(tmp_path: Path, monke
     assert "new compare" in text and "old compare" not in text
     assert all(text.count(f"<!-- {n} -->") == 1 and f"old {n}" in text for n in ("onnx", "keras"))
     assert text.index("onnx") < text.index("new compare") < text.index("old keras")  # order kept
+
+
+def test_the_large_folder_repeats_each_photo_with_new_bytes_and_the_same_content(tmp_path: Path) -> None:
+    """The 20 000-photo benchmark is only honest if no repeat can be read back from the content-keyed cache, and only
+    meaningful if a repeat still shows the same thing."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from large import perturbed, sources
+
+    src = sources()
+    assert len(src) == 1439
+    label, photo = src[7]
+    copies = []
+    for i in (7, 7 + len(src), 7 + 2 * len(src)):
+        dest = tmp_path / f"{i}.jpg"
+        perturbed((i, label, str(photo), str(dest)))
+        copies.append(dest)
+    assert len({hashlib.sha256(p.read_bytes()).hexdigest() for p in [photo, *copies]}) == 4
+    with Image.open(photo) as im:
+        ref = np.asarray(im.convert("RGB").resize((64, 64)), np.float32)
+    for p in copies:
+        with Image.open(p) as im:
+            diff = np.abs(np.asarray(im.convert("RGB").resize((64, 64)), np.float32) - ref).mean()
+        assert diff < 20, (p, diff)  # a few grey levels on average: the same photo, slightly moved and lit

@@ -71,6 +71,8 @@ WIDE = 64  # nearest photos the outlier score reads above EXACT_UP_TO
 OUTLIER_Z = 3.5  # robust z-score (median and MAD) above which a photo is far from every class
 THUMBS = 60  # findings per kind shown with pictures in audit.html (the rest as text)
 STATS = "audit/stats-2"  # the per-photo statistics store (bump the suffix when `measure` changes)
+PAIRS = "audit/pairs-1"  # training's leak check: the copy similarity of its candidate pairs, by content (bump the
+# suffix when `copy_similarity` changes), so a re-run on the same photos compares none again
 EXCLUDED_BY_DEFAULT = {"leak", "exact-duplicate", "unreadable", "placeholder"}
 
 
@@ -890,12 +892,27 @@ def _split_leaks(f: features.Features, s: Split, ftr: features.Features, tr: Spl
     train_rows, held_rows = np.flatnonzero(ftr.ok), np.flatnonzero(f.ok)
     j, sim = nearest(normalised(f.x), normalised(ftr.x), 1)
     cands = [(int(i), int(train_rows[j[r, 0]])) for r, i in enumerate(held_rows) if sim[r, 0] >= CANDIDATE and i not in exact]
-    stats = measure_all([s.paths[i] for i, _ in cands] + [tr.paths[k] for _, k in cands],
-                        [digests[i] for i, _ in cands] + [ftr.digests[k] if ftr.digests else None for _, k in cands], cfg)
-    n = len(cands)
-    scores = [_similarity(stats[m], stats[n + m]) for m in range(n)]
+    scores = _pair_scores([s.paths[i] for i, _ in cands], [tr.paths[k] for _, k in cands],
+                          [(digests[i], ftr.digests[k] if ftr.digests else None) for i, k in cands], cfg)
     rows = [_pair_row(s.paths[i], s.labels[i], tr.paths[k], tr.labels[k], "exact-bytes", 1.0) for i, k in exact.items()]
     return rows + [_pair_row(s.paths[i], s.labels[i], tr.paths[k], tr.labels[k], "near", v) for (i, k), v in zip(cands, scores) if v >= near]
+
+
+def _pair_scores(held: list[Path], train: list[Path], digests: list[tuple[str | None, str | None]], cfg: TrainConfig) -> list[float]:
+    """``copy_similarity`` of each (held-out photo, train photo) pair, on every core (numpy releases the GIL), and
+    remembered by the pairs' content: a re-run on the same photos decodes and compares none."""
+    known = all(a and b for a, b in digests)  # a photo that did not read has no content to remember it by
+    store, name = cache.store(PAIRS, cfg.cache_dir), cache.key("leak-pairs", digests)
+    scores = store.read_json(name) if known else None
+    if isinstance(scores, list) and len(scores) == len(held):
+        return scores
+    stats = measure_all(held + train, [a for a, _ in digests] + [b for _, b in digests], cfg)
+    n = len(held)
+    with ThreadPoolExecutor(max(1, features.default_workers() + 1), thread_name_prefix="leaks") as pool:
+        scores = list(pool.map(lambda m: _similarity(stats[m], stats[n + m]), range(n)))
+    if known:
+        store.write_json(name, scores)
+    return scores
 
 
 def _similarity(a: dict[str, Any], b: dict[str, Any]) -> float:
