@@ -18,7 +18,7 @@ import torch
 
 import headstart
 from conftest import HYMENOPTERA
-from headstart import backbones
+from headstart import backbones, report
 from headstart.transforms import seed, train_transform
 from headstart.features import resolve_precision
 from headstart.finetune import CHECKPOINT, freeze_batchnorm, unfreeze_top
@@ -123,7 +123,7 @@ def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path, caplog):
     frozen = clf.info["stages"]["feature_extraction"]["val"]["accuracy"]
     tuned = clf.info["stages"]["finetune"]["val"]["accuracy"]
     kept_start = clf.info["stages"]["finetune"]["best_epoch"] == 0  # then the user is told what that means
-    assert ("early stopping kept epoch 0: the saved model is the frozen backbone with its head" in caplog.text) == kept_start
+    assert ("so the saved model is the frozen backbone with its head" in caplog.text) == kept_start
     assert tuned >= frozen - 1 / 153
     assert clf.info["metrics"]["val"]["accuracy"] == tuned
     hist = (tmp_path / "ft" / "history.csv").read_text().splitlines()
@@ -274,6 +274,27 @@ def test_a_flat_curve_keeps_the_default_rate_and_says_so(top_on_ants):
 
 
 @pytest.mark.slow
+def test_the_epoch_loop_is_judged_by_held_out_training_photos_and_only_watches_validation(small, tmp_path):
+    """The per-epoch loop (checkpoints, --resume, torchrun) chooses its epoch on a fifth of train held out from it, the
+    head it starts from refitted without those photos; the validation split, which the run reports, is scored each
+    epoch for the record and chooses nothing. When epoch 0 wins, the head fitted on every training photo stays."""
+    clf = headstart.train(small, out=tmp_path / "run", finetune=True, cache_bottom=False, ft_epochs=2, progress=False)
+    stage = clf.info["stages"]["finetune"]
+    sel = stage["selection"]
+    assert sel["held_out_photos"] == 10 and sel["fit_photos"] == 38 and sel["loop"] == "per-epoch"
+    rows = [r for r in clf.info["history"] if r["stage"] == "finetune"]
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and all("held_out_loss" in r and "val_loss" in r for r in rows)
+    best = 0
+    for r in rows[1:]:
+        if r["held_out_loss"] < rows[best]["held_out_loss"] - 1e-4:
+            best = r["epoch"]
+    assert stage["best_epoch"] == best and [r["epoch"] for r in rows if r.get("checkpoint")] == [best]
+    if best == 0:
+        assert clf.info["metrics"] == clf.info["stages"]["feature_extraction"]
+    said = report._finetune_choice(sel)
+    assert "judged on 10 training photos held out from a run on the other 38" in said and "The validation split chose nothing" in said
+
+
 def test_fine_tuning_on_cached_activations_is_chosen_by_held_out_training_photos(small, tmp_path):
     """The held-out fifth of train decides; the validation split is only watched; the history has the learning
     rate of every step and marks the kept epoch; lr-find's curve lands in the run folder."""

@@ -160,7 +160,7 @@ def _head_options(f: Any) -> Any:
 @click.option("--ft-views", type=int, default=_DEFAULTS.ft_views, show_default=True,
               help="Augmented views (--augment) per training photo whose bottom activations are cached for fine-tuning.")
 @click.option("--ft-holdout", type=float, default=_DEFAULTS.ft_holdout, show_default=True,
-              help="Share of the training photos held out to decide whether fine-tuning beats the frozen head.")
+              help="Share of the training photos held out to choose what fine-tuning keeps (an epoch, or the frozen head).")
 @click.option("--ft-mixup", type=float, default=_DEFAULTS.ft_mixup, show_default=True,
               help="timm Mixup alpha on the cached activations while fine-tuning (0: off).")
 @click.option("--ft-ema", type=float, default=_DEFAULTS.ft_ema, show_default=True,

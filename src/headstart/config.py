@@ -163,7 +163,8 @@ class TrainConfig:
     cache_bottom: bool = False  # fine-tune on the frozen bottom's activations, cached once per photo and view (fast on a
     # CPU, held-out selection); False: the per-epoch loop over decoded photos (checkpoints, --resume, torchrun)
     ft_views: int = 2  # augmented views (--augment) per training photo whose bottom activations are cached
-    ft_holdout: float = 0.2  # share of the training photos held out to decide whether fine-tuning beats the head
+    ft_holdout: float = 0.2  # share of the training photos held out to choose what fine-tuning (or the scratch
+    # baseline) keeps: an epoch, or the frozen head; the validation split only reports
     ft_mixup: float = 0.0  # timm Mixup alpha on the cached activations; 0 = off
     ft_ema: float = 0.0  # timm ModelEmaV3 decay of the fine-tuned weights; 0 = off
     backbone_lr_ratio: float = 0.1  # the backbone learns 10x more gently than the head
@@ -204,7 +205,7 @@ class TrainConfig:
 
         if _is_scratch(self.backbone):  # what pipeline.train_network and finetune.fit(stage="scratch") read
             unused("finetune unfreeze unfreeze_layers ft_lr backbone_lr_ratio ft_epochs ft_patience train_bn cache_bottom ft_views "
-                   "ft_holdout ft_mixup ft_ema",
+                   "ft_mixup ft_ema",
                    "backbone 'scratch' trains the whole network, BatchNorm included, with lr, scratch_epochs and scratch_patience")
             unused("head hidden dropout weight_decay max_epochs patience overfit_stop head_batch_size cv_folds class_weights aug_views",
                    "backbone 'scratch' has no head stage on cached features")
@@ -227,7 +228,7 @@ class TrainConfig:
             elif self.cache_bottom:
                 unused("ft_patience", "cache_bottom runs one fixed one-cycle schedule; held-out photos decide whether it is kept")
             if self.finetune and not self.cache_bottom:
-                unused("ft_views ft_holdout ft_mixup ft_ema", "it applies to fine-tuning on cached activations (cache_bottom=True)")
+                unused("ft_views ft_mixup ft_ema", "it applies to fine-tuning on cached activations (cache_bottom=True)")
             if self.finetune and self.unfreeze_layers:
                 unused("unfreeze", f"unfreeze_layers={self.unfreeze_layers} chooses what is unfrozen instead")
         unused("top_k", "training ranks no predictions; give top_k when predicting (Classifier.predict, headstart predict -k)")

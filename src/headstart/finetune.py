@@ -149,7 +149,8 @@ class _Loop:
     model: nn.Module  # ``net``, or its DistributedDataParallel wrapper under torchrun
     opt: torch.optim.Optimizer
     train_ds: _Augmented
-    val_ds: _Augmented
+    val_ds: _Augmented  # the photos that choose the kept epoch (held out from training: never the reported split)
+    watch_ds: _Augmented | None  # the validation split, scored each epoch for the record only
     sampler: DistributedSampler
     stage: str
     cfg: TrainConfig
@@ -186,7 +187,8 @@ def _trainable(net: Net, cfg: TrainConfig, scratch: bool) -> tuple[list[str], to
     return unfrozen, torch.optim.AdamW(groups, weight_decay=cfg.ft_weight_decay)
 
 
-def _setup(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg: TrainConfig, stage: str) -> _Loop:
+def _setup(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg: TrainConfig, stage: str,
+           watch: Split | None = None) -> _Loop:
     scratch = stage == "scratch"
     unfrozen, opt = _trainable(net, cfg, scratch)
     precision = features.resolve_precision(cfg.precision)
@@ -205,7 +207,9 @@ def _setup(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg:
     # The single-process order too: randperm(seed·100003 + epoch), cut into rank-interleaved per-rank batches.
     sampler = DistributedSampler(train_ds, num_replicas=distributed.world(), rank=distributed.rank(), shuffle=True,
                                  seed=_epoch_seed(cfg.seed, 0))
-    return _Loop(net, model, opt, train_ds, _Augmented(val, transforms.eval_transform(data_config), min_size), sampler, stage, cfg,
+    judged = _Augmented(val, transforms.eval_transform(data_config), min_size)
+    watched = _Augmented(watch, transforms.eval_transform(data_config), min_size) if watch is not None and len(watch) else None
+    return _Loop(net, model, opt, train_ds, judged, watched, sampler, stage, cfg,
                  precision, layout, dev, features.default_workers() if cfg.workers < 0 else cfg.workers,
                  cfg.scratch_epochs if scratch else cfg.ft_epochs, cfg.scratch_patience if scratch else cfg.ft_patience,
                  nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), FitResult(unfrozen=unfrozen))
@@ -214,27 +218,30 @@ def _setup(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg:
 def fit(
     net: Net,
     train: Split,
-    val: Split,
+    held: Split,
     data_config: dict[str, Any],
     cfg: TrainConfig,
     *,
     stage: str = "finetune",
+    watch: Split | None = None,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     progress: bool = True,
     resume_hint: str = "",
 ) -> FitResult:
-    """Train ``net`` in place; on return it holds the best epoch's weights."""
-    loop = _setup(net, train, val, data_config, cfg, stage)
+    """Train ``net`` in place on ``train``; on return it holds the weights of the epoch (0: the starting point) with
+    the lowest loss on ``held``, photos held out from the training split (``held_out``). ``watch`` (the validation
+    split) is scored after each epoch for the history only: it chooses nothing, since it is what the run reports."""
+    loop = _setup(net, train, held, data_config, cfg, stage, watch)
     # oneDNN and MKL give the same bits only for the same thread counts: set them alike in every process, whatever
     # ran in it before (a process that fitted the head itself had MKL left at 1 thread, one that read it back not).
     torch.set_num_threads(torch.get_num_threads())
     ckpt = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
     start = _resume(loop, ckpt) if resume and ckpt else 1
     if start == 1:  # epoch 0: the starting point is a candidate too, so fine-tuning can only keep or improve it
-        val_loss, val_acc = evaluate_loss(net, loop.val_ds, cfg.ft_batch_size, loop.precision, loop.workers, loop.layout)
-        loop.result.history.append({"stage": stage, "epoch": 0, "val_loss": val_loss, "val_accuracy": val_acc})
-        loop.result.best_val_loss, loop.result.best_epoch = val_loss, 0
+        row = {"stage": stage, "epoch": 0, **_scores(loop)}
+        loop.result.history.append(row)
+        loop.result.best_val_loss, loop.result.best_epoch = row["held_out_loss"], 0
         loop.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     epoch = start - 1
     try:
@@ -284,7 +291,7 @@ def _deterministic() -> Iterator[None]:
 
 
 def _epoch(loop: _Loop, epoch: int, progress: bool) -> None:
-    """One pass over the training photos, then the validation loss; the best epoch's weights are kept."""
+    """One pass over the training photos, then the held-out loss; the best epoch's weights are kept."""
     cfg, t0 = loop.cfg, time.perf_counter()
     transforms.seed(_epoch_seed(cfg.seed, epoch))  # dropout
     loop.train_ds.seed = _epoch_seed(cfg.seed, epoch)
@@ -300,15 +307,25 @@ def _epoch(loop: _Loop, epoch: int, progress: bool) -> None:
     total, correct, seen = _train_steps(loop, loader, bar)
     bar.close()
     total, correct, seen = _sum_over_ranks(total, correct, seen)
-    val_loss, val_acc = evaluate_loss(loop.net, loop.val_ds, cfg.ft_batch_size, loop.precision, loop.workers, loop.layout)
     row = {"stage": loop.stage, "epoch": epoch, "train_loss": total / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-           "val_loss": val_loss, "val_accuracy": val_acc, "seconds": round(time.perf_counter() - t0, 2)}
+           **_scores(loop), "seconds": round(time.perf_counter() - t0, 2)}
     loop.result.history.append(row)
-    log.info("%s epoch %d: train loss %.4f acc %.3f, val loss %.4f acc %.3f (%.1f s)", loop.stage, epoch,
-             row["train_loss"], row["train_accuracy"], val_loss, val_acc, row["seconds"])
-    if val_loss < loop.result.best_val_loss - 1e-4:
-        loop.result.best_val_loss, loop.result.best_epoch = val_loss, epoch
+    log.info("%s epoch %d: train loss %.4f acc %.3f, held-out loss %.4f acc %.3f%s (%.1f s)", loop.stage, epoch,
+             row["train_loss"], row["train_accuracy"], row["held_out_loss"], row["held_out_accuracy"],
+             f", val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}" if "val_loss" in row else "", row["seconds"])
+    if row["held_out_loss"] < loop.result.best_val_loss - 1e-4:
+        loop.result.best_val_loss, loop.result.best_epoch = row["held_out_loss"], epoch
         loop.best_state = {k: v.detach().clone() for k, v in loop.net.state_dict().items()}
+
+
+def _scores(loop: _Loop) -> dict[str, float]:
+    """Loss and accuracy on the held-out training photos (which choose) and on the watched validation split (which
+    does not)."""
+    args = (loop.cfg.ft_batch_size, loop.precision, loop.workers, loop.layout)
+    out = dict(zip(("held_out_loss", "held_out_accuracy"), evaluate_loss(loop.net, loop.val_ds, *args)))
+    if loop.watch_ds is not None:
+        out |= dict(zip(("val_loss", "val_accuracy"), evaluate_loss(loop.net, loop.watch_ds, *args)))
+    return out
 
 
 def _train_steps(loop: _Loop, loader: DataLoader, bar: Any) -> tuple[float, int, int]:
@@ -364,7 +381,7 @@ def _sum_over_ranks(*values: float) -> tuple[float, ...]:
 
 def _fingerprint(cfg: TrainConfig, stage: str) -> str:
     keep = {k: v for k, v in cfg.to_dict().items() if k not in ("workers", "cache_dir", "ft_epochs", "scratch_epochs")}
-    return json.dumps({"stage": stage, **keep}, sort_keys=True, default=str)
+    return json.dumps({"stage": stage, "judged": "held-out training photos", **keep}, sort_keys=True, default=str)
 
 
 def _save(path: Path, net: Net, opt: torch.optim.Optimizer, result: FitResult, best: dict[str, torch.Tensor] | None,

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import time
 import warnings
@@ -304,9 +305,11 @@ def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
             res, found = finetune.fit_top(net, train_split, d.splits["val"], lb.data_config, cfg, refit_head(cfg, d, start), progress)
             start.stages["lr_find"] = vars(found) if found else None
         else:
-            res = finetune.fit(net, train_split, d.splits["val"], lb.data_config, cfg, stage=stage, checkpoint_dir=ckdir,
-                               resume=resume, progress=progress, resume_hint=resume_hint)
-        if not (cached and res.best_epoch == 0):  # else the network is the frozen one: its features and metrics stand
+            frozen = {k: v.detach().clone() for k, v in net.head.state_dict().items()}
+            res = fit_per_epoch(cfg, d, start, net, train_split, stage, ckdir, resume, progress, resume_hint)
+            if stage == "finetune" and res.best_epoch == 0:  # the head fitted on every training photo, not its refit
+                net.head.load_state_dict(frozen)
+        if not (stage == "finetune" and res.best_epoch == 0):  # else the network is the frozen one: its features and metrics stand
             lb, feats, metrics = evaluate_network(cfg, d, start, net, extract, stage)
         if ckdir is not None and out is not None and distributed.is_main():  # done: the bundle supersedes the checkpoint
             (ckdir / finetune.CHECKPOINT).unlink(missing_ok=True)
@@ -315,6 +318,29 @@ def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
         _say_head_kept(res, stages[stage]["epochs_run"], time.perf_counter() - t)
     return dataclasses.replace(start, lb=lb, head=net.head, metrics=metrics, feats=feats, history=start.history + res.history,
                                stages=stages, timing=start.timing | {f"{stage}_s": round(time.perf_counter() - t, 3)})
+
+
+def fit_per_epoch(cfg: TrainConfig, d: Data, start: Outcome, net: Any, train_split: Split, stage: str, ckdir: Path | None,
+                  resume: bool, progress: bool, resume_hint: str) -> Any:
+    """The per-epoch loop on the training photos less a held-out part (``ft_holdout``, stratified and seeded), which
+    chooses the kept epoch; fine-tuning starts from the head refitted without those photos, so its epoch 0 is judged
+    on photos it never saw either. The validation split is only watched: it is what the run reports."""
+    from . import finetune
+
+    fit_i, held_i = finetune.held_out(list(train_split.labels), cfg.ft_holdout, cfg.seed)
+    if stage == "finetune":
+        net.head.load_state_dict(refit_head(cfg, d, start)(fit_i).state_dict())
+    res = finetune.fit(net, train_split.subset(fit_i), train_split.subset(held_i), start.lb.data_config, cfg, stage=stage,
+                       watch=d.splits.get("val"), checkpoint_dir=ckdir, resume=resume, progress=progress, resume_hint=resume_hint)
+    judged = [r for r in res.history if r.get("stage") == stage and "held_out_loss" in r]
+    for r in judged:
+        r["checkpoint"] = r.get("epoch") == res.best_epoch  # the history plot marks the kept epoch
+    before = judged[0]["held_out_loss"] if judged else math.inf
+    after = min((r["held_out_loss"] for r in judged if r.get("epoch", 0) > 0), default=before)
+    res.selection = {"held_out_photos": len(held_i), "fit_photos": len(fit_i), "loss_before": before, "loss_after": after,
+                     "lr": float(cfg.lr if stage == "scratch" else cfg.ft_lr), "lr_source": "lr" if stage == "scratch" else "ft_lr",
+                     "epoch": res.best_epoch, "loop": "per-epoch"}
+    return res
 
 
 def evaluate_network(cfg: TrainConfig, d: Data, start: Outcome, net: Any, extract: Extractor, stage: str) -> tuple[backbones.LoadedBackbone, dict[str, features.Features], dict[str, dict[str, Any]]]:

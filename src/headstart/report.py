@@ -234,10 +234,16 @@ def _finetune_choice(sel: dict[str, Any] | None) -> str | None:
     """Which photos decided whether the fine-tuned network or the frozen head was kept (``--cache-bottom``)."""
     if not sel:
         return None
-    kept = "the fine-tuned network (retrained on all training photos)" if sel["loss_after"] < sel["loss_before"] else "the frozen head"
+    better = sel["loss_after"] < sel["loss_before"] - (1e-4 if sel.get("loop") == "per-epoch" else 0)
+    if sel.get("loop") == "per-epoch":  # the epoch loop trains on the other photos and keeps its best epoch
+        kept = f"the fine-tuned network of epoch {sel['epoch']} (trained on those {sel['fit_photos']})" if better else "the frozen head"
+        after = "at its best epoch"
+    else:
+        kept = "the fine-tuned network (retrained on all training photos)" if better else "the frozen head"
+        after = "after fine-tuning"
     return (f"Fine-tuning (head rate {sel['lr']:.2g}, from {sel['lr_source']}) was judged on {sel['held_out_photos']} training photos "
             f"held out from a run on the other {sel['fit_photos']}: loss {sel['loss_before']:.3f} with the head refitted on "
-            f"those, {sel['loss_after']:.3f} after fine-tuning; kept: {kept}. The validation split chose nothing.")
+            f"those, {sel['loss_after']:.3f} {after}; kept: {kept}. The validation split chose nothing.")
 
 
 def _one_se(cfg: dict[str, Any]) -> str | None:
