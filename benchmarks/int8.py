@@ -2,7 +2,7 @@
 
     python benchmarks/int8.py [--backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2] [--data hymenoptera,clothing]
                               [--keep results.json]   (measurements already in it are not repeated)
-    python benchmarks/int8.py --predict     (only: the default model's predict latency and throughput, fp32 and int8)
+    python benchmarks/int8.py --predict     (only the last section: the default model's predict latency and throughput)
 
 BENCHMARKS.md's table adds mobilenetv2 (`--backbones ...,mobilenetv2` with HEADSTART_WEIGHTS=../shared/weights).
 
@@ -222,13 +222,7 @@ def main() -> None:
     ap.add_argument("--predict", action="store_true", help="only the predict section: single-photo latency and batch throughput")
     args = ap.parse_args()
     if args.predict:
-        loads = [os.getloadavg()]
-        with tempfile.TemporaryDirectory(prefix="headstart-int8-bench-") as tmp:
-            speeds = predict_speed(Path(tmp))
-        loads.append(os.getloadavg())
-        write_section("int8-predict", predict_section(speeds, loads))
-        print(predict_section(speeds, loads))
-        return
+        return predict_only()
     kept = json.loads(args.keep.read_text()) if args.keep and args.keep.is_file() else {"rows": [], "speeds": {}, "loads": []}
     rows, speeds, loads = kept["rows"], kept["speeds"], kept["loads"] + [os.getloadavg()]
 
@@ -253,6 +247,17 @@ def main() -> None:
     keep()
     write_section("int8", section(rows, speeds, loads))
     print(section(rows, speeds, loads))
+    predict_only()
+
+
+def predict_only() -> None:
+    """The int8-predict section: the default model's predict latency and throughput, fp32 and int8."""
+    loads = [os.getloadavg()]
+    with tempfile.TemporaryDirectory(prefix="headstart-int8-bench-") as tmp:
+        speeds = predict_speed(Path(tmp))
+    loads.append(os.getloadavg())
+    write_section("int8-predict", predict_section(speeds, loads))
+    print(predict_section(speeds, loads))
 
 
 if __name__ == "__main__":

@@ -128,7 +128,9 @@ Machine: {r['machine']}; load average {load0[0]:.1f} at the start, {load1[0]:.1f
 repeated with a seeded perturbation each (crop ≤ 2 % a side, brightness ±3 %, JPEG quality 85-95), so no two files
 share bytes and the content-keyed cache cannot shortcut a repeat{f'; making them took {made:.0f} s' if made else ''}. One
 `headstart train FOLDER --cache-dir EMPTY` in a fresh process (default backbone, ONNX Runtime fp32; 80 % / 20 % split
-drawn by headstart), then the same command again.
+drawn by headstart), then the same command again. The validation accuracy says nothing of skill: every photo has
+{N // 1439 - 1} or so perturbed twins, so nearly every validation photo has a copy in train (the run's leak check warns of
+exactly that); this run measures cost.
 
 | run | wall time | extraction | head selection + fit | peak memory (RSS) | validation accuracy |
 |---|---:|---:|---:|---:|---:|
@@ -137,13 +139,16 @@ drawn by headstart), then the same command again.
 
 Cache on disk after the first run: {disk / 1e6:,.0f} MB in {files:,} files, of which the embeddings {emb_disk / 1e6:,.0f} MB in
 {emb_files:,} files ({per_photo_disk / 1e3:.1f} kB a photo on disk for 5.1 kB of float32: one small `.npy` per photo,
-rounded up to the file system's blocks). Everything else in the wall time (scan and hashing, start-up, evaluation,
-report): {rest:.0f} s.
+rounded up to the file system's blocks). Everything else in the wall time: {rest:.0f} s — start-up, scanning and hashing
+the photos, evaluation and the report, and here mostly the leak check, which decodes and compares every validation
+photo with its nearest training photo when their embeddings are close (in this folder, nearly all of them; the
+re-run reads those comparisons back).
 
 **Projection to 1 M photos, on paper** (linear in the photo count from this run; {scale:.0f}× its size):
 - *One machine like this one*: extraction {million / rate / 3600:.1f} h at {rate:.0f} img/s; the head's search
   (5-fold cross-validation: every epoch touches every row, the number of epochs stays about the same) ≈
-  {head_s * scale / 60:.0f} min; scanning, hashing and evaluation ≈ {rest * scale / 60:.0f} min — about **{one / 3600:.1f} h** in all.
+  {head_s * scale / 60:.0f} min; the rest, at this run's rate, ≈ {rest * scale / 60:.0f} min (an upper bound: a folder without copies
+  gives the leak check little to compare) — about **{one / 3600:.1f} h** in all.
   The embeddings are {mem_gb:.1f} GB of float32 in memory, and each cross-validation thread copies its fold's
   training rows (0.8 × that), so ≈ {mem_gb * 2.6:.0f} GB at the peak: within 24 GB, but the fold copies are what to
   remove first (index the rows instead). On disk: {per_photo_disk * million / 1e9:.1f} GB of cache in a million files.
