@@ -312,3 +312,21 @@ def test_fine_tuning_on_cached_activations_is_chosen_by_held_out_training_photos
     assert [r["epoch"] for r in history if r.get("checkpoint")] == [stage["best_epoch"]]
     assert (tmp_path / "run" / "history.png").stat().st_size > 1000
     assert (tmp_path / "run" / "lr_find.csv").read_text().startswith("lr,smoothed_loss")
+
+
+def test_the_calibrated_loss_forgives_a_confidence_level_but_not_a_wrong_ranking():
+    """Temperature scaling is why a fine-tuned network trained with label smoothing can win the held-out check:
+    the same scores at any confidence give the same calibrated loss; scores that rank the wrong class first lose."""
+    from headstart.finetune import calibrated_loss
+
+    torch.manual_seed(0)
+    y = torch.randint(0, 5, (200,))
+    logits = torch.randn(200, 5) + 3 * torch.nn.functional.one_hot(y, 5)
+    scores = torch.nn.Identity()  # the "network" is its input: the logits themselves
+    timid = logits / 4  # the same ranking, a quarter of the confidence (what label smoothing pushes toward)
+    assert calibrated_loss(scores, timid, y) == pytest.approx(calibrated_loss(scores, logits, y), rel=0.05)
+    raw = torch.nn.functional.cross_entropy
+    assert raw(timid, y) > 1.5 * raw(logits, y)  # what the raw loss would have said
+    worse = logits.clone()
+    worse[:40] = torch.randn(40, 5)  # a fifth of the photos no longer ranked right
+    assert calibrated_loss(scores, worse, y) > calibrated_loss(scores, logits, y) + 0.05

@@ -145,6 +145,9 @@ def test_the_report_says_which_photos_chose_between_fine_tuning_and_the_head():
     assert "200 training photos held out" in said and "kept: the frozen head" in said and "validation split chose nothing" in said
     assert "kept: the fine-tuned network" in _finetune_choice({"held_out_photos": 10, "fit_photos": 38, "loss_before": 0.5,
                                                                "loss_after": 0.4, "lr": 1e-4, "lr_source": "lr-find (valley)"})
+    calibrated = _finetune_choice({"held_out_photos": 200, "fit_photos": 800, "loss_before": 0.45, "loss_after": 0.41, "loss": "calibrated",
+                                   "lr": 1e-3, "lr_source": "ft_lr"})
+    assert "calibrated loss (cross-entropy at the best temperature) 0.450" in calibrated and "kept: the fine-tuned network" in calibrated
     assert _finetune_choice(None) is None
 
 

@@ -688,6 +688,20 @@ def top_loss(top: nn.Module, acts: torch.Tensor, labels: torch.Tensor, batch_siz
     return total / max(len(acts), 1), correct / max(len(acts), 1)
 
 
+def calibrated_loss(top: nn.Module, acts: torch.Tensor, labels: torch.Tensor, batch_size: int = 128) -> float:
+    """Cross-entropy at the single best temperature for these photos (temperature scaling, Guo et al. 2017; the
+    "calibrated log-likelihood" of Ashukha et al. 2020): how well the scores rank the right class, whatever the
+    model's confidence. A network fine-tuned with label smoothing is under-confident by design, so its raw loss loses
+    to a frozen head's however much more it gets right (clothing, 12 epochs: held-out loss 0.45 -> 0.64 while
+    validation accuracy rose 83.6 -> 86.2 %). The same rescaling is given to both sides of the comparison."""
+    was = top.training
+    top.eval()
+    with torch.inference_mode():
+        logits = torch.cat([top(acts[i:i + batch_size]).float() for i in range(0, len(acts), batch_size)])
+    top.train(was)
+    return min(float(nn.functional.cross_entropy(logits / t, labels)) for t in torch.logspace(-1.5, 1.5, 61).tolist())
+
+
 def held_out(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A stratified, seeded part of the training photos kept out to judge fine-tuning (indices: fit, held out)."""
     from sklearn.model_selection import train_test_split
@@ -732,17 +746,21 @@ def fit_top(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg
     net.head.load_state_dict(refit_head(fit_i).state_dict())
     held = (views[0][held_i], y[held_i])
     before = top_loss(top, *held)
+    before_cal = calibrated_loss(top, *held)
     check = train_top(top, views[:, fit_i], y[fit_i], cfg, regime, {"held_out": held}, "finetune-check")
     after = [r["held_out_loss"] for r in check if "epoch" in r][-1]
+    after_cal = calibrated_loss(top, *held)
     top.load_state_dict(start)
-    log.info("finetune check on %d held-out training photos: loss %.4f → %.4f (head refitted on the other %d)", len(held_i),
-             before[0], after, len(fit_i))
+    log.info("finetune check on %d held-out training photos: calibrated loss %.4f → %.4f, raw %.4f → %.4f, accuracy %.3f → %.3f "
+             "(head refitted on the other %d)", len(held_i), before_cal, after_cal, before[0], after,
+             before[1], [r["held_out_accuracy"] for r in check if "epoch" in r][-1], len(fit_i))
     first = {"stage": "finetune", "epoch": 0, "val_loss": 0.0, "val_accuracy": 0.0}
     first["val_loss"], first["val_accuracy"] = top_loss(top, *watch["val"])
     result.history = [{"stage": "finetune-check", "epoch": 0, "held_out_loss": before[0], "held_out_accuracy": before[1]}, *check, first]
-    result.selection = {"held_out_photos": len(held_i), "fit_photos": len(fit_i), "loss_before": before[0], "loss_after": after,
+    result.selection = {"held_out_photos": len(held_i), "fit_photos": len(fit_i), "loss_before": before_cal, "loss_after": after_cal,
+                        "loss": "calibrated", "raw_loss_before": before[0], "raw_loss_after": after,
                         "lr": regime.lr, "lr_source": "lr-find (valley)" if found and found.suggestions else "default" if found else "ft_lr"}
-    if after < before[0]:
+    if after_cal < before_cal:
         result.history += train_top(top, views, y, cfg, regime, watch, "finetune")
         result.best_epoch = regime.epochs
     kept = next(r for r in result.history if r.get("stage") == "finetune" and r.get("epoch") == result.best_epoch)

@@ -242,8 +242,13 @@ def _finetune_choice(sel: dict[str, Any] | None) -> str | None:
         kept = "the fine-tuned network (retrained on all training photos)" if better else "the frozen head"
         after = "after fine-tuning"
     return (f"Fine-tuning (head rate {sel['lr']:.2g}, from {sel['lr_source']}) was judged on {sel['held_out_photos']} training photos "
-            f"held out from a run on the other {sel['fit_photos']}: loss {sel['loss_before']:.3f} with the head refitted on "
+            f"held out from a run on the other {sel['fit_photos']}: {_loss_word(sel)} {sel['loss_before']:.3f} with the head refitted on "
             f"those, {sel['loss_after']:.3f} {after}; kept: {kept}. The validation split chose nothing.")
+
+
+def _loss_word(sel: dict[str, Any]) -> str:
+    """What the held-out photos were scored by: cross-entropy, or cross-entropy at the best temperature."""
+    return "calibrated loss (cross-entropy at the best temperature)" if sel.get("loss") == "calibrated" else "loss"
 
 
 def _one_se(cfg: dict[str, Any]) -> str | None:
