@@ -718,7 +718,8 @@ def fit_top(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg
     then train with one-cycle over discriminative rates, on the frozen bottom's activations cached once per photo
     and per augmented view (``ft_views``). Honest selection: first the same schedule runs on the training photos
     less a held-out part (``ft_holdout``), from a head refitted without them (``refit_head``); only when it ends
-    below that head's loss on the held-out photos is it run again on all training photos, and its last epoch kept.
+    below that head's calibrated loss on the held-out photos (``_check``) is it run again on all training photos, and
+    its last epoch kept.
     Otherwise the frozen head stays. The validation split is only watched (history), never chosen by."""
     result = FitResult(unfrozen=unfreeze_top(net.backbone, blocks=cfg.unfreeze, layers=cfg.unfreeze_layers))
     for p in net.head.parameters():
@@ -741,26 +742,12 @@ def fit_top(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg
     if found is not None:
         log.info("lr-find: %s", found.message)
     regime = Regime(lr=found.lr if found else float(cfg.ft_lr), epochs=cfg.ft_epochs, mixup=cfg.ft_mixup, ema=cfg.ft_ema)
-    start = {k: v.detach().clone() for k, v in top.state_dict().items()}
-    fit_i, held_i = held_out(train.labels, cfg.ft_holdout, cfg.seed)
-    net.head.load_state_dict(refit_head(fit_i).state_dict())
-    held = (views[0][held_i], y[held_i])
-    before = top_loss(top, *held)
-    before_cal = calibrated_loss(top, *held)
-    check = train_top(top, views[:, fit_i], y[fit_i], cfg, regime, {"held_out": held}, "finetune-check")
-    after = [r["held_out_loss"] for r in check if "epoch" in r][-1]
-    after_cal = calibrated_loss(top, *held)
-    top.load_state_dict(start)
-    log.info("finetune check on %d held-out training photos: calibrated loss %.4f → %.4f, raw %.4f → %.4f, accuracy %.3f → %.3f "
-             "(head refitted on the other %d)", len(held_i), before_cal, after_cal, before[0], after,
-             before[1], [r["held_out_accuracy"] for r in check if "epoch" in r][-1], len(fit_i))
+    check, result.selection = _check(top, net, views, y, train, cfg, regime, refit_head)
+    result.selection |= {"lr_source": "lr-find (valley)" if found and found.suggestions else "default" if found else "ft_lr"}
     first = {"stage": "finetune", "epoch": 0, "val_loss": 0.0, "val_accuracy": 0.0}
     first["val_loss"], first["val_accuracy"] = top_loss(top, *watch["val"])
-    result.history = [{"stage": "finetune-check", "epoch": 0, "held_out_loss": before[0], "held_out_accuracy": before[1]}, *check, first]
-    result.selection = {"held_out_photos": len(held_i), "fit_photos": len(fit_i), "loss_before": before_cal, "loss_after": after_cal,
-                        "loss": "calibrated", "raw_loss_before": before[0], "raw_loss_after": after,
-                        "lr": regime.lr, "lr_source": "lr-find (valley)" if found and found.suggestions else "default" if found else "ft_lr"}
-    if after_cal < before_cal:
+    result.history = [*check, first]
+    if result.selection["loss_after"] < result.selection["loss_before"]:
         result.history += train_top(top, views, y, cfg, regime, watch, "finetune")
         result.best_epoch = regime.epochs
     kept = next(r for r in result.history if r.get("stage") == "finetune" and r.get("epoch") == result.best_epoch)
@@ -770,6 +757,28 @@ def fit_top(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg
     for p in net.parameters():
         p.requires_grad_(False)
     return result, found
+
+
+def _check(top: Top, net: Net, views: torch.Tensor, y: torch.Tensor, train: Split, cfg: TrainConfig, regime: Regime,
+           refit_head: Callable[[list[int]], nn.Module]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The held-out check: the schedule on the training photos less ``ft_holdout``, from the head refitted on them,
+    scored on the held-out photos by the calibrated loss against that head. ``top`` is put back as it was. Returns the
+    check's history rows and the selection record (``loss_before``/``loss_after``: calibrated)."""
+    start = {k: v.detach().clone() for k, v in top.state_dict().items()}
+    fit_i, held_i = held_out(train.labels, cfg.ft_holdout, cfg.seed)
+    net.head.load_state_dict(refit_head(fit_i).state_dict())
+    held = (views[0][held_i], y[held_i])
+    before, before_cal = top_loss(top, *held), calibrated_loss(top, *held)
+    check = train_top(top, views[:, fit_i], y[fit_i], cfg, regime, {"held_out": held}, "finetune-check")
+    last = [r for r in check if "epoch" in r][-1]
+    after_cal = calibrated_loss(top, *held)
+    top.load_state_dict(start)
+    log.info("finetune check on %d held-out training photos: calibrated loss %.4f → %.4f, raw %.4f → %.4f, accuracy %.3f → %.3f "
+             "(head refitted on the other %d)", len(held_i), before_cal, after_cal, before[0], last["held_out_loss"],
+             before[1], last["held_out_accuracy"], len(fit_i))
+    rows = [{"stage": "finetune-check", "epoch": 0, "held_out_loss": before[0], "held_out_accuracy": before[1]}, *check]
+    return rows, {"held_out_photos": len(held_i), "fit_photos": len(fit_i), "loss_before": before_cal, "loss_after": after_cal,
+                  "loss": "calibrated", "raw_loss_before": before[0], "raw_loss_after": last["held_out_loss"], "lr": regime.lr}
 
 
 def lr_range_test(net: Net, train: Split, data_config: dict[str, Any], cfg: TrainConfig, progress: bool = True,
