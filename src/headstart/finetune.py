@@ -2,7 +2,8 @@
 
 After the new head has learned on frozen features, the top blocks of the backbone are unfrozen and training goes
 on gently: the head at ``ft_lr``, the backbone at a tenth of that, BatchNorm statistics frozen (the classic bug is
-frozen weights with moving BN statistics), early stopping on validation loss, the best epoch's weights kept.
+frozen weights with moving BN statistics), early stopping on the loss of training photos held out from the loop,
+the best epoch's weights kept; the validation split is only watched, since it is what the run reports.
 
 Every epoch ends with an atomic checkpoint (safetensors + JSON, nothing pickled). Shuffling and dropout are seeded
 per epoch and each image's augmentation per (epoch, image), so a resumed run continues exactly as an uninterrupted
@@ -187,7 +188,7 @@ def _trainable(net: Net, cfg: TrainConfig, scratch: bool) -> tuple[list[str], to
     return unfrozen, torch.optim.AdamW(groups, weight_decay=cfg.ft_weight_decay)
 
 
-def _setup(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg: TrainConfig, stage: str,
+def _setup(net: Net, train: Split, held: Split, data_config: dict[str, Any], cfg: TrainConfig, stage: str,
            watch: Split | None = None) -> _Loop:
     scratch = stage == "scratch"
     unfrozen, opt = _trainable(net, cfg, scratch)
@@ -207,7 +208,7 @@ def _setup(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg:
     # The single-process order too: randperm(seed·100003 + epoch), cut into rank-interleaved per-rank batches.
     sampler = DistributedSampler(train_ds, num_replicas=distributed.world(), rank=distributed.rank(), shuffle=True,
                                  seed=_epoch_seed(cfg.seed, 0))
-    judged = _Augmented(val, transforms.eval_transform(data_config), min_size)
+    judged = _Augmented(held, transforms.eval_transform(data_config), min_size)
     watched = _Augmented(watch, transforms.eval_transform(data_config), min_size) if watch is not None and len(watch) else None
     return _Loop(net, model, opt, train_ds, judged, watched, sampler, stage, cfg,
                  precision, layout, dev, features.default_workers() if cfg.workers < 0 else cfg.workers,

@@ -221,7 +221,7 @@ def fit_mlp(d: FitData, cfg: TrainConfig, params: dict[str, float], epochs: int 
     dropout, class-weighted mean cross-entropy, nn.Linear's initialisation), since importing torch for a two-layer
     network costs more than fitting it. With validation data, early stopping on its loss keeps the best epoch (and
     ends the fit after ``patience`` epochs without progress, or as soon as the loss is ``overfit_stop`` above its best:
-    once it has risen that far it did not come back in any fold of the shared sets, and the wait halved the search),
+    once it has risen that far it did not come back in any fold of the shared sets, and the wait cost a third of the search),
     otherwise it trains for exactly ``epochs``."""
     rng = np.random.default_rng(cfg.seed)
     std = _standardizer(d.x)

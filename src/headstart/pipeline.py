@@ -388,7 +388,7 @@ def _say_head_kept(res: Any, epochs: int, seconds: float) -> None:
                     "model is the frozen backbone with its head, what a run without --finetune gives",
                     sel["held_out_photos"], "calibrated " if sel.get("loss") == "calibrated" else "", sel["loss_before"], sel["loss_after"])
     else:
-        log.warning("fine-tuning ran %d epochs (%.0f s) and never beat the starting head on validation loss, so early "
+        log.warning("fine-tuning ran %d epochs (%.0f s) and never beat the starting head, so early "
                     "stopping kept epoch 0: the saved model is the frozen backbone with its head, what a run without "
                     "--finetune gives. On a few hundred photos that is common; a lower --ft-lr or fewer --unfreeze "
                     "blocks may help, or leave --finetune out", epochs, seconds)
