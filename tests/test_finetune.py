@@ -330,3 +330,23 @@ def test_the_calibrated_loss_forgives_a_confidence_level_but_not_a_wrong_ranking
     worse = logits.clone()
     worse[:40] = torch.randn(40, 5)  # a fifth of the photos no longer ranked right
     assert calibrated_loss(scores, worse, y) > calibrated_loss(scores, logits, y) + 0.05
+
+
+def test_too_few_training_photos_to_hold_any_out_keep_the_frozen_head_instead_of_crashing(tmp_path):
+    """Four training photos of two classes: a fifth held out cannot stand for both classes (scikit-learn refused, and
+    --finetune crashed with its traceback). Nothing can judge fine-tuning, so the frozen head stays, and the run says so."""
+    from headstart.finetune import TOO_FEW, held_out
+
+    assert held_out([0, 0, 1, 1], 0.2, 0) == ([0, 1, 2, 3], [])
+    fit_i, held_i = held_out([0] * 10 + [1] * 10, 0.2, 0)
+    assert len(held_i) == 4 and sorted(fit_i + held_i) == list(range(20))
+    for split, n in (("train", 2), ("val", 1)):
+        for cls in ("ants", "bees"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
+                (tmp_path / "data" / split / cls / p.name).write_bytes(p.read_bytes())
+    clf = headstart.train(tmp_path / "data", out=tmp_path / "run", finetune=True, ft_epochs=1, progress=False)
+    stage = clf.info["stages"]["finetune"]
+    assert stage["best_epoch"] == 0 and stage["selection"]["skipped"] == TOO_FEW
+    assert clf.info["metrics"] == clf.info["stages"]["feature_extraction"]
+    assert "Fine-tuning was not run: " + TOO_FEW in (tmp_path / "run" / "report.html").read_text()

@@ -704,13 +704,23 @@ def calibrated_loss(top: nn.Module, acts: torch.Tensor, labels: torch.Tensor, ba
 
 
 def held_out(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A stratified, seeded part of the training photos kept out to judge fine-tuning (indices: fit, held out)."""
+    """A stratified, seeded part of the training photos kept out to judge fine-tuning (indices: fit, held out). Nothing
+    is held out (``(all, [])``) when the photos are too few for it: fewer to hold out than classes to stratify, or a
+    rest that would not keep two classes to fit a head on."""
     from sklearn.model_selection import train_test_split
 
     idx = list(range(len(labels)))
     counts = [labels.count(c) for c in set(labels)]
-    fit_i, held_i = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels if min(counts) >= 2 else None)
+    try:
+        fit_i, held_i = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels if min(counts) >= 2 else None)
+    except ValueError:  # e.g. 4 photos of 2 classes: one to hold out cannot stand for both
+        return idx, []
+    if len({labels[i] for i in fit_i}) < 2:
+        return idx, []
     return sorted(fit_i), sorted(held_i)
+
+
+TOO_FEW = "too few training photos to hold any out and judge fine-tuning by"
 
 
 def fit_top(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg: TrainConfig,
@@ -765,8 +775,12 @@ def _check(top: Top, net: Net, views: torch.Tensor, y: torch.Tensor, train: Spli
     """The held-out check: the schedule on the training photos less ``ft_holdout``, from the head refitted on them,
     scored on the held-out photos by the calibrated loss against that head. ``top`` is put back as it was. Returns the
     check's history rows and the selection record (``loss_before``/``loss_after``: calibrated)."""
-    start = {k: v.detach().clone() for k, v in top.state_dict().items()}
     fit_i, held_i = held_out(train.labels, cfg.ft_holdout, cfg.seed)
+    if not held_i:
+        log.warning("finetune: %s (%d); the frozen head is kept", TOO_FEW, len(fit_i))
+        return [], {"held_out_photos": 0, "fit_photos": len(fit_i), "skipped": TOO_FEW, "loss_before": 0.0, "loss_after": 0.0,
+                    "lr": regime.lr}
+    start = {k: v.detach().clone() for k, v in top.state_dict().items()}
     net.head.load_state_dict(refit_head(fit_i).state_dict())
     held = (views[0][held_i], y[held_i])
     before, before_cal = top_loss(top, *held), calibrated_loss(top, *held)

@@ -328,9 +328,13 @@ def fit_per_epoch(cfg: TrainConfig, d: Data, start: Outcome, net: Any, train_spl
     from . import finetune
 
     fit_i, held_i = finetune.held_out(list(train_split.labels), cfg.ft_holdout, cfg.seed)
+    if not held_i and stage == "finetune":  # nothing could judge it: the frozen head stays, as without --finetune
+        log.warning("finetune: %s (%d); the frozen head is kept", finetune.TOO_FEW, len(fit_i))
+        return finetune.FitResult(selection={"held_out_photos": 0, "fit_photos": len(fit_i), "skipped": finetune.TOO_FEW})
     if stage == "finetune":
         net.head.load_state_dict(refit_head(cfg, d, start)(fit_i).state_dict())
-    res = finetune.fit(net, train_split.subset(fit_i), train_split.subset(held_i), start.lb.data_config, cfg, stage=stage,
+    held = train_split.subset(held_i) if held_i else train_split  # scratch on a handful of photos: judged on what it trains on
+    res = finetune.fit(net, train_split.subset(fit_i), held, start.lb.data_config, cfg, stage=stage,
                        watch=d.splits.get("val"), checkpoint_dir=ckdir, resume=resume, progress=progress, resume_hint=resume_hint)
     judged = [r for r in res.history if r.get("stage") == stage and "held_out_loss" in r]
     for r in judged:
@@ -383,6 +387,8 @@ def start_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
 def _say_head_kept(res: Any, epochs: int, seconds: float) -> None:
     """Fine-tuning kept the frozen head: say which photos decided it."""
     sel = res.selection
+    if sel.get("skipped"):
+        return  # said when it was skipped
     if sel:
         log.warning("fine-tuning did not beat the head on the %d held-out training photos (%sloss %.4f → %.4f), so the saved "
                     "model is the frozen backbone with its head, what a run without --finetune gives",
