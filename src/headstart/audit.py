@@ -901,6 +901,8 @@ def _split_leaks(f: features.Features, s: Split, ftr: features.Features, tr: Spl
 def _pair_scores(held: list[Path], train: list[Path], digests: list[tuple[str | None, str | None]], cfg: TrainConfig) -> list[float]:
     """``copy_similarity`` of each (held-out photo, train photo) pair, on every core (numpy releases the GIL), and
     remembered by the pairs' content: a re-run on the same photos decodes and compares none."""
+    if not held:
+        return []
     known = all(a and b for a, b in digests)  # a photo that did not read has no content to remember it by
     store, name = cache.store(PAIRS, cfg.cache_dir), cache.key("leak-pairs", digests)
     scores = store.read_json(name) if known else None

@@ -521,10 +521,15 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) 
     n_folds = min(cfg.cv_folds, int(np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
     if n_folds >= 2:
         weights = class_weights(y, n_classes, cfg.class_weights)
-        with single_thread():
-            for tr, te in StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y):
-                f = fit_linear(FitData(x[tr], y[tr], n_classes, weights), cfg, OOF_PARAMS)
-                p[te] = proba(spec("linear", x.shape[1], cfg), f.state, x[te])
+
+        def held_proba(fold: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+            tr, te = fold
+            return proba(spec("linear", x.shape[1], cfg), fit_linear(FitData(x[tr], y[tr], n_classes, weights), cfg, OOF_PARAMS).state, x[te])
+
+        folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y))
+        with single_thread():  # the folds side by side, as the head's search runs them
+            for (_, te), q in zip(folds, _on_cores(held_proba, folds)):
+                p[te] = q
     store.write(name, {".npy": lambda path: path.write_bytes(_npy(p))})
     return p
 

@@ -305,10 +305,7 @@ def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
             res, found = finetune.fit_top(net, train_split, d.splits["val"], lb.data_config, cfg, refit_head(cfg, d, start), progress)
             start.stages["lr_find"] = vars(found) if found else None
         else:
-            frozen = {k: v.detach().clone() for k, v in net.head.state_dict().items()}
             res = fit_per_epoch(cfg, d, start, net, train_split, stage, ckdir, resume, progress, resume_hint)
-            if stage == "finetune" and res.best_epoch == 0:  # the head fitted on every training photo, not its refit
-                net.head.load_state_dict(frozen)
         if not (stage == "finetune" and res.best_epoch == 0):  # else the network is the frozen one: its features and metrics stand
             lb, feats, metrics = evaluate_network(cfg, d, start, net, extract, stage)
         if ckdir is not None and out is not None and distributed.is_main():  # done: the bundle supersedes the checkpoint
@@ -331,11 +328,14 @@ def fit_per_epoch(cfg: TrainConfig, d: Data, start: Outcome, net: Any, train_spl
     if not held_i and stage == "finetune":  # nothing could judge it: the frozen head stays, as without --finetune
         log.warning("finetune: %s (%d); the frozen head is kept", finetune.TOO_FEW, len(fit_i))
         return finetune.FitResult(selection={"held_out_photos": 0, "fit_photos": len(fit_i), "skipped": finetune.TOO_FEW})
+    frozen = {k: v.detach().clone() for k, v in net.head.state_dict().items()}
     if stage == "finetune":
         net.head.load_state_dict(refit_head(cfg, d, start)(fit_i).state_dict())
     held = train_split.subset(held_i) if held_i else train_split  # scratch on a handful of photos: judged on what it trains on
     res = finetune.fit(net, train_split.subset(fit_i), held, start.lb.data_config, cfg, stage=stage,
                        watch=d.splits.get("val"), checkpoint_dir=ckdir, resume=resume, progress=progress, resume_hint=resume_hint)
+    if stage == "finetune" and res.best_epoch == 0:  # the head fitted on every training photo, not its refit
+        net.head.load_state_dict(frozen)
     judged = [r for r in res.history if r.get("stage") == stage and "held_out_loss" in r]
     for r in judged:
         r["checkpoint"] = r.get("epoch") == res.best_epoch  # the history plot marks the kept epoch

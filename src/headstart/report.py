@@ -236,7 +236,7 @@ def _finetune_choice(sel: dict[str, Any] | None) -> str | None:
         return None
     if sel.get("skipped"):
         return f"Fine-tuning was not run: {sel['skipped']} ({sel['fit_photos']}); the frozen head is kept. The validation split chose nothing."
-    better = sel["loss_after"] < sel["loss_before"] - (1e-4 if sel.get("loop") == "per-epoch" else 0)
+    better = sel["epoch"] > 0 if sel.get("loop") == "per-epoch" else sel["loss_after"] < sel["loss_before"]  # what was kept
     if sel.get("loop") == "per-epoch":  # the epoch loop trains on the other photos and keeps its best epoch
         kept = f"the fine-tuned network of epoch {sel['epoch']} (trained on those {sel['fit_photos']})" if better else "the frozen head"
         after = "at its best epoch"
