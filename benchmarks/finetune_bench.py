@@ -38,7 +38,8 @@ def one(data: Path, seed: int, kind: str, extra: dict) -> dict:
         row[f"{split}_n"] = m["n"]
     ft = clf.info.get("stages", {}).get("finetune")
     if ft:
-        row["kept"] = "fine-tuned" if ft["best_epoch"] else "head"
+        share = (ft.get("selection") or {}).get("blend", 1.0 if ft["best_epoch"] else 0.0)
+        row["kept"] = "head" if not ft["best_epoch"] else "fine-tuned" if share == 1 else f"blend {share:g}"
         row["selection"] = ft.get("selection")
     return row
 
@@ -51,7 +52,7 @@ def stats(rows: list[dict], key: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| data | run | seeds | val accuracy % (mean ± half-range) | test accuracy % | images vs frozen, val, per seed | kept (per seed) | held-out loss, head → fine-tuned (per seed) | time s (mean) |",
+    lines = ["| data | run | seeds | val accuracy % (mean ± half-range) | test accuracy % | images vs frozen, val, per seed | kept (per seed) | held-out calibrated loss, head → fine-tuned (per seed) | time s (mean) |",
              "|---|---|---:|---:|---:|---|---|---|---:|"]
     for data in dict.fromkeys(r["data"] for r in rows):
         frozen = {r["seed"]: r for r in rows if r["data"] == data and r["kind"] == "frozen"}
@@ -61,7 +62,9 @@ def table(rows: list[dict]) -> str:
                 continue
             diff = ", ".join(f"{round((r['val'] - frozen[r['seed']]['val']) * r['val_n']):+d}" for r in mine if r["seed"] in frozen)
             kept = ", ".join(r.get("kept", "—") for r in mine)
-            losses = ", ".join(f"{r['selection']['loss_before']:.3f} → {r['selection']['loss_after']:.3f}" for r in mine if r.get("selection"))
+            losses = ", ".join(f"{r['selection']['loss_before']:.3f} → {r['selection'].get('loss_finetuned', r['selection']['loss_after']):.3f}"
+                               + (f" (kept {r['selection']['loss_after']:.3f})" if 0 < r["selection"].get("blend", 1) < 1 else "")
+                               for r in mine if r.get("selection"))
             lines.append(f"| {data} | {kind} | {len(mine)} | {stats(mine, 'val')} | {stats(mine, 'test')} | {diff if kind != 'frozen' else ''} | "
                          f"{kept if kind != 'frozen' else ''} | {losses} | {statistics.mean(r['seconds'] for r in mine):.0f} |")
     return "\n".join(lines)
@@ -118,8 +121,9 @@ def main() -> None:
 Default backbone (EfficientNet-Lite0), default settings plus `finetune=True, cache_bottom=True` {json.dumps(extra) if extra else ''}
 (and `ft_lr="auto"`: lr-find's valley). Machine: {machine()}; load average at the end {load[0]:.1f} (2 cores shared
 with other work: times are wall time under that load). `images vs frozen`: validation photos gained (+) or lost (−)
-against the frozen head of the same seed. `kept`: what the held-out fifth of the training photos chose (the
-validation split chooses nothing). {args.note}
+against the frozen head of the same seed. `kept`: what the held-out fifth of the training photos chose by calibrated
+loss: the head, the fine-tuned network, or a blend of a share of its weights with the starting ones (WiSE-FT); the
+validation split chooses nothing. {args.note}
 
 {table(done)}
 

@@ -304,6 +304,9 @@ def test_fine_tuning_on_cached_activations_is_chosen_by_held_out_training_photos
     sel = stage["selection"]
     assert sel["held_out_photos"] == 10 and sel["fit_photos"] == 38 and sel["lr_source"] in ("lr-find (valley)", "default")
     assert stage["best_epoch"] == (2 if sel["loss_after"] < sel["loss_before"] else 0)
+    shares = {float(a): v for a, v in sel["blends"].items()}  # the held-out photos' calibrated loss for each blend
+    assert set(shares) == {0.0, 0.25, 0.5, 0.75, 1.0} and sel["blend"] == min(shares, key=lambda a: (shares[a], a))
+    assert sel["loss_after"] == shares[sel["blend"]] and (sel["blend"] > 0) == (stage["best_epoch"] == 2)
     if stage["best_epoch"] == 0:  # the frozen head stays, exactly
         assert clf.info["metrics"] == {k: v for k, v in clf.info["stages"]["feature_extraction"].items()}
     history = clf.info["history"]
@@ -312,6 +315,23 @@ def test_fine_tuning_on_cached_activations_is_chosen_by_held_out_training_photos
     assert [r["epoch"] for r in history if r.get("checkpoint")] == [stage["best_epoch"]]
     assert (tmp_path / "run" / "history.png").stat().st_size > 1000
     assert (tmp_path / "run" / "lr_find.csv").read_text().startswith("lr,smoothed_loss")
+
+
+def test_a_blend_is_the_weighted_average_of_the_start_and_the_fine_tuned_weights():
+    """WiSE-FT's interpolation: 0 gives the start back, 1 the end, a share between them the weighted mean of every
+    floating-point tensor (BatchNorm's running statistics too); integer counters come from the end."""
+    from headstart.finetune import blend
+
+    torch.manual_seed(0)
+    start, end = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)), torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    end[1].running_mean += 2.0
+    end[1].num_batches_tracked += 5
+    s, e = start.state_dict(), end.state_dict()
+    assert all(torch.equal(blend(s, e, 0.0)[k], s[k]) for k in s if s[k].is_floating_point())
+    assert all(torch.equal(blend(s, e, 1.0)[k], e[k]) for k in s)
+    mid = blend(s, e, 0.25)
+    assert torch.allclose(mid["0.weight"], 0.75 * s["0.weight"] + 0.25 * e["0.weight"])
+    assert torch.allclose(mid["1.running_mean"], s["1.running_mean"] + 0.5) and int(mid["1.num_batches_tracked"]) == 5
 
 
 def test_the_calibrated_loss_forgives_a_confidence_level_but_not_a_wrong_ranking():

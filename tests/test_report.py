@@ -148,6 +148,11 @@ def test_the_report_says_which_photos_chose_between_fine_tuning_and_the_head():
     calibrated = _finetune_choice({"held_out_photos": 200, "fit_photos": 800, "loss_before": 0.45, "loss_after": 0.41, "loss": "calibrated",
                                    "lr": 1e-3, "lr_source": "ft_lr"})
     assert "calibrated loss (cross-entropy at the best temperature) 0.450" in calibrated and "kept: the fine-tuned network" in calibrated
+    blended = _finetune_choice({"held_out_photos": 200, "fit_photos": 800, "loss_before": 0.448, "loss_after": 0.438, "loss": "calibrated",
+                                "loss_finetuned": 0.503, "blends": {"0": 0.448, "0.25": 0.438, "0.5": 0.449, "0.75": 0.471, "1": 0.503},
+                                "blend": 0.25, "lr": 1e-3, "lr_source": "ft_lr"})
+    assert "0.448 with the head refitted on those, 0.503 fine-tuned, and for blends of the two (0.25: 0.438, 0.5: 0.449, 0.75: 0.471)" in blended
+    assert "kept: a blend of 0.25 fine-tuned and 0.75 starting weights" in blended
     assert _finetune_choice(None) is None
 
 

@@ -240,6 +240,15 @@ def _finetune_choice(sel: dict[str, Any] | None) -> str | None:
     if sel.get("loop") == "per-epoch":  # the epoch loop trains on the other photos and keeps its best epoch
         kept = f"the fine-tuned network of epoch {sel['epoch']} (trained on those {sel['fit_photos']})" if better else "the frozen head"
         after = "at its best epoch"
+    elif "blend" in sel:  # the held-out photos chose a share of the fine-tuned weights (finetune.blend, WiSE-FT)
+        share = sel["blend"]
+        kept = ("the frozen head" if share == 0 else "the fine-tuned network (retrained on all training photos)" if share == 1 else
+                f"a blend of {share:g} fine-tuned and {1 - share:g} starting weights (WiSE-FT; retrained on all training photos)")
+        blends = ", ".join(f"{a}: {v:.3f}" for a, v in sel["blends"].items() if a not in ("0", "1"))
+        return (f"Fine-tuning (head rate {sel['lr']:.2g}, from {sel['lr_source']}) was judged on {sel['held_out_photos']} training "
+                f"photos held out from a run on the other {sel['fit_photos']}: {_loss_word(sel)} {sel['loss_before']:.3f} with the head "
+                f"refitted on those, {sel['loss_finetuned']:.3f} fine-tuned, and for blends of the two ({blends}); kept: {kept}. "
+                "The validation split chose nothing.")
     else:
         kept = "the fine-tuned network (retrained on all training photos)" if better else "the frozen head"
         after = "after fine-tuning"
