@@ -156,7 +156,7 @@ trained, evaluated classifier (headstart also writes its whole run folder: bundl
 {row("headstart, EfficientNet-Lite0 (default)", "lite0", "`headstart train DATA`, empty feature cache", f"{rate['lite0']:.0f} img/s")}
 {row("headstart, EfficientNet-Lite0, new photos", "lite0 new photos", "the same command, the backbone's export cached by an earlier run, no embeddings cached") if "lite0 new photos" in times else ""}
 {row("headstart, EfficientNet-Lite0, cached", "lite0 cached", "the same command again (0 embeddings computed)")}
-{row("headstart, EfficientNet-Lite0, fine-tuned", "lite0 ft", "`headstart train DATA --finetune` (top 3 blocks, ≤ 8 epochs, early stopping), empty cache")}
+{row("headstart, EfficientNet-Lite0, fine-tuned", "lite0 ft", "`headstart train DATA --finetune` (top 5 blocks, 12-epoch one-cycle on cached activations, a blend chosen on held-out photos), empty cache")}
 {row("headstart, MobileNetV2", "mnv2", "`--backbone mobilenetv2 --weights mobilenetv2_100.safetensors`, empty cache", f"{rate['mnv2']:.0f} img/s")}
 {row("headstart, MobileNetV2, cached", "mnv2 cached", "the same command again")}
 {row("headstart, MobileNetV2, Keras-shaped fine-tune", "mnv2 ft", "`... --finetune --unfreeze-layers 4 --epochs 2`, empty cache")}

@@ -145,15 +145,15 @@ def test_augmentation_is_ignored_only_where_nothing_is_augmented():
 
 
 def test_fine_tuning_settings_without_finetune_are_ignored():
-    lines = TrainConfig(ft_epochs=2, unfreeze=5, train_bn=True, label_smoothing=0.0).ignored()
-    assert [line.split(" is ignored")[0] for line in lines] == ["unfreeze=5", "ft_epochs=2", "label_smoothing=0.0", "train_bn=True"]
+    lines = TrainConfig(ft_epochs=2, unfreeze=4, train_bn=True, label_smoothing=0.0).ignored()
+    assert [line.split(" is ignored")[0] for line in lines] == ["unfreeze=4", "ft_epochs=2", "label_smoothing=0.0", "train_bn=True"]
     assert all("applies only when fine-tuning" in line for line in lines)
-    assert TrainConfig(ft_epochs=2, unfreeze=5, train_bn=True, label_smoothing=0.0, finetune=True).ignored() == []
+    assert TrainConfig(ft_epochs=2, unfreeze=4, train_bn=True, label_smoothing=0.0, finetune=True).ignored() == []
 
 
 def test_unfreeze_layers_overrides_unfreeze():
-    assert TrainConfig(finetune=True, unfreeze=5, unfreeze_layers=10).ignored() == [
-        "unfreeze=5 is ignored: unfreeze_layers=10 chooses what is unfrozen instead"]
+    assert TrainConfig(finetune=True, unfreeze=4, unfreeze_layers=10).ignored() == [
+        "unfreeze=4 is ignored: unfreeze_layers=10 chooses what is unfrozen instead"]
 
 
 def test_scratch_ignores_fine_tuning_weights_and_the_head_stage():
@@ -241,5 +241,6 @@ def test_ft_lr_takes_a_rate_or_auto_and_auto_needs_the_cached_bottom():
     assert TrainConfig(ft_lr="auto", cache_bottom=True).ft_lr == "auto"
     with pytest.raises(ConfigError, match=r"ft_lr='fast' is not a number: give a number above 0, or auto"):
         TrainConfig(ft_lr="fast")
+    assert TrainConfig(ft_lr="auto").ft_lr == "auto"  # fine-tuning runs on cached activations by default
     with pytest.raises(ConfigError, match="give cache_bottom=True"):
-        TrainConfig(ft_lr="auto")
+        TrainConfig(ft_lr="auto", cache_bottom=False)

@@ -148,7 +148,8 @@ def _head_options(f: Any) -> Any:
 @click.option("--unfreeze", type=int, default=_DEFAULTS.unfreeze, show_default=True, help="Top blocks to unfreeze when fine-tuning.")
 @click.option("--unfreeze-layers", type=int, default=_DEFAULTS.unfreeze_layers, help="Instead: the last N layers with weights (the Keras way).")
 @click.option("--ft-epochs", "--epochs", "ft_epochs", type=int, default=_DEFAULTS.ft_epochs, show_default=True,
-              help="Fine-tuning epochs (--epochs: the same); early stopping may end sooner.")
+              help="Fine-tuning epochs (--epochs: the same): the one-cycle's length on cached activations, the per-epoch loop's "
+                   "most (early stopping may end it sooner).")
 @click.option("--ft-lr", "--lr", "ft_lr", type=str, default=_DEFAULTS.ft_lr, callback=_number_or_auto, show_default=True, metavar="LR|auto",
               help="Head learning rate while fine-tuning (--lr: the same); the unfrozen blocks get geometrically less, down to "
                    "--backbone-lr-ratio of it. auto: lr-find's valley (see headstart lr-find).")
@@ -156,11 +157,13 @@ def _head_options(f: Any) -> Any:
               help="The lowest unfrozen block's rate as a share of the head's (fastai's slice(lr × ratio, lr)).")
 @click.option("--cache-bottom/--no-cache-bottom", default=_DEFAULTS.cache_bottom, show_default=True,
               help="Fine-tune on the frozen bottom's activations cached once per photo and view (minutes on a CPU; held-out "
-                   "photos decide whether it beats the head), or run the per-epoch loop over photos (checkpoints, --resume, torchrun).")
+                   "photos choose how much of it to keep), or run the per-epoch loop over photos (checkpoints, --resume; what "
+                   "torchrun runs).")
 @click.option("--ft-views", type=int, default=_DEFAULTS.ft_views, show_default=True,
               help="Augmented views (--augment) per training photo whose bottom activations are cached for fine-tuning.")
 @click.option("--ft-holdout", type=float, default=_DEFAULTS.ft_holdout, show_default=True,
-              help="Share of the training photos held out to choose what fine-tuning keeps (an epoch, or the frozen head).")
+              help="Share of the training photos held out to choose what fine-tuning keeps (a share of the fine-tuned "
+                   "weights, an epoch, or the frozen head).")
 @click.option("--ft-mixup", type=float, default=_DEFAULTS.ft_mixup, show_default=True,
               help="timm Mixup alpha on the cached activations while fine-tuning (0: off).")
 @click.option("--ft-ema", type=float, default=_DEFAULTS.ft_ema, show_default=True,
