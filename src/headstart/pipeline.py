@@ -297,6 +297,8 @@ def train_network(cfg: TrainConfig, d: Data, start: Outcome, extract: Extractor,
     t = time.perf_counter()
     net, train_split = start_network(cfg, d, start, extract, stage)
     cached = stage == "finetune" and cfg.cache_bottom and not distributed.active()
+    if stage == "finetune" and cfg.cache_bottom and distributed.active():
+        log.info("finetune: under torchrun the per-epoch loop runs (DistributedDataParallel); cached activations are one process's")
     if cached and resume:
         log.info("finetune: nothing to resume on cached activations; the cache makes the run again cheap")
     lb, feats, metrics = start.lb, start.feats, start.metrics
