@@ -158,7 +158,7 @@ class TrainConfig:
     # fine-tuning (second stage) and the from-scratch baseline
     finetune: bool = False
     unfreeze: int = 5  # top blocks of the backbone to unfreeze (timm's own block grouping); 5 beat 3 and 7 on held-out
-    # training photos (README, "Choosing the fine-tuning defaults")
+    # training photos (BENCHMARKS.md, "Choosing the fine-tuning defaults")
     unfreeze_layers: int = 0  # the Keras alternative: the last N layers with weights (overrides unfreeze)
     ft_lr: float | Literal["auto"] = DEFAULT_FT_LR  # head learning rate while fine-tuning; "auto": lr-find's valley
     cache_bottom: bool = True  # fine-tune on the frozen bottom's activations, cached once per photo and view (fastai's
@@ -166,7 +166,7 @@ class TrainConfig:
     # (checkpoints, --resume), which torchrun always runs
     ft_views: int = 2  # augmented views (--augment) per training photo whose bottom activations are cached
     ft_holdout: float = 0.2  # share of the training photos held out to choose what fine-tuning (or the scratch
-    # baseline) keeps: an epoch, or the frozen head; the validation split only reports
+    # baseline) keeps: a share of the fine-tuned weights, an epoch, or the frozen head; the validation split only reports
     ft_mixup: float = 0.0  # timm Mixup alpha on the cached activations; 0 = off
     ft_ema: float = 0.0  # timm ModelEmaV3 decay of the fine-tuned weights; 0 = off
     backbone_lr_ratio: float = 0.1  # the backbone learns 10x more gently than the head

@@ -394,8 +394,8 @@ def _say_head_kept(res: Any, epochs: int, seconds: float) -> None:
     if sel:
         log.warning("fine-tuning%s did not beat the head on the %d held-out training photos (%sloss %.4f → %.4f), so the saved "
                     "model is the frozen backbone with its head, what a run without --finetune gives",
-                    ", whole or blended with its start," if "blends" in sel else "", sel["held_out_photos"], "calibrated " if sel.get("loss") == "calibrated" else "", sel["loss_before"],
-                    sel.get("loss_finetuned", sel["loss_after"]))
+                    ", whole or blended with its start," if "blends" in sel else "", sel["held_out_photos"],
+                    "calibrated " if sel.get("loss") == "calibrated" else "", sel["loss_before"], sel.get("loss_finetuned", sel["loss_after"]))
     else:
         log.warning("fine-tuning ran %d epochs (%.0f s) and never beat the starting head, so early "
                     "stopping kept epoch 0: the saved model is the frozen backbone with its head, what a run without "
