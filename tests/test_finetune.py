@@ -124,7 +124,7 @@ def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path, caplog):
     tuned = clf.info["stages"]["finetune"]["val"]["accuracy"]
     kept_start = clf.info["stages"]["finetune"]["best_epoch"] == 0  # then the user is told what that means
     assert ("so the saved model is the frozen backbone with its head" in caplog.text) == kept_start
-    assert tuned >= frozen - 1 / 153
+    assert round((frozen - tuned) * 153) <= 1  # never more than one photo worse (the bar; seed 0 is one below)
     assert clf.info["metrics"]["val"]["accuracy"] == tuned
     hist = (tmp_path / "ft" / "history.csv").read_text().splitlines()
     assert hist[0].startswith("stage,epoch") and any(line.startswith("finetune,") for line in hist)
