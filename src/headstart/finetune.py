@@ -243,7 +243,7 @@ def fit(
         row = {"stage": stage, "epoch": 0, **_scores(loop)}
         loop.result.history.append(row)
         loop.result.best_val_loss, loop.result.best_epoch = row["held_out_loss"], 0
-        loop.best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        loop.best_state = state_copy(net)
     epoch = start - 1
     try:
         with _deterministic():
@@ -316,7 +316,7 @@ def _epoch(loop: _Loop, epoch: int, progress: bool) -> None:
              f", val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f}" if "val_loss" in row else "", row["seconds"])
     if row["held_out_loss"] < loop.result.best_val_loss - 1e-4:
         loop.result.best_val_loss, loop.result.best_epoch = row["held_out_loss"], epoch
-        loop.best_state = {k: v.detach().clone() for k, v in loop.net.state_dict().items()}
+        loop.best_state = state_copy(loop.net)
 
 
 def _scores(loop: _Loop) -> dict[str, float]:
@@ -533,7 +533,7 @@ def lr_find(top: Top, acts: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
     ``start`` to ``end`` over ``steps`` small batches (the block groups keep their ratios), the loss is smoothed
     (β = 0.98, debiased) and the sweep stops once it passes 4× its minimum. Model, BatchNorm buffers and module
     modes are put back exactly as they were; the optimizer is a fresh one and is dropped."""
-    saved = {k: v.detach().clone() for k, v in top.state_dict().items()}
+    saved = state_copy(top)
     modes = {m: m.training for m in top.modules()}
     grads = {p: p.requires_grad for p in top.parameters()}
     groups = _groups(top, 1.0, cfg.backbone_lr_ratio)
@@ -760,11 +760,11 @@ def fit_top(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg
     result.history = [*check, first]
     alpha = result.selection.get("blend", 0.0)
     if alpha > 0:
-        begin = _copy(top)
+        begin = state_copy(top)
         result.history += train_top(top, views, y, cfg, regime, watch, "finetune")
         result.best_epoch = regime.epochs
         if alpha < 1:
-            top.load_state_dict(blend(begin, _copy(top), alpha))
+            top.load_state_dict(blend(begin, state_copy(top), alpha))
             row = {"stage": "blend", "epoch": regime.epochs, "blend": alpha, "val_loss": 0.0, "val_accuracy": 0.0}
             row["val_loss"], row["val_accuracy"] = top_loss(top, *watch["val"])
             result.history.append(row)
@@ -788,12 +788,12 @@ def _check(top: Top, net: Net, views: torch.Tensor, y: torch.Tensor, train: Spli
         log.warning("finetune: %s (%d); the frozen head is kept", TOO_FEW, len(fit_i))
         return [], {"held_out_photos": 0, "fit_photos": len(fit_i), "skipped": TOO_FEW, "loss_before": 0.0, "loss_after": 0.0,
                     "lr": regime.lr}
-    start = _copy(top)
+    start = state_copy(top)
     net.head.load_state_dict(refit_head(fit_i).state_dict())
     held = (views[0][held_i], y[held_i])
-    before, begin = top_loss(top, *held), _copy(top)
+    before, begin = top_loss(top, *held), state_copy(top)
     check = train_top(top, views[:, fit_i], y[fit_i], cfg, regime, {"held_out": held}, "finetune-check")
-    last, end = [r for r in check if "epoch" in r][-1], _copy(top)
+    last, end = [r for r in check if "epoch" in r][-1], state_copy(top)
     losses = {}
     for a in (0.0, *BLENDS):  # the held-out photos score each blend of the refitted head's start and its fine-tuned end
         top.load_state_dict(blend(begin, end, a))
@@ -822,7 +822,8 @@ def blend(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: f
     return {k: torch.lerp(start[k], end[k], alpha) if end[k].is_floating_point() else end[k] for k in end}
 
 
-def _copy(module: nn.Module) -> dict[str, torch.Tensor]:
+def state_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of ``module``'s weights and buffers, to put back or blend later."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 

@@ -330,7 +330,7 @@ def fit_per_epoch(cfg: TrainConfig, d: Data, start: Outcome, net: Any, train_spl
     if not held_i and stage == "finetune":  # nothing could judge it: the frozen head stays, as without --finetune
         log.warning("finetune: %s (%d); the frozen head is kept", finetune.TOO_FEW, len(fit_i))
         return finetune.FitResult(selection={"held_out_photos": 0, "fit_photos": len(fit_i), "skipped": finetune.TOO_FEW})
-    frozen = {k: v.detach().clone() for k, v in net.head.state_dict().items()}
+    frozen = finetune.state_copy(net.head)
     if stage == "finetune":
         net.head.load_state_dict(refit_head(cfg, d, start)(fit_i).state_dict())
     held = train_split.subset(held_i) if held_i else train_split  # scratch on a handful of photos: judged on what it trains on
