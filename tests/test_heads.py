@@ -90,20 +90,21 @@ def test_the_search_runs_its_fits_on_every_core_and_finds_the_same_table(ants_tr
     x, y = ants_train
     cfg = TrainConfig(cache_dir=None)
     threads = []
-    real = heads._fold_score
+    real = heads._fold_scores
 
     def spy(*args):
         threads.append(threading.current_thread().name)
         return real(*args)
 
     cores = min(2, os.cpu_count() or 1)
-    monkeypatch.setattr(heads, "_fold_score", spy)
+    monkeypatch.setattr(heads, "_fold_scores", spy)
     with heads.single_thread():
         parallel = heads.select(x, y, 2, cfg)
         monkeypatch.setattr(heads.os, "cpu_count", lambda: 1)
         serial = heads.select(x, y, 2, cfg)
-    assert len(threads) == 2 * 3 * 5 and len({t for t in threads[:15] if t.startswith("head-cv")}) == (cores if cores > 1 else 0)
-    assert set(threads[15:]) == {threading.main_thread().name}
+    # one job per head type and fold (the linear head's two C values share theirs): 2 types x 5 folds, twice
+    assert len(threads) == 2 * 2 * 5 and len({t for t in threads[:10] if t.startswith("head-cv")}) == (cores if cores > 1 else 0)
+    assert set(threads[10:]) == {threading.main_thread().name}
     assert parallel == serial  # each fit seeds its own generator: the thread count changes nothing
 
 
@@ -115,9 +116,43 @@ def test_early_stopping_ends_a_fit_once_the_loss_has_clearly_risen_and_keeps_the
     x, y = ants_train
     tr, te = next(StratifiedKFold(5, shuffle=True, random_state=0).split(x, y))
     data = heads.FitData(x[tr], y[tr], 2, None, x[te], y[te])
-    patient = heads.fit_mlp(data, TrainConfig(overfit_stop=1e9), {})
-    quick = heads.fit_mlp(data, TrainConfig(), {})
+    patient = heads.fit_mlp(data, TrainConfig(patience=15, overfit_stop=1e9), {})
+    quick = heads.fit_mlp(data, TrainConfig(patience=15), {})
     assert quick.epochs == patient.epochs and len(quick.history) < len(patient.history)
     assert quick.history[-1]["val_loss"] > 1.1 * min(h["val_loss"] for h in quick.history)
     for k in quick.state:
         np.testing.assert_array_equal(quick.state[k], patient.state[k])
+
+
+def test_the_warm_started_c_path_finds_each_cold_fits_answer(ants_train):
+    """The linear head's candidates share one solver run per fold (each C starts from the stronger one's solution):
+    a speed-up only, so every C must predict what a fit from zero predicts."""
+    x, y = ants_train
+    data = heads.FitData(x, y, 2)
+    grid = [{"C": 0.5}, {"C": 0.05}]  # any order in, the same order out
+    path = heads.fit_linear_path(data, TrainConfig(), grid)
+    for params, warm in zip(grid, path):
+        cold = heads.fit_linear(data, TrainConfig(), params)
+        assert warm.params == params
+        p_warm, p_cold = (heads.proba(heads.spec("linear", x.shape[1], TrainConfig()), f.state, x) for f in (warm, cold))
+        assert (p_warm.argmax(1) == p_cold.argmax(1)).all()
+        assert np.abs(p_warm - p_cold).max() < 1e-3
+
+
+def test_the_numpy_adam_takes_torchs_steps():
+    """The MLP head trains with a hand-fused Adam (numpy, no torch import): it must move the weights exactly as
+    torch.optim.Adam with the same L2 weight decay does."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    ours = [rng.normal(size=(50, 20)).astype(np.float32), rng.normal(size=20).astype(np.float32)]
+    theirs = [torch.tensor(a.copy(), requires_grad=True) for a in ours]
+    opt, adam = torch.optim.Adam(theirs, lr=1e-3, weight_decay=1e-4), heads._Adam(ours, 1e-3, 1e-4)
+    for _ in range(50):
+        grads = [rng.normal(size=a.shape).astype(np.float32) for a in ours]
+        for t, g in zip(theirs, grads):
+            t.grad = torch.tensor(g.copy())
+        opt.step()
+        adam.step([g.copy() for g in grads])
+    for a, t in zip(ours, theirs):
+        np.testing.assert_allclose(a, t.detach().numpy(), atol=1e-6)
