@@ -24,14 +24,21 @@ def shared() -> Path:
 
 
 def machine() -> str:
+    """The CPU model and what decides its speed here: the model name alone ("AMD EPYC") hides whether it has
+    AVX-512, VNNI (int8 dot products) and bf16, which moved int8's speed-up from 1.0x to 1.9x between two such machines."""
     import torch
 
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", set()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1] for line in info if line.startswith("flags")).split())
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    isa = [name for name, flag in (("AVX-512", "avx512f"), ("VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"), ("BF16", "avx512_bf16"),
+                                   ("AMX", "amx_tile")) if flag in flags] or ["AVX2" if "avx2" in flags else "no AVX2"]
+    return (f"{cpu} ({' + '.join(isa)}), {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"{time.strftime('%Y-%m-%d')}")
 
 
 def median_time(fn: Callable[[], object], repeat: int = 3) -> tuple[float, list[float]]:

@@ -132,7 +132,7 @@ def test_predicting_with_a_run_imports_neither_torch_nor_timm(ants_run):
     _, out = ants_run
     photo = next((HYMENOPTERA / "val" / "bees").glob("*.jpg"))
     code = (f"import sys, headstart; p = headstart.load({str(out)!r}).predict([{str(photo)!r}])[0]; "
-            "print(p.top[0][0], sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))")
+            "print(p.top[0][0], sorted(m for m in ('torch', 'timm', 'torchvision', 'onnx') if m in sys.modules))")  # ONNX Runtime only
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split(" ", 1) == ["bees", "[]\n"], r.stdout

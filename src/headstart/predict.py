@@ -386,7 +386,7 @@ class OnnxModel:
     """An exported run folder opened with ONNX Runtime: the ``--engine onnxruntime`` path of predict and evaluate."""
 
     def __init__(self, folder: str | os.PathLike, bundle_sha256: str | None = None):
-        onnx.need_onnx()
+        onnx.need_ort()
         folder = Path(folder)
         onnx_path, meta_path = folder / onnx.ONNX_FILE, folder / onnx.META_FILE
         if not onnx_path.is_file() or not meta_path.is_file():
