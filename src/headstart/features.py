@@ -52,7 +52,8 @@ RUNTIMES = choices("runtime")  # TrainConfig's list: the one place it is written
 # 1/8/16/32/64 = 136/145/132/118/115. PyTorch keeps the configured batch size.
 ORT_BATCH = 8
 # What precision="auto" runs in ONNX Runtime on a CPU. fp32 unless int8 keeps the default backbone's validation
-# accuracy within 0.5 pt of fp32 on both shared data sets (BENCHMARKS.md, "int8").
+# accuracy within 0.5 pt of fp32 on both shared data sets and pays for its quantization on a first run (BENCHMARKS.md,
+# "int8": with VNNI it kept the accuracy, but its 3.4 s of quantizing a new training set pay back only past ~2 800 photos).
 ORT_AUTO = "fp32"
 CALIBRATION_PHOTOS = 64  # int8: training photos its activation ranges are calibrated on (spread over the classes)
 
