@@ -92,8 +92,10 @@ zero and C 0.5 from its answer (6 L-BFGS iterations instead of 21); the same opt
 held-out photo or two can change sides (the C 0.5 row). What is left is arithmetic: an MLP epoch on a fold
 (2 400 rows) is 3.1 GFLOP of matrix products (1 280 → 256, forward and the first layer's gradient, about 90 GFLOP/s on
 one core of this CPU) plus Adam's 12 passes over 330 000 weights after each of 38 batches (0.5 ms a step); the five
-folds run 10-13 epochs each. Two threads on this machine's 2 cores do about 1.4× the work of one (measured: a fold's
-fit takes 0.7 s alone and 1.1 s beside another), so the wall time is about the one-core work divided by 1.4.
+folds run 10-13 epochs each. Two MLP fits side by side each run at full speed (measured while building this:
+0.75 s alone, 0.75 s each beside another), but five fold fits do not split evenly over two cores: the search alone
+took 3.36 s on one core and 2.13 s on two with the MLP only, 1.14 → 0.74 s with the linear head only, 4.3 → 2.9 s
+with both (ideal 2.15 s); three MLP folds land on one core, and the folds' lengths vary with their early stop.
 Tried and not kept: the MLP on 64-256 principal components (5× fewer products, but CV accuracy fell by 1-50
 points: whitening the components amplified noise), Adam in cache-sized chunks (no faster), patience 3 (changed
 clothing's MLP row: 85.7 → 85.5 %), an L-BFGS of our own in float32 (no faster than scikit-learn's: each iteration is
