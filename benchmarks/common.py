@@ -23,18 +23,25 @@ def shared() -> Path:
     return shared_dir()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        return set(next(line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def machine() -> str:
     """The CPU model and what decides its speed here: the model name alone ("AMD EPYC") hides whether it has
-    AVX-512, VNNI (int8 dot products) and bf16, which moved int8's speed-up from 1.0x to 1.9x between two such machines."""
+    AVX-512, VNNI (int8 dot products) and bf16, which moved int8's speed-up from 1.0x to 1.6x between two such machines."""
     import torch
 
-    cpu, flags = "unknown CPU", set()
+    cpu = "unknown CPU"
     try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1] for line in info if line.startswith("flags")).split())
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    flags = cpu_flags()
     isa = [name for name, flag in (("AVX-512", "avx512f"), ("VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"), ("BF16", "avx512_bf16"),
                                    ("AMX", "amx_tile")) if flag in flags] or ["AVX2" if "avx2" in flags else "no AVX2"]
     return (f"{cpu} ({' + '.join(isa)}), {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "

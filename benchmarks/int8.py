@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from common import machine, shared, write_section
+from common import cpu_flags, machine, shared, write_section
 
 import headstart
 from headstart import backbones, features, onnx
@@ -196,11 +196,7 @@ def section(rows: list[dict], speeds: dict[str, dict[str, float]], loads: list[t
 
 
 def vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni"})
 
 
 def decision(rows: list[dict], speeds: dict[str, dict[str, float]]) -> str:
