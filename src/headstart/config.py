@@ -140,7 +140,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     max_epochs: int = 200  # head epochs are milliseconds on cached features; early stopping ends them
     patience: int = 5  # early stopping ends the head's fit after this many epochs without a better validation loss (15 gave
-    # the same cross-validation table on both shared sets and on 3 000 photos, at 1.7x the search time: BENCHMARKS.md)
+    # the same cross-validation table on both shared sets and on 3 000 photos, its MLP folds taking 1.5x as long: BENCHMARKS.md)
     overfit_stop: float = 0.1  # ...or once the validation loss is 10 % above its best (Prechelt's GL criterion): overfitting
     batch_size: int = 32  # images per backbone forward pass
     head_batch_size: int = 64
