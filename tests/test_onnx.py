@@ -33,7 +33,7 @@ def few_photos(tmp_path):
     return [folder / "empty.jpg", folder / "text.jpg", *map(Path, paths)]
 
 
-def test_unreadable_calibration_photos_are_skipped_and_the_graph_is_quantized_once(few_photos, lite0, monkeypatch):
+def test_unreadable_calibration_photos_are_skipped_and_the_graph_is_quantized_once(few_photos, lite0, monkeypatch, caplog):
     """11 s at load 2.4 (26 s at load 4): the fp32 export when no earlier test made it, one quantization, three extractions."""
     calib = features.calibration_sample(few_photos, n=10)
     assert len(calib.paths) == 10  # the unreadable ones are in the sample: decoding skips them
@@ -47,10 +47,29 @@ def test_unreadable_calibration_photos_are_skipped_and_the_graph_is_quantized_on
     again = features.extract(few_photos, lite0, use_cache=False, precision="int8", calibration=calib, progress=False)
     assert len(made) == 1  # read back from <cache>/onnx, not quantized again
     np.testing.assert_array_equal(first.x, again.x)
+    cache.store("onnx").path(onnx.int8_key(lite0, calib), ".int8.onnx").write_bytes(b"half a graph")
+    with caplog.at_level("WARNING"):
+        repaired = features.extract(few_photos, lite0, use_cache=False, precision="int8", calibration=calib, progress=False)
+    assert len(made) == 2 and "quantizing it again" in caplog.text and repaired.precision == "int8"  # a damaged graph is made again
+    np.testing.assert_array_equal(first.x, repaired.x)
     fp32 = features.extract(few_photos, lite0, use_cache=False, precision="fp32", progress=False)
     # eight photos calibrate coarsely: close to fp32, not equal (the agreement of whole runs is tested below)
     cos = (fp32.x * first.x).sum(1) / np.linalg.norm(fp32.x, axis=1) / np.linalg.norm(first.x, axis=1)
     assert fp32.precision == "fp32" and cos.min() > 0.7 and not np.array_equal(fp32.x, first.x)
+
+
+def test_the_grad_cam_graph_is_derived_once_and_a_damaged_copy_derived_again(lite0, tmp_path):
+    """The feature graph with the pooled map as a second output (Grad-CAM without torch) is kept beside the export;
+    a file ONNX Runtime cannot read is made again from the export, never an error."""
+    assert onnx.feature_session(lite0, tmp_path) is not None
+    pixels = np.zeros((1, *lite0.data_config["input_size"][1:], 3), np.uint8)
+    first = onnx.map_session(lite0, tmp_path).run(None, {"pixels": pixels})
+    derived = [p for p in (tmp_path / "onnx").glob("*.onnx") if p.stem == cache.key(onnx._graph_key(lite0, "embedding"), "with-map")]
+    assert len(derived) == 1 and len(first) == 2 and first[1].ndim == 4  # the embedding, and the map it pools
+    derived[0].write_bytes(b"half a graph")
+    again = onnx.map_session(lite0, tmp_path).run(None, {"pixels": pixels})
+    np.testing.assert_array_equal(first[1], again[1])
+    assert derived[0].stat().st_size > 1_000_000  # repaired in place
 
 
 def test_no_readable_calibration_photo_means_fp32(few_photos, lite0):

@@ -96,6 +96,24 @@ def _session(model: str | bytes, threads: int, spin: bool, _stamp: tuple = ()):
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
+def _cached_session(store: cache.Store, name: str, suffix: str, make: Callable[[], bytes | None], threads: int = 0,
+                    damaged: str = ""):
+    """The session of the graph cached as ``name + suffix``, else of the graph ``make()`` returns, written there first
+    (an unwritable cache still gives a session, from the bytes); None when ``make`` has no graph. A file ONNX Runtime
+    cannot read is made again, the cache's one policy; ``damaged`` is the warning that says so (path, then reason)."""
+    path = store.path(name, suffix)
+    if path.is_file():
+        try:
+            return session(path, threads, spin=False)
+        except Exception as e:  # noqa: BLE001 - whatever ORT says of a damaged file, the cure is to make it again
+            if damaged:
+                log.warning(damaged, path, str(e).splitlines()[0][:200])
+    data = make()
+    if data is None:
+        return None
+    return session(path, threads, spin=False) if store.write_bytes(name, suffix, data) else session(data, threads, spin=False)
+
+
 # ------------------------------------------------------------------------------------------ tracing
 
 
@@ -252,22 +270,17 @@ def feature_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = No
     if refused(lb, cache_dir, output):
         return None
     store, name = cache.store("onnx", cache_dir), _graph_key(lb, output)
-    path = store.path(name, ".onnx")
-    if path.is_file():
+
+    def export() -> bytes | None:
         try:
-            return session(path, threads, spin=False)
-        except Exception as e:  # noqa: BLE001 - whatever ORT says of a damaged file, the cure is a fresh export
-            log.warning("the exported backbone %s cannot be read (%s); exporting it again", path, str(e).splitlines()[0][:200])
-    try:
-        data = feature_graph(lb, output)
-    except ExportError as e:
-        _REFUSED[name] = str(e)
-        log.warning("ONNX Runtime cannot run %s (%s); using PyTorch", lb.spec.name, e)
-        store.write_bytes(name, ".refused.json", json.dumps({"why": str(e), "libraries": _libraries()}).encode())
-        return None
-    if store.write_bytes(name, ".onnx", data):
-        return session(path, threads, spin=False)
-    return session(data, threads, spin=False)
+            return feature_graph(lb, output)
+        except ExportError as e:
+            _REFUSED[name] = str(e)
+            log.warning("ONNX Runtime cannot run %s (%s); using PyTorch", lb.spec.name, e)
+            store.write_bytes(name, ".refused.json", json.dumps({"why": str(e), "libraries": _libraries()}).encode())
+            return None
+
+    return _cached_session(store, name, ".onnx", export, threads, damaged="the exported backbone %s cannot be read (%s); exporting it again")
 
 
 # ------------------------------------------------------------------------------ the int8 feature graph
@@ -316,20 +329,12 @@ def map_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = None):
     """A session giving the embedding and the map it pools, derived from the cached feature graph (remembered beside
     it), or None when that graph is not cached or does not end in a global average pool."""
     store, name = cache.store("onnx", cache_dir), _graph_key(lb, "embedding")
-    derived = cache.key(name, "with-map")
-    path = store.path(derived, ".onnx")
-    if path.is_file():
-        try:
-            return session(path, spin=False)
-        except Exception:  # noqa: BLE001 - a damaged file reads as absent (the cache's one policy): derived again
-            pass
-    graph = store.read_bytes(name, ".onnx")
-    made = with_map_output(graph) if graph is not None else None
-    if made is None:
-        return None
-    if not store.write_bytes(derived, ".onnx", made):
-        return session(made, spin=False)
-    return session(path, spin=False)
+
+    def derive() -> bytes | None:
+        graph = store.read_bytes(name, ".onnx")
+        return with_map_output(graph) if graph is not None else None
+
+    return _cached_session(store, cache.key(name, "with-map"), ".onnx", derive)
 
 
 def int8_key(lb: LoadedBackbone, calibration: Calibration) -> str:
@@ -393,30 +398,26 @@ def int8_session(lb: LoadedBackbone, calibration: Calibration, batches: Callable
     caller runs fp32). Quantized once per (fp32 graph, calibration digests, settings, ONNX Runtime version) and read
     back from ``<cache>/onnx/``; ``batches()`` (the calibration photos' pixels) is only called when quantizing."""
     store, name = cache.store("onnx", cache_dir), int8_key(lb, calibration)
-    path = store.path(name, ".int8.onnx")
-    if path.is_file():
+
+    def quantized() -> bytes | None:
+        if name in _REFUSED:  # failed already in this process (logged then)
+            return None
+        if not calibration.paths:
+            log.warning("the int8 graph of %s is not in the cache and its calibration photos are not at hand; using fp32", lb.spec.name)
+            return None
+        if feature_session(lb, cache_dir) is None:
+            return None
+        t = time.perf_counter()
         try:
-            return session(path, threads, spin=False)
-        except Exception as e:  # noqa: BLE001 - a damaged file: quantize again
-            log.warning("the int8 backbone %s cannot be read (%s); quantizing it again", path, str(e).splitlines()[0][:200])
-    if name in _REFUSED:  # failed already in this process (logged then)
-        return None
-    if not calibration.paths:
-        log.warning("the int8 graph of %s is not in the cache and its calibration photos are not at hand; using fp32", lb.spec.name)
-        return None
-    if feature_session(lb, cache_dir) is None:
-        return None
-    t = time.perf_counter()
-    try:
-        data = quantize(store.path(_graph_key(lb, "embedding"), ".onnx").read_bytes(), _counted(batches()))
-    except Exception as e:  # noqa: BLE001 - no photo decodes, or any quantizer failure: fp32 still works
-        _REFUSED[name] = why = str(e) if isinstance(e, (EmptyCalibration, OSError)) else f"{type(e).__name__}: {str(e)[:200]}"
-        log.warning("cannot quantize %s to int8 (%s); using fp32", lb.spec.name, why)
-        return None
-    log.info("int8: %s quantized on %d photos in %.1f s", lb.spec.name, len(calibration.digests), time.perf_counter() - t)
-    if store.write_bytes(name, ".int8.onnx", data):
-        return session(path, threads, spin=False)
-    return session(data, threads, spin=False)
+            data = quantize(store.path(_graph_key(lb, "embedding"), ".onnx").read_bytes(), _counted(batches()))
+        except Exception as e:  # noqa: BLE001 - no photo decodes, or any quantizer failure: fp32 still works
+            _REFUSED[name] = why = str(e) if isinstance(e, (EmptyCalibration, OSError)) else f"{type(e).__name__}: {str(e)[:200]}"
+            log.warning("cannot quantize %s to int8 (%s); using fp32", lb.spec.name, why)
+            return None
+        log.info("int8: %s quantized on %d photos in %.1f s", lb.spec.name, len(calibration.digests), time.perf_counter() - t)
+        return data
+
+    return _cached_session(store, name, ".int8.onnx", quantized, threads, damaged="the int8 backbone %s cannot be read (%s); quantizing it again")
 
 
 class EmptyCalibration(ValueError):
