@@ -27,6 +27,8 @@ from pathlib import Path
 from common import machine, shared, write_section
 
 N = int(os.environ.get("BENCH_LARGE_N", "20000"))
+HEAD_MEMORY = 3.7  # the head's search and fit: peak allocations beside the embeddings, in multiples of their bytes
+# (head_search.py's memory line: 3.7 at 40 000 rows on 2026-12-02, 5.5 before the fits' temporaries were removed)
 HERE = Path(os.environ.get("BENCH_LARGE_DIR", Path(tempfile.gettempdir()) / "headstart-large"))
 
 
@@ -149,9 +151,11 @@ re-run reads those comparisons back).
   (5-fold cross-validation: every epoch touches every row, the number of epochs stays about the same) ≈
   {head_s * scale / 60:.0f} min; the rest, at this run's rate, ≈ {rest * scale / 60:.0f} min (an upper bound: a folder without copies
   gives the leak check little to compare) — about **{one / 3600:.1f} h** in all.
-  The embeddings are {mem_gb:.1f} GB of float32 in memory, and each cross-validation thread copies its fold's
-  training rows (0.8 × that), so ≈ {mem_gb * 2.6:.0f} GB at the peak: within 24 GB, but the fold copies are what to
-  remove first (index the rows instead). On disk: {per_photo_disk * million / 1e9:.1f} GB of cache in a million files.
+  The embeddings are {mem_gb:.1f} GB of float32 in memory, and the head's search and fit allocate {HEAD_MEMORY}× that
+  beside them at their peak (measured at 40 000 rows by `benchmarks/head_search.py`: each thread's copy of its fold's
+  rows, the held-out rows, scikit-learn's float64 copy), so ≈ {mem_gb * (1 + HEAD_MEMORY):.0f} GB: {'within' if mem_gb * (1 + HEAD_MEMORY) < 24 else 'beyond'}
+  this machine's 24 GB; the fold copies are what to remove next (index the rows instead). On disk:
+  {per_photo_disk * million / 1e9:.1f} GB of cache in a million files.
 - *A torchrun cluster of N such machines* (`headstart train --nproc` / `torchrun`, each rank embeds its shard of the
   photos and rank 0 gathers them): extraction divides by N (≈ {million / rate / 3600 / 8:.1f} h with 8), the head's search
   does not (it runs on rank 0): with 8 machines the search and the scan would be most of the
