@@ -456,8 +456,8 @@ def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views
     grids = {kind: [p for k, p in tried if k == kind] for kind in kinds}
     jobs = [(kind, f) for kind in kinds for f in range(len(folds))]  # one job fits a head type's whole grid on a fold
     done = dict(zip(jobs, _on_cores(lambda job: _fold_scores(job[0], grids[job[0]], x, y, n_classes, cfg, views or [], folds[job[1]]), jobs)))
-    scores = {(kind, i): [done[(kind, f)][i] for f in range(len(folds))] for kind in kinds for i in range(len(grids[kind]))}
-    table = [_summary(kind, params, scores[(kind, grids[kind].index(params))]) for kind, params in tried]
+    # kind by kind, each grid in order: ``tried``'s order (``candidates`` lists each type's settings together)
+    table = [_summary(kind, params, [done[(kind, f)][i] for f in range(len(folds))]) for kind in kinds for i, params in enumerate(grids[kind])]
     best = chosen(table)
     return best["kind"], best["params"], best["epochs"], table
 
