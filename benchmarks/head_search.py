@@ -50,7 +50,7 @@ def memory(x: np.ndarray, y: np.ndarray, n: int = 40_000) -> float:
 
 def rows_3000() -> tuple[np.ndarray, np.ndarray]:
     data = shared() / "datasets" / "clothing"
-    lb = pipeline.load_backbone(TrainConfig(), None)
+    lb = pipeline.load_backbone(TrainConfig())
     ds = scan(data)
     xs, ys = [], []
     for split in ds.splits.values():

@@ -124,8 +124,11 @@ def test_fine_tuning_keeps_or_beats_feature_extraction(tmp_path, caplog):
     tuned = clf.info["stages"]["finetune"]["val"]["accuracy"]
     kept_start = clf.info["stages"]["finetune"]["best_epoch"] == 0  # then the user is told what that means
     assert ("so the saved model is the frozen backbone with its head" in caplog.text) == kept_start
-    assert round((frozen - tuned) * 153) <= 1  # never more than one photo worse (the bar; seed 0 is one below)
-    assert clf.info["metrics"]["val"]["accuracy"] == tuned
+    assert round((frozen - tuned) * 153) <= 1  # never more than one photo worse (the bar)
+    assert clf.info["metrics"]["val"]["accuracy"] == tuned >= 0.96  # the bar; seed 0 measured 97.4 % (288 px)
+    chosen = [r["input_size"] for r in clf.info["input_selection"] if r.get("chosen")]  # --finetune searches the size
+    assert [r["input_size"] for r in clf.info["input_selection"]] == [224, 256, 288] and len(chosen) == 1
+    assert clf.backbone.data_config["input_size"][-1] == chosen[0]
     hist = (tmp_path / "ft" / "history.csv").read_text().splitlines()
     assert hist[0].startswith("stage,epoch") and any(line.startswith("finetune,") for line in hist)
     assert (tmp_path / "ft" / "history.png").stat().st_size > 1000
@@ -210,7 +213,7 @@ def top_on_ants(small):
 
     cfg = TrainConfig(finetune=True, seed=0)
     d = pipeline.split(small, cfg)
-    lb = pipeline.load_backbone(cfg, None)
+    lb = pipeline.load_backbone(cfg)
     net = finetune.Net(lb.model, heads.to_torch(heads.spec("linear", lb.num_features, cfg), 2))
     finetune.unfreeze_top(net.backbone, blocks=3)
     bottom, seq = finetune.split_frozen(net.backbone)

@@ -63,12 +63,23 @@ ENGINES = ["pytorch", "onnxruntime"]
 
 def _number_or_auto(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
     """A number when the text is one; TrainConfig judges it (and any word other than auto)."""
+    return _parsed(value, float)
+
+
+def _whole_or_auto(ctx: click.Context, param: click.Parameter, value: str | None) -> int | float | str | None:
+    """A whole number when the text is one (else as ``_number_or_auto``): TrainConfig refuses 256.5 by name."""
+    return _parsed(value, int, float)
+
+
+def _parsed(value: str | None, *kinds: type) -> Any:
     if value is None or value == "auto":
         return value
-    try:
-        return float(value)
-    except ValueError:
-        return value
+    for kind in kinds:
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _config(**opts: Any) -> TrainConfig:
@@ -100,9 +111,11 @@ def _compute_options(f: Any) -> Any:
                           "with --runtime pytorch); auto: bf16 where the CPU has it."),
         click.option("--runtime", type=click.Choice(choices("runtime")), default=_DEFAULTS.runtime, show_default=True,
                      help="What runs the frozen backbone for features: auto = ONNX Runtime on a CPU, PyTorch on a GPU."),
-        click.option("--input-size", type=int, default=_DEFAULTS.input_size,
+        click.option("--input-size", default=_DEFAULTS.input_size, callback=_whole_or_auto, metavar="N|auto",
                      help=f"Pixels (square) the backbone sees, {RANGES['input_size'].describe()}; default: its timm data "
-                          "config. Networks trained at 224 often do better at 256-288 (the FixRes effect; see README)."),
+                          "config, or with --finetune auto. auto: its own size or one of two larger (8/7, 9/7 of it), "
+                          "whichever cross-validates best on the training photos; networks trained at 224 often do "
+                          "better at 256-288 (the FixRes effect; see README)."),
         click.option("--crop-pct", default=_DEFAULTS.crop_pct, callback=_number_or_auto, metavar="P|auto",
                      help="Share of the shorter side kept by the centre crop; default: the backbone's timm data config "
                           "(about 0.88). 1.0 keeps the whole frame: better for product or catalogue photos. auto: "

@@ -131,7 +131,9 @@ class TrainConfig:
 
     backbone: str = DEFAULT_BACKBONE
     weights: str | None = None  # explicit weight file; None = package, then hub
-    input_size: int | None = None  # pixels (square) the backbone sees; None = its timm data config (see README)
+    input_size: int | Literal["auto"] | None = None  # pixels (square) the backbone sees; None = its timm data config, except
+    # when fine-tuning, where it means "auto": the backbone's own size or one of two larger, whichever cross-validates best on
+    # the training photos (``size_search``; see README)
     crop_pct: float | Literal["auto"] | None = None  # centre crop (timm's): 1.0 = whole shorter side; None = timm's; "auto" = by CV
     head: Head = "auto"  # "auto" (chosen by cross-validation on train), "mlp" or "linear"
     hidden: int = 256  # the classic Dense(256, ReLU)
@@ -214,6 +216,8 @@ class TrainConfig:
                    "backbone 'scratch' has no head stage on cached features")
             if self.crop_pct == "auto":
                 unused("crop_pct", "the crop is chosen by the head's cross-validation, which backbone 'scratch' has none of")
+            if self.input_size == "auto":
+                unused("input_size", "the size is chosen by the head's cross-validation, which backbone 'scratch' has none of")
             if self.weights != "random":
                 unused("weights", "backbone 'scratch' starts from random initialisation")
         else:
@@ -237,6 +241,14 @@ class TrainConfig:
         unused("top_k", "training ranks no predictions; give top_k when predicting (Classifier.predict, headstart predict -k)")
         changed = [f.name for f in fields(self) if getattr(self, f.name) != f.default]
         return [f"{name}={getattr(self, name)!r} is ignored: {why[name]}" for name in changed if name in why]
+
+    @property
+    def size_search(self) -> bool:
+        """Whether the input size is chosen by cross-validation: asked for (``input_size="auto"``), or left at the
+        default when fine-tuning a pretrained backbone. Fine-tuning gains from a larger input than pretraining's
+        (Kolesnikov et al. 2020, "BiT"; Touvron et al. 2019, "FixRes"), and only the training photos can say how much
+        larger: ants/bees and clothing both chose 288 px for the 224 px Lite0 (BENCHMARKS.md, fine-tuning)."""
+        return self.input_size == "auto" or (self.input_size is None and self.finetune and not _is_scratch(self.backbone))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -326,10 +338,17 @@ def _lr(name: str, value: Any, refuse: Refuse) -> Any:
         raise ConfigError(name, f"{e}, or auto (lr-find's suggestion)") from None
 
 
+def _size(name: str, value: Any, refuse: Refuse) -> Any:
+    if value is None or value == "auto":
+        return value
+    try:
+        return _in_range(name, value, refuse)
+    except ConfigError as e:
+        raise ConfigError(name, f"{e}, or auto (chosen by cross-validation on the training photos)") from None
+
+
 def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
     rule = RANGES[name]
-    if value is None and name == "input_size":
-        return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral if rule.whole else numbers.Real):
         raise refuse(f"is not {'a whole number' if rule.whole else 'a number'}", f"give {rule.describe()}")
     if not (math.isfinite(value) and value in rule):
@@ -339,6 +358,7 @@ def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
 
 _CHECKS: dict[str, Callable[[str, Any, Refuse], Any]] = {
     "backbone": _backbone, "weights": _path, "cache_dir": _path, "exclude": _path, "augment": _augment, "crop_pct": _crop, "ft_lr": _lr,
+    "input_size": _size,
 }
 
 

@@ -95,7 +95,7 @@ class Outcome:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     feats: dict[str, features.Features] = field(default_factory=dict)
     table: list[dict[str, Any]] = field(default_factory=list)  # the head's cross-validation
-    crop_table: list[dict[str, Any]] = field(default_factory=list)  # --crop-pct auto's choice
+    input_table: list[dict[str, Any]] = field(default_factory=list)  # --crop-pct/--input-size auto's choice
     history: list[dict[str, Any]] = field(default_factory=list)
     stages: dict[str, Any] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)
@@ -121,7 +121,7 @@ def train(data: str | Path, out: str | Path | None = None, config: TrainConfig |
     cfg = settings(config, overrides, resume, out)
     t0 = time.perf_counter()
     d = split(data, cfg)
-    lb = load_backbone(cfg, None if cfg.crop_pct == "auto" else cfg.crop_pct)
+    lb = load_backbone(cfg)
     if out is not None and distributed.is_main():  # written once the backbone exists: a refused run leaves no folder behind
         atomic_write_text(Path(out) / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
     inputs = inputs_digest(cfg, d, lb.digest) if reuse and out is not None else None
@@ -152,9 +152,10 @@ def lr_find(data: str | Path, out: str | Path | None = None, config: TrainConfig
 
     cfg = dataclasses.replace(settings(config, overrides), finetune=True)
     d = split(data, cfg)
-    lb = load_backbone(cfg, None if cfg.crop_pct == "auto" else cfg.crop_pct)
+    lb = load_backbone(cfg)
     extract = Extractor(cfg, d.ds.root, progress, list(d.ds.skipped), calibration(cfg, d))
     start = fit_head(cfg, d, lb, extract)
+    lb = start.lb  # the crop and size the head was fitted at (chosen by cross-validation when "auto")
     train_split = d.train.subset(np.flatnonzero(start.feats["train"].ok).tolist())
     head = heads.to_torch(heads.spec(start.fit.kind, lb.num_features, cfg), len(d.ds.classes), start.fit.state)
     found = finetune.lr_range_test(finetune.Net(lb.model, head), train_split, lb.data_config, cfg, progress)
@@ -212,10 +213,13 @@ def calibration(cfg: TrainConfig, d: Data) -> Any:
     return features.calibration_sample(d.train.paths, d.train.labels, seed=cfg.seed)
 
 
-def load_backbone(cfg: TrainConfig, crop_pct: float | None) -> backbones.LoadedBackbone:
-    """The headless backbone with its weights (the bundle keeps the feature extractor only)."""
+def load_backbone(cfg: TrainConfig, crop_pct: float | None = None, input_size: int | None = None) -> backbones.LoadedBackbone:
+    """The headless backbone with its weights (the bundle keeps the feature extractor only), at the run's crop and
+    size, or at ``crop_pct``/``input_size`` where the run leaves them to cross-validation ("auto")."""
+    crop_pct = crop_pct if cfg.crop_pct == "auto" else cfg.crop_pct
+    input_size = input_size if cfg.input_size == "auto" or cfg.size_search else cfg.input_size
     lb = backbones.load_for_training(cfg.backbone, cfg.weights, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                                     input_size=cfg.input_size, crop_pct=crop_pct)
+                                     input_size=input_size, crop_pct=crop_pct)
     log.info("backbone: %s (timm %s), weights from %s", lb.spec.name, lb.spec.timm_name, lb.source)
     return lb
 
@@ -223,9 +227,9 @@ def load_backbone(cfg: TrainConfig, crop_pct: float | None) -> backbones.LoadedB
 def fit_head(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extract: Extractor) -> Outcome:
     """Extract every split's embeddings, choose and fit the head on the training split, evaluate it."""
     feats: dict[str, features.Features] = {}
-    crop_table: list[dict[str, Any]] = []
-    if cfg.crop_pct == "auto":
-        lb, feats["train"], crop_table = choose_crop(cfg, d, extract)
+    input_table: list[dict[str, Any]] = []
+    if cfg.crop_pct == "auto" or cfg.size_search:
+        lb, feats["train"], input_table = choose_input(cfg, d, lb, extract)
     feats |= {name: extract(s, lb) for name, s in d.splits.items() if name not in feats}
     views = [extract(d.train, lb, augment_policy=cfg.augment, view=k, seed=cfg.seed).x for k in range(cfg.aug_views)]
     log.info("features: %d computed, %d from cache, %.1f s", extract.computed, extract.from_cache, extract.seconds)
@@ -240,7 +244,7 @@ def fit_head(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extract: E
         "as asked" if table or cfg.head != "auto" else "the first candidate: too few photos per class to cross-validate")
     log.info("head: %s %s, %s", fit.kind, fit.params, how)
     spec = heads.spec(fit.kind, lb.num_features, cfg)
-    return Outcome(lb, fit.state, fit, evaluate_splits(spec, fit.state, feats, d, d.ds.classes, cfg.cache_dir), feats, table, crop_table,
+    return Outcome(lb, fit.state, fit, evaluate_splits(spec, fit.state, feats, d, d.ds.classes, cfg.cache_dir), feats, table, input_table,
                    [{"stage": "head", **row} for row in fit.history], timing={"head_s": round(time.perf_counter() - t, 3)}, leaks=leaks)
 
 
@@ -266,24 +270,37 @@ def train_labels(d: Data, f: features.Features) -> np.ndarray:
     return y
 
 
-def choose_crop(cfg: TrainConfig, d: Data, extract: Extractor) -> tuple[backbones.LoadedBackbone, features.Features, list[dict[str, Any]]]:
-    """``crop_pct="auto"``: timm's centre crop or the whole frame, whichever scores higher in the head's
-    cross-validation on the training split (ties keep timm's). Costs a second extraction of the training photos;
-    both fits are cached, so the chosen one is read back, not repeated."""
+def input_sizes(own: int) -> list[int]:
+    """The sizes ``input_size="auto"`` tries: the backbone's own and about 8/7 and 9/7 of it, in multiples of 32
+    (224 → 256, 288; 299 → 352, 384): the range where FixRes found the test-time gains of a network trained on
+    random-resized crops, and where BiT fine-tunes."""
+    return list(dict.fromkeys([own, *(32 * round(own * k / 7 / 32) for k in (8, 9))]))
+
+
+def choose_input(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extract: Extractor) -> tuple[backbones.LoadedBackbone, features.Features, list[dict[str, Any]]]:
+    """``crop_pct="auto"`` (timm's centre crop or the whole frame) and the size search (``TrainConfig.size_search``:
+    ``input_sizes``): every combination's training photos are embedded and the heads cross-validated on them; the
+    best by ``cv_rank`` is used (ties keep the first: timm's crop, the backbone's own size). ``lb`` is the backbone at
+    its own crop and size. Costs an extraction of the training photos per combination on a first run; every fit is
+    cached, so the chosen one is read back, not repeated."""
+    crops = (None, 1.0) if cfg.crop_pct == "auto" else (cfg.crop_pct,)
+    sizes = input_sizes(lb.data_config["input_size"][-1]) if cfg.size_search else [None]
     rows, tried = [], []
-    for crop_pct in (None, 1.0):  # timm's centre crop, the whole frame
-        lb = load_backbone(cfg, crop_pct)
-        f = extract(d.train, lb)
-        _, table = heads.fit(f.x, np.asarray(d.train.labels)[f.ok], len(d.ds.classes), cfg)
-        if not table:  # too few photos per class to cross-validate: nothing to choose by
-            return lb, f, []
-        best = heads.chosen(table)  # the head this crop would be used with
-        rows.append({"crop_pct": lb.data_config["crop_pct"], "cv_accuracy": best["cv_accuracy"], "cv_log_loss": best["cv_log_loss"]})
-        tried.append((lb, f))
-    pick = max(range(len(rows)), key=lambda i: heads.cv_rank(rows[i]))  # first of equals: timm's
+    for size in sizes:
+        for crop_pct in crops:
+            lb = load_backbone(cfg, crop_pct, size)
+            f = extract(d.train, lb)
+            _, table = heads.fit(f.x, np.asarray(d.train.labels)[f.ok], len(d.ds.classes), cfg)
+            if not table:  # too few photos per class to cross-validate: nothing to choose by (the first candidate's)
+                return lb, f, []
+            best = heads.chosen(table)  # the head this input would be used with
+            rows.append({"input_size": lb.data_config["input_size"][-1], "crop_pct": lb.data_config["crop_pct"],
+                         "cv_accuracy": best["cv_accuracy"], "cv_log_loss": best["cv_log_loss"]})
+            tried.append((lb, f))
+    pick = max(range(len(rows)), key=lambda i: heads.cv_rank(rows[i]))  # first of equals
     rows[pick]["chosen"] = True
-    log.info("crop: %g chosen by cross-validation on train (%s)", rows[pick]["crop_pct"],
-             ", ".join(f"{r['crop_pct']:g}: {100 * r['cv_accuracy']:.1f}%" for r in rows))
+    log.info("input: %d px, crop %g chosen by cross-validation on train (%s)", rows[pick]["input_size"], rows[pick]["crop_pct"],
+             ", ".join(f"{r['input_size']} px crop {r['crop_pct']:g}: {100 * r['cv_accuracy']:.1f}% (log loss {r['cv_log_loss']:.3f})" for r in rows))
     return *tried[pick], rows
 
 
@@ -454,7 +471,7 @@ def record(cfg: TrainConfig, d: Data, r: Outcome, skipped: list[Skipped], inputs
     return {
         "head": {**heads.spec(r.fit.kind, r.lb.num_features, cfg), **r.fit.params, "epochs": r.fit.epochs},
         "head_selection": r.table,
-        **({"crop_selection": r.crop_table} if r.crop_table else {}),
+        **({"input_selection": r.input_table} if r.input_table else {}),
         "features": {"runtime": runtime, "precision": precision, **({"calibration": list(f.calibration)} if f and f.calibration else {})},
         "train_config": cfg.to_dict(),
         "stages": r.stages,

@@ -211,11 +211,12 @@ def _counts(data: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """How the head (and with --crop-pct auto, the crop) was chosen, the curves, and where the time went."""
+    """How the head (and with --crop-pct/--input-size auto, the crop and size) was chosen, the curves, and where the time went."""
     heads = [[" ".join([r["kind"], *(f"{k}={v}" for k, v in r.get("params", {}).items())]), f"{r['cv_accuracy']:.1%}", f"{r['cv_log_loss']:.3f}"]
              for r in cfg.get("head_selection", [])]
-    crops = [[f"{r['crop_pct']:g}" + (" (chosen)" if r.get("chosen") else ""), f"{r['cv_accuracy']:.1%}", f"{r['cv_log_loss']:.3f}"]
-             for r in cfg.get("crop_selection", [])]
+    inputs = [[str(r.get("input_size", "")) + (" (chosen)" if r.get("chosen") else ""), f"{r['crop_pct']:g}", f"{r['cv_accuracy']:.1%}",
+               f"{r['cv_log_loss']:.3f}"] for r in cfg.get("input_selection") or cfg.get("crop_selection", [])]  # crop_selection: runs
+    # saved before the size could be chosen too
     history, png = cfg.get("history") or [], run / "history.png"  # the run's own picture, drawn by save_run
     if not (history and png.is_file()):  # no curve to show, or a folder whose picture was deleted: drawn again
         png = plot_history(history, png)
@@ -225,7 +226,7 @@ def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         t = [f"{timing['embeddings_computed']} embeddings computed"] if "embeddings_computed" in timing else []
         t += [f"{label} {timing[k]:.1f} s" for label, k in (("extraction", "extract_s"), ("head", "head_s"), ("total", "total_s")) if k in timing]
         said = ", ".join(t)
-    return {"heads": heads, "chosen": str(cfg.get("head", {}).get("kind")), "one_se": _one_se(cfg), "crops": crops,
+    return {"heads": heads, "chosen": str(cfg.get("head", {}).get("kind")), "one_se": _one_se(cfg), "inputs": inputs,
             "curves": _img(png.read_bytes(), "training curves", "plot") if png is not None else None, "timing": said,
             "finetune": _finetune_choice(cfg.get("stages", {}).get("finetune", {}).get("selection"))}
 
