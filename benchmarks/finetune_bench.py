@@ -36,8 +36,10 @@ def one(data: Path, seed: int, kind: str, extra: dict) -> dict:
     for split, m in clf.info["metrics"].items():
         row[split] = m["accuracy"]
         row[f"{split}_n"] = m["n"]
+    row["input_size"] = clf.backbone.data_config["input_size"][-1]  # --finetune chooses it (input_size "auto")
     ft = clf.info.get("stages", {}).get("finetune")
     if ft:
+        row["head_val"] = clf.info["stages"]["feature_extraction"]["val"]["accuracy"]  # the frozen head at that size
         share = (ft.get("selection") or {}).get("blend", 1.0 if ft["best_epoch"] else 0.0)
         row["kept"] = "head" if not ft["best_epoch"] else "fine-tuned" if share == 1 else f"blend {share:g}"
         row["selection"] = ft.get("selection")
@@ -52,8 +54,8 @@ def stats(rows: list[dict], key: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| data | run | seeds | val accuracy % (mean ± half-range) | test accuracy % | images vs frozen, val, per seed | kept (per seed) | held-out calibrated loss, head → fine-tuned (per seed) | time s (mean) |",
-             "|---|---|---:|---:|---:|---|---|---|---:|"]
+    lines = ["| data | run | seeds | val accuracy % (mean ± half-range) | test accuracy % | images vs frozen, val, per seed | input px: its frozen head's val % (per seed) | kept (per seed) | held-out calibrated loss, head → fine-tuned (per seed) | time s (mean) |",
+             "|---|---|---:|---:|---:|---|---|---|---|---:|"]
     for data in dict.fromkeys(r["data"] for r in rows):
         frozen = {r["seed"]: r for r in rows if r["data"] == data and r["kind"] == "frozen"}
         for kind in ("frozen", "finetune", "finetune-auto"):
@@ -62,10 +64,11 @@ def table(rows: list[dict]) -> str:
                 continue
             diff = ", ".join(f"{round((r['val'] - frozen[r['seed']]['val']) * r['val_n']):+d}" for r in mine if r["seed"] in frozen)
             kept = ", ".join(r.get("kept", "—") for r in mine)
+            sizes = ", ".join(f"{r.get('input_size', '?')}: {100 * r['head_val']:.1f}" for r in mine if "head_val" in r)
             losses = ", ".join(f"{r['selection']['loss_before']:.3f} → {r['selection'].get('loss_finetuned', r['selection']['loss_after']):.3f}"
                                + (f" (kept {r['selection']['loss_after']:.3f})" if 0 < r["selection"].get("blend", 1) < 1 else "")
                                for r in mine if r.get("selection"))
-            lines.append(f"| {data} | {kind} | {len(mine)} | {stats(mine, 'val')} | {stats(mine, 'test')} | {diff if kind != 'frozen' else ''} | "
+            lines.append(f"| {data} | {kind} | {len(mine)} | {stats(mine, 'val')} | {stats(mine, 'test')} | {diff if kind != 'frozen' else ''} | {sizes} | "
                          f"{kept if kind != 'frozen' else ''} | {losses} | {statistics.mean(r['seconds'] for r in mine):.0f} |")
     return "\n".join(lines)
 
@@ -121,7 +124,9 @@ def main() -> None:
 Default backbone (EfficientNet-Lite0), default settings plus `finetune=True, cache_bottom=True` {json.dumps(extra) if extra else ''}
 (and `ft_lr="auto"`: lr-find's valley). Machine: {machine()}; load average at the end {load[0]:.1f} (2 cores shared
 with other work: times are wall time under that load). `images vs frozen`: validation photos gained (+) or lost (−)
-against the frozen head of the same seed. `kept`: what the held-out fifth of the training photos chose by calibrated
+against the frozen head of the same seed (the default run: the backbone's own 224 px). `--finetune` first chooses the
+input size by cross-validation on the training photos (224, 256 or 288 px; `input px`, with the frozen head's validation
+accuracy at that size, which fine-tuning starts from). `kept`: what the held-out fifth of the training photos chose by calibrated
 loss: the head, the fine-tuned network, or a blend of a share of its weights with the starting ones (WiSE-FT); the
 validation split chooses nothing. {args.note}
 

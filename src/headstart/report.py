@@ -166,6 +166,7 @@ def _run(run: Path, cfg: dict[str, Any], overlay: ErrorOverlay | None) -> dict[s
     return {
         "dataset": Path(data.get("root", run.name)).name,
         "backbone": {k: b.get(k, "?") for k in ("name", "timm_name", "weights_source")},
+        "input": "×".join(map(str, cfg.get("preprocess", {}).get("input_size", [])[1:])),  # chosen by the run when "auto"
         "head": head.get("kind", "?"),
         "data_root": data.get("root", "?"),
         "cards": cards,
