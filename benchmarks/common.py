@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
@@ -72,3 +73,14 @@ def write_section(name: str, body: str) -> None:
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS.write_text(text)
+
+
+def seeded_runs(keep: Path) -> argparse.ArgumentParser:
+    """The options of a benchmark that trains per data set and seed and keeps its measurements in a JSON file
+    (``--keep``: rows already there are not run again), with a sentence for the section (``--note``)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="clothing,hymenoptera")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--keep", type=Path, default=keep)
+    ap.add_argument("--note", default="", help="a sentence for the section: when the runs in --keep were measured, under what load")
+    return ap

@@ -12,14 +12,13 @@ Measurements already in --keep are not repeated.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 from pathlib import Path
 
-from common import machine, shared, write_section
+from common import machine, seeded_runs, shared, write_section
 
 import headstart
 from headstart import pipeline
@@ -89,14 +88,10 @@ def verdict(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="clothing,hymenoptera")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap = seeded_runs(Path("finetune_results.json"))
     ap.add_argument("--auto", action="store_true")
-    ap.add_argument("--keep", type=Path, default=Path("finetune_results.json"))
     ap.add_argument("--extra", default="{}")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--note", default="", help="a sentence for the section: when the runs in --keep were measured, under what load")
     args = ap.parse_args()
     extra = json.loads(args.extra)
     done = json.loads(args.keep.read_text()) if args.keep.exists() else []

@@ -12,12 +12,11 @@ validation split, is never reached, so nothing here can be chosen by the photos 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
 
-from common import machine, shared, write_section
+from common import machine, seeded_runs, shared, write_section
 
 import headstart
 from headstart import finetune
@@ -84,13 +83,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="clothing,hymenoptera")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--keep", type=Path, default=Path(__file__).with_name("finetune_defaults_results.json"))
+    ap = seeded_runs(Path(__file__).with_name("finetune_defaults_results.json"))
     ap.add_argument("--settings", default=json.dumps(SETTINGS))
     ap.add_argument("--render", action="store_true", help="only rewrite the section from --keep")
-    ap.add_argument("--note", default="")
     args = ap.parse_args()
     done = json.loads(args.keep.read_text()) if args.keep.exists() else []
     if not args.render:

@@ -329,22 +329,17 @@ def _crop(name: str, value: Any, refuse: Refuse) -> Any:
     return float(value)
 
 
-def _lr(name: str, value: Any, refuse: Refuse) -> Any:
-    if value == "auto":
-        return value
-    try:
-        return _in_range(name, value, refuse)
-    except ConfigError as e:
-        raise ConfigError(name, f"{e}, or auto (lr-find's suggestion)") from None
+def _or_auto(auto_means: str, none_too: bool = False) -> Callable[[str, Any, Refuse], Any]:
+    """The check of a field that takes a number within its ``RANGES`` or the word auto (and None, with ``none_too``)."""
+    def check(name: str, value: Any, refuse: Refuse) -> Any:
+        if value == "auto" or (none_too and value is None):
+            return value
+        try:
+            return _in_range(name, value, refuse)
+        except ConfigError as e:
+            raise ConfigError(name, f"{e}, or auto ({auto_means})") from None
 
-
-def _size(name: str, value: Any, refuse: Refuse) -> Any:
-    if value is None or value == "auto":
-        return value
-    try:
-        return _in_range(name, value, refuse)
-    except ConfigError as e:
-        raise ConfigError(name, f"{e}, or auto (chosen by cross-validation on the training photos)") from None
+    return check
 
 
 def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
@@ -357,8 +352,8 @@ def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
 
 
 _CHECKS: dict[str, Callable[[str, Any, Refuse], Any]] = {
-    "backbone": _backbone, "weights": _path, "cache_dir": _path, "exclude": _path, "augment": _augment, "crop_pct": _crop, "ft_lr": _lr,
-    "input_size": _size,
+    "backbone": _backbone, "weights": _path, "cache_dir": _path, "exclude": _path, "augment": _augment, "crop_pct": _crop,
+    "ft_lr": _or_auto("lr-find's suggestion"), "input_size": _or_auto("chosen by cross-validation on the training photos", none_too=True),
 }
 
 

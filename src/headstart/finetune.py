@@ -723,6 +723,13 @@ def held_out(labels: list[int], fraction: float, seed: int) -> tuple[list[int], 
 TOO_FEW = "too few training photos to hold any out and judge fine-tuning by"
 
 
+def nothing_held_out(fit_photos: int) -> dict[str, Any]:
+    """Said once, whichever loop found it: no photos could judge fine-tuning, so the frozen head stays (what a run
+    without --finetune gives). Returns the selection record that says so."""
+    log.warning("finetune: %s (%d); the frozen head is kept", TOO_FEW, fit_photos)
+    return {"held_out_photos": 0, "fit_photos": fit_photos, "skipped": TOO_FEW}
+
+
 def fit_top(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg: TrainConfig,
             refit_head: Callable[[list[int]], nn.Module], progress: bool = True) -> tuple[FitResult, LrFind | None]:
     """fastai's fine_tune on a CPU budget. The frozen head is the warm-up; the top ``unfreeze`` blocks and the head
@@ -785,9 +792,7 @@ def _check(top: Top, net: Net, views: torch.Tensor, y: torch.Tensor, train: Spli
     head's, ``loss_after``: the kept blend's, ``blend``: its share of the fine-tuned weights)."""
     fit_i, held_i = held_out(train.labels, cfg.ft_holdout, cfg.seed)
     if not held_i:
-        log.warning("finetune: %s (%d); the frozen head is kept", TOO_FEW, len(fit_i))
-        return [], {"held_out_photos": 0, "fit_photos": len(fit_i), "skipped": TOO_FEW, "loss_before": 0.0, "loss_after": 0.0,
-                    "lr": regime.lr}
+        return [], nothing_held_out(len(fit_i)) | {"loss_before": 0.0, "loss_after": 0.0, "lr": regime.lr}
     start = state_copy(top)
     net.head.load_state_dict(refit_head(fit_i).state_dict())
     held = (views[0][held_i], y[held_i])

@@ -345,8 +345,7 @@ def fit_per_epoch(cfg: TrainConfig, d: Data, start: Outcome, net: Any, train_spl
 
     fit_i, held_i = finetune.held_out(list(train_split.labels), cfg.ft_holdout, cfg.seed)
     if not held_i and stage == "finetune":  # nothing could judge it: the frozen head stays, as without --finetune
-        log.warning("finetune: %s (%d); the frozen head is kept", finetune.TOO_FEW, len(fit_i))
-        return finetune.FitResult(selection={"held_out_photos": 0, "fit_photos": len(fit_i), "skipped": finetune.TOO_FEW})
+        return finetune.FitResult(selection=finetune.nothing_held_out(len(fit_i)))
     frozen = finetune.state_copy(net.head)
     if stage == "finetune":
         net.head.load_state_dict(refit_head(cfg, d, start)(fit_i).state_dict())
