@@ -203,6 +203,7 @@ class FitData:
     weights: np.ndarray | None = None
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    start: list[HeadState] | None = None  # the same setting's solutions on the cross-validation folds (``select``)
 
 
 def fit_linear(d: FitData, cfg: TrainConfig, params: dict[str, float], epochs: int | None = None) -> HeadFit:
@@ -220,11 +221,25 @@ def fit_linear_path(d: FitData, cfg: TrainConfig, grid: list[dict[str, float]]) 
     xs = _standardized(d.x, state)
     cw = {i: float(w) for i, w in enumerate(d.weights)} if d.weights is not None else None
     lr = LogisticRegression(max_iter=3000, class_weight=cw, random_state=cfg.seed, warm_start=True)
+    if d.start:
+        lr.coef_, lr.intercept_ = _folds_mean(d.start, state, np.unique(d.y))
     fits: dict[int, HeadFit] = {}
     for i in sorted(range(len(grid)), key=lambda i: grid[i]["C"]):
         lr.set_params(C=grid[i]["C"]).fit(xs, d.y)
         fits[i] = HeadFit(state | _linear_arrays(lr, d.n_classes, d.x.shape[1]), "linear", dict(grid[i]))
     return [fits[i] for i in range(len(grid))]
+
+
+def _folds_mean(states: list[HeadState], std: HeadState, classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where the final fit starts: the folds' solutions, each moved from its fold's standardisation into these rows'
+    (the same logits for every photo), averaged, in scikit-learn's layout (one row per class present; binary: one).
+    The problem is convex, so the optimum is the same as from zero: at 3 000 photos, 12 L-BFGS iterations instead of
+    45, a third of the final fit, which runs alone on one core after the search."""
+    w = np.mean([s["1.weight"] * (std["0.std"] / s["0.std"]) for s in states], 0)
+    b = np.mean([s["1.bias"] + s["1.weight"] @ ((std["0.mean"] - s["0.mean"]) / s["0.std"]) for s in states], 0)
+    if len(classes) == 2:  # sklearn's one logit is the difference of the two classes' (_linear_arrays)
+        return (w[classes[1]] - w[classes[0]])[None], b[classes[1:]] - b[classes[:1]]
+    return w[classes], b[classes]
 
 
 def _linear_arrays(lr: Any, n_classes: int, dim: int) -> HeadState:
@@ -362,11 +377,13 @@ class HeadType:
     iterative: bool  # trained by epochs with early stopping (the final fit reuses the CV's mean epoch count)
     fit_grid: Callable[[FitData, TrainConfig, list[dict[str, float]]], list[HeadFit]] | None = None  # all candidates
     # on one fold at once, when that is cheaper than one by one (the linear head's warm-started path)
+    warm_final: bool = False  # the final fit starts from the folds' solutions (FitData.start): for a convex fit only
 
 
 HEADS: dict[str, HeadType] = {
     "mlp": HeadType(_mlp_layers, fit_mlp, ({},), iterative=True),
-    "linear": HeadType(_linear_layers, fit_linear, ({"C": 0.05}, {"C": 0.5}), iterative=False, fit_grid=fit_linear_path),
+    "linear": HeadType(_linear_layers, fit_linear, ({"C": 0.05}, {"C": 0.5}), iterative=False, fit_grid=fit_linear_path,
+                       warm_final=True),
 }
 
 
@@ -391,9 +408,10 @@ def cv_rank(row: dict[str, Any]) -> tuple[float, float]:
 
 
 def _fold_scores(kind: str, grid: list[dict[str, float]], x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
-                 views: list[np.ndarray], fold: tuple[np.ndarray, np.ndarray]) -> list[tuple[float, float, int]]:
+                 views: list[np.ndarray], fold: tuple[np.ndarray, np.ndarray]) -> tuple[list[tuple[float, float, int]], list[HeadState]]:
     """The candidates ``grid`` of one head type fitted on one fold's training rows: for each, accuracy and log loss on
-    the held-out rows, and the best epoch (0 for a head fitted in one shot)."""
+    the held-out rows, and the best epoch (0 for a head fitted in one shot); and, for a type whose final fit starts
+    from the folds' (``warm_final``), each candidate's fitted arrays."""
     tr, te = fold
     xt, yt = with_views(x, y, tr, views)
     data = FitData(xt, yt, n_classes, class_weights(y, n_classes, cfg.class_weights), x[te], y[te])
@@ -404,7 +422,7 @@ def _fold_scores(kind: str, grid: list[dict[str, float]], x: np.ndarray, y: np.n
         p = proba(spec(kind, x.shape[1], cfg), fit.state, x[te])
         scores.append((float((p.argmax(1) == y[te]).mean()), float(-np.log(np.clip(p[np.arange(len(te)), y[te]], 1e-7, 1)).mean()),
                        fit.epochs if t.iterative else 0))
-    return scores
+    return scores, [fit.state for fit in fits] if t.warm_final else []
 
 
 def _summary(kind: str, params: dict[str, float], scores: list[tuple[float, float, int]]) -> dict[str, Any]:
@@ -441,8 +459,10 @@ def chosen(table: list[dict[str, Any]]) -> dict[str, Any]:
     return max(close, key=cv_rank) if HEADS[best["kind"]].iterative and close else best
 
 
-def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: list[np.ndarray] | None = None) -> tuple[str, dict[str, float], int, list[dict[str, Any]]]:
-    """Cross-validate the candidate heads on the training split; returns the winner and the table."""
+def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
+           views: list[np.ndarray] | None = None) -> tuple[str, dict[str, float], int, list[dict[str, Any]], list[HeadState] | None]:
+    """Cross-validate the candidate heads on the training split; returns the winner, the table and, when the winner's
+    final fit can start from them (``warm_final``), its solutions on the folds."""
     from sklearn.model_selection import StratifiedKFold
 
     tried = candidates(cfg.head)
@@ -450,16 +470,18 @@ def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views
     if n_folds < 2:
         kind, params = tried[0]
         log.info("a class has a single training image: no cross-validation, using the %s head", kind)
-        return kind, params, 0, []
+        return kind, params, 0, [], None
     folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y))
     kinds = list(dict.fromkeys(kind for kind, _ in tried))  # the table's order: the MLP's long fits start first
     grids = {kind: [p for k, p in tried if k == kind] for kind in kinds}
     jobs = [(kind, f) for kind in kinds for f in range(len(folds))]  # one job fits a head type's whole grid on a fold
     done = dict(zip(jobs, _on_cores(lambda job: _fold_scores(job[0], grids[job[0]], x, y, n_classes, cfg, views or [], folds[job[1]]), jobs)))
     # kind by kind, each grid in order: ``tried``'s order (``candidates`` lists each type's settings together)
-    table = [_summary(kind, params, [done[(kind, f)][i] for f in range(len(folds))]) for kind in kinds for i, params in enumerate(grids[kind])]
+    table = [_summary(kind, params, [done[(kind, f)][0][i] for f in range(len(folds))]) for kind in kinds for i, params in enumerate(grids[kind])]
     best = chosen(table)
-    return best["kind"], best["params"], best["epochs"], table
+    i = grids[best["kind"]].index(best["params"])
+    start = [done[(best["kind"], f)][1][i] for f in range(len(folds))] if HEADS[best["kind"]].warm_final else None
+    return best["kind"], best["params"], best["epochs"], table, start
 
 
 # Everything the head's selection and fit depend on, besides the features and labels themselves.
@@ -472,7 +494,7 @@ def _fit_key(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, vie
     from importlib.metadata import version
 
     libs = [version(p) for p in ("scikit-learn", "numpy")]
-    return cache.key("head-fit", "numpy-mlp", "one-se", n_classes, candidates(cfg.head), {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs,
+    return cache.key("head-fit", "numpy-mlp", "one-se", "warm-final", n_classes, candidates(cfg.head), {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs,
                      arrays=(x, y, *views))
 
 
@@ -492,9 +514,9 @@ def fit(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, views: l
         return HeadFit(state, record["kind"], record["params"], record["epochs"], record["history"]), record["table"]
     with single_thread(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        kind, params, epochs, table = select(x, y, n_classes, cfg, views)
+        kind, params, epochs, table, start = select(x, y, n_classes, cfg, views)
         xa, ya = with_views(x, y, np.arange(len(y)), views) if views else (x, y)  # no copy of every row without views
-        data = FitData(xa, ya, n_classes, class_weights(y, n_classes, cfg.class_weights))
+        data = FitData(xa, ya, n_classes, class_weights(y, n_classes, cfg.class_weights), start=start)
         result = HEADS[kind].fit(data, cfg, params, (max(epochs, 1) if table else 30) if HEADS[kind].iterative else None)
     _retell(caught)
     record = {"kind": result.kind, "params": result.params, "epochs": result.epochs, "history": result.history, "table": table}
