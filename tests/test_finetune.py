@@ -89,7 +89,8 @@ def _run(args: list[str], env: dict) -> subprocess.Popen:
 @pytest.mark.slow
 def test_killed_fine_tuning_resumes_to_the_same_result(small, tmp_path):
     env = dict(os.environ)
-    common = [str(small), "--finetune", "--no-cache-bottom", "--epochs", "3", "--quiet", "--seed", "7"]  # the loop that checkpoints
+    common = [str(small), "--finetune", "--no-cache-bottom", "--epochs", "3", "--quiet", "--seed", "7",  # the loop that checkpoints
+              "--input-size", "224"]  # the size search has tests of its own; three processes need not repeat it
     killed = tmp_path / "killed"
     proc = _run([*common, "--out", str(killed)], env)
     ckpt = killed / "checkpoint" / CHECKPOINT
