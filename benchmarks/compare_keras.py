@@ -420,7 +420,7 @@ def scaling() -> None:
                 head.append(tm["head_s"])
             w = med(walls)
             results[n] = (w, med(ext), med(head))
-            rows.append(f"| {n} | **{w:.1f} s** ({runs(walls)}) | {med(ext):.1f} s | {med(head):.1f} s | {n / med(ext):.0f} img/s | "
+            rows.append(f"| {n} | **{w:.1f} s** ({runs(walls)}) | {med(ext):.1f} s | {med(head):.2f} s | {n / med(ext):.0f} img/s | "
                         f"{1000 * w / n:.0f} ms |")
     import numpy as np
 
