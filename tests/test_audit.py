@@ -310,3 +310,18 @@ def test_the_leak_warning_says_what_each_kind_of_copy_means():
     assert "one of the two labels is wrong" in only_conflict and "inflates" not in only_conflict
     both = leak_warning(summary(2, 1))
     assert "inflates the score" in both and "one of the two labels is wrong" in both and "worth up to 13.3 points" in both
+
+
+def test_an_audit_sees_photos_at_the_size_and_crop_its_run_chose(tmp_path):
+    """A run folder is audited with the run's settings, so its cached features answer: where the run's
+    cross-validation chose the size or crop ("auto"), the audit takes the chosen ones; a data folder audited with
+    "auto" sees them as timm does instead of failing on the word."""
+    from headstart.audit import resolve
+
+    data = _small_folder(tmp_path / "data", n=6)
+    clf = headstart.train(data, out=tmp_path / "run", input_size="auto", crop_pct="auto", progress=False)
+    _, cfg = resolve(tmp_path / "run", None, {})
+    assert (cfg.input_size, cfg.crop_pct) == (clf.backbone.data_config["input_size"][-1], clf.backbone.data_config["crop_pct"])
+    assert headstart.audit(tmp_path / "run").timing["embeddings_s"] >= 0
+    a = headstart.audit(data, input_size="auto", crop_pct="auto")
+    assert len(a.findings) >= 1  # the copy and the near copy planted in val

@@ -182,7 +182,10 @@ def resolve(data: str | Path, config: TrainConfig | None, overrides: dict[str, A
     if not root.is_dir():
         raise HeadstartError(f"the photos of run '{run}' are no longer at '{root}': audit the data folder itself")
     log.info("audit: the photos of run %s (%s), with its settings", run, root)
-    return root, dataclasses.replace(saved, **keep, **overrides)
+    pre = info.get("preprocess", {})  # what the run's own cross-validation chose, where it chose (crop or size "auto")
+    chosen = {"input_size": pre["input_size"][-1]} if saved.size_search and pre.get("input_size") else {}
+    chosen |= {"crop_pct": pre["crop_pct"]} if saved.crop_pct == "auto" and pre.get("crop_pct") else {}
+    return root, dataclasses.replace(saved, **keep, **chosen, **overrides)
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -216,9 +219,10 @@ def photos(root: Path, cfg: TrainConfig) -> Photos:
 
 def embeddings(ph: Photos, cfg: TrainConfig, progress: bool) -> features.Features:
     """The backbone's embeddings of every photo, read from the feature cache where training left them."""
-    crop = None if cfg.crop_pct == "auto" else cfg.crop_pct
+    crop = None if cfg.crop_pct == "auto" else cfg.crop_pct  # "auto" is a training run's choice: the audit sees as timm does
+    size = None if cfg.input_size == "auto" else cfg.input_size
     lb = backbones.load_for_training(cfg.backbone, cfg.weights, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                                     input_size=cfg.input_size, crop_pct=crop)
+                                     input_size=size, crop_pct=crop)
     if not lb.spec.pretrained:
         raise HeadstartError(f"backbone '{cfg.backbone}' has no pretrained weights: the audit compares photos by "
                              "what a pretrained network sees; give one (e.g. efficientnet_lite0)")

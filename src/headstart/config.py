@@ -247,7 +247,7 @@ class TrainConfig:
         """Whether the input size is chosen by cross-validation: asked for (``input_size="auto"``), or left at the
         default when fine-tuning a pretrained backbone. Fine-tuning gains from a larger input than pretraining's
         (Kolesnikov et al. 2020, "BiT"; Touvron et al. 2019, "FixRes"), and only the training photos can say how much
-        larger: ants/bees and clothing both chose 288 px for the 224 px Lite0 (BENCHMARKS.md, fine-tuning)."""
+        larger: for the 224 px Lite0, ants/bees chose 288 px in every seed, clothing 288 or 256 (BENCHMARKS.md, fine-tuning)."""
         return self.input_size == "auto" or (self.input_size is None and self.finetune and not _is_scratch(self.backbone))
 
     def to_dict(self) -> dict[str, Any]:

@@ -217,7 +217,7 @@ def load_backbone(cfg: TrainConfig, crop_pct: float | None = None, input_size: i
     """The headless backbone with its weights (the bundle keeps the feature extractor only), at the run's crop and
     size, or at ``crop_pct``/``input_size`` where the run leaves them to cross-validation ("auto")."""
     crop_pct = crop_pct if cfg.crop_pct == "auto" else cfg.crop_pct
-    input_size = input_size if cfg.input_size == "auto" or cfg.size_search else cfg.input_size
+    input_size = input_size if cfg.size_search else cfg.input_size
     lb = backbones.load_for_training(cfg.backbone, cfg.weights, seed=cfg.seed, cache_dir=cfg.cache_dir,
                                      input_size=input_size, crop_pct=crop_pct)
     log.info("backbone: %s (timm %s), weights from %s", lb.spec.name, lb.spec.timm_name, lb.source)
