@@ -284,7 +284,8 @@ def choose_input(cfg: TrainConfig, d: Data, lb: backbones.LoadedBackbone, extrac
     its own crop and size. Costs an extraction of the training photos per combination on a first run; every fit is
     cached, so the chosen one is read back, not repeated."""
     crops = (None, 1.0) if cfg.crop_pct == "auto" else (cfg.crop_pct,)
-    sizes = input_sizes(lb.data_config["input_size"][-1]) if cfg.size_search else [None]
+    # the own size as None: the backbone train() already loaded, not a second cache entry of its weights keyed by "224"
+    sizes = [None, *input_sizes(lb.data_config["input_size"][-1])[1:]] if cfg.size_search else [None]
     rows, tried = [], []
     for size in sizes:
         for crop_pct in crops:
