@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import HYMENOPTERA, save_image
-from headstart import backbones, features
+from headstart import backbones, features, onnx
 from headstart.data import scan
 
 
@@ -42,6 +42,24 @@ def test_bad_file_is_skipped_with_its_name(tmp_path, lite0):
     f = features.extract([good[0], bad, *good[1:]], lite0, use_cache=False, progress=False)
     assert f.ok.tolist() == [True, False, True, True] and f.x.shape == (3, lite0.num_features)
     assert f.skipped[0].path.endswith("broken.jpg") and "not an image" in f.skipped[0].reason
+
+
+def test_one_pipeline_per_core_matches_one_pass_and_still_skips_a_bad_photo(tmp_path, lite0, monkeypatch):
+    """With more than one batch to run, each core decodes and runs its own batches through a one-thread ONNX Runtime
+    session: the same vectors in the same order as one pass, and a broken photo in the middle skipped by name."""
+    val = scan(HYMENOPTERA).splits["val"].paths[:11]
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not a photo")
+    paths = [*val[:5], bad, *val[5:]]
+    threads: list[int] = []
+    session = onnx.feature_session
+    monkeypatch.setattr(onnx, "feature_session", lambda lb, cache_dir=None, output="embedding", n=0: threads.append(n) or session(lb, cache_dir, output, n))
+    one = features.extract(paths, lite0, use_cache=False, workers=0, progress=False)
+    lanes = features.extract(paths, lite0, use_cache=False, workers=1, batch_size=4, progress=False)
+    assert threads == [0, 1]  # ONNX Runtime's own threads for one pass; one thread per pipeline
+    np.testing.assert_array_equal(one.x, lanes.x)
+    assert lanes.ok.tolist() == [True] * 5 + [False] + [True] * 6
+    assert [s.path for s in lanes.skipped] == [s.path for s in one.skipped] and lanes.skipped[0].path.endswith("broken.jpg")
 
 
 def test_bf16_embeddings_stay_close_to_fp32(lite0):

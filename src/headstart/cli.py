@@ -122,7 +122,7 @@ def _compute_options(f: Any) -> Any:
                           "whichever of the two cross-validates better on the training photos (see README)."),
         click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True,
                      help="Photos per forward pass while extracting features: memory and speed, not results."),
-        click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode workers (-1: automatic)."),
+        click.option("--workers", type=int, default=_DEFAULTS.workers, show_default=True, help="Decode workers (-1: one per spare core; ONNX Runtime extraction runs workers + 1 pipelines)."),
     ]
     for option in reversed(options):
         f = option(f)

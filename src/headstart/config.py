@@ -153,7 +153,9 @@ class TrainConfig:
     # or "int8": the frozen backbone quantized in ONNX Runtime on the CPU, calibrated on the training photos
     runtime: Runtime = "auto"  # what runs the frozen backbone: "auto" (ONNX Runtime fp32 on a CPU), "onnxruntime", "pytorch"
     channels_last: bool = True  # the memory layout oneDNN's CPU convolutions are fastest with
-    workers: int = -1  # decode workers (threads for extraction, processes for fine-tuning); -1 = one per spare core
+    # decode workers (threads for extraction, processes for fine-tuning); -1 = one per spare core. ONNX Runtime
+    # extraction runs workers + 1 threads, each decoding and running its own batches
+    workers: int = -1
     seed: int = 0
     cache_dir: str | None = None
     exclude: str | None = None  # a file of photo paths to leave out (headstart audit's exclude.txt); nothing is deleted
