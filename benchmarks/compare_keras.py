@@ -199,7 +199,7 @@ Notes, so the comparison is fair:
         verdict += (
             f", **not** the ≤ 1/10 of the goal on a first run. Why: the recipe pushes {k_work} photos through its backbone "
             f"((5 + 2) × {n_tr} training + {n_va} val), headstart's first run {h_work:.0f}, each once: {k_work / h_work:.1f}× less "
-            f"work. Per photo, headstart's extraction ran at {h_rate:.0f} img/s (decode threads, ONNX Runtime fp32) "
+            f"work. Per photo, headstart's extraction ran at {h_rate:.0f} img/s (a decode-and-forward thread per core, ONNX Runtime fp32) "
             f"against {k_fwd:.0f} img/s in Keras' frozen epochs (decode, augment, forward): {h_rate / k_fwd:.1f}× the Keras rate. "
             f"Together that would be ≈ {k_work / h_work * h_rate / k_fwd:.0f}×, but {fixed:.1f} s of headstart's {lite:.1f} s are "
             f"fixed costs outside the backbone passes: {outside:.1f} s process start-up, imports and writing the run folder "
@@ -315,7 +315,7 @@ at the end: noisy numbers.
 {chr(10).join(lines)}
 
 The last column is `features.extract` over the 398 ants/bees photos with no cache and headstart's defaults
-(runtime `auto` = ONNX Runtime fp32 on a CPU, batch 8, decode threads): decoding real JPEGs (up to 2592×1984) and
+(runtime `auto` = ONNX Runtime fp32 on a CPU, batch 8, a decode-and-forward thread per core): decoding real JPEGs (up to 2592×1984) and
 resizing them is included. bf16 autocast pays only on CPUs with native bf16 matrix units (AMX / AVX-512 BF16,
 present here: {features.bf16_supported()}); channels_last is the layout oneDNN's convolutions want. The ONNX Runtime
 column runs the fp32 graph exported by `torch.onnx.export` at batch 32 (headstart's extraction uses batch 8, which
