@@ -138,3 +138,22 @@ def test_remembered_backbone_follows_the_file_content_not_its_name_size_or_time(
     other = backbones.load_for_training("resnet10t", weights=path, cache_dir=tmp_path / "cache")
     assert other.digest != first.digest
     assert torch.equal(other.model.state_dict()["conv1.0.weight"], sd["conv1.0.weight"])
+
+
+def test_every_input_size_shares_one_remembered_copy_of_the_weights(tmp_path):
+    """The size search loads one backbone at three sizes: three records, one weight file (VGG16's is 59 MB)."""
+    import numpy as np
+
+    path = tmp_path / "r10.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), path)
+    cache = tmp_path / "cache"
+    first = [backbones.load_for_training("resnet10t", weights=path, cache_dir=cache, input_size=s) for s in (None, 256, 288)]
+    again = [backbones.load_for_training("resnet10t", weights=path, cache_dir=cache, input_size=s) for s in (None, 256, 288)]
+    own = first[0].data_config["input_size"][-1]
+    assert [lb.data_config["input_size"][-1] for lb in again] == [own, 256, 288]
+    assert all(lb._model is None for lb in again)  # remembered: nothing built
+    assert len(list((cache / "backbones").rglob("*.safetensors"))) == 1
+    built = first[0].state_arrays()
+    for lb in again:
+        kept = lb.state_arrays()
+        assert kept.keys() == built.keys() and all(np.array_equal(kept[k], built[k]) for k in built)

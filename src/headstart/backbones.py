@@ -287,8 +287,11 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
         return load(name, weights, seed, headless=True, input_size=input_size, crop_pct=crop_pct)  # says the file is missing
     versions = [importlib.metadata.version(p) for p in ("timm", "torch")]
     store = cache.store("backbones", cache_dir)
-    entry = cache.key(spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, content, versions, __version__,
-                     *([input_size] if input_size else []), *([{"crop_pct": crop_pct}] if crop_pct else []))
+    facts_of = (spec.name, spec.timm_name, spec.kwargs, spec.cfg_overlay, content, versions, __version__)
+    entry = cache.key(*facts_of, *([input_size] if input_size else []), *([{"crop_pct": crop_pct}] if crop_pct else []))
+    # The headless weights do not depend on the input size or crop: one file under the weights' own key, which the
+    # record of every size and crop names (the size search tried three sizes: three copies, 59 MB of them for VGG16).
+    weights_entry = cache.key(*facts_of)
 
     def build() -> nn.Module:
         model, digest = _build(spec, read_state_dict(path), source, seed, headless=True)
@@ -297,9 +300,10 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
         return model
 
     facts = store.read_json(entry)
-    if isinstance(facts, dict) and store.read(entry, ".safetensors", sha256_file) == facts.get("state_sha256"):
+    kept = store.read(weights_entry, ".safetensors", sha256_file)
+    if isinstance(facts, dict) and kept is not None and kept == facts.get("state_sha256"):
         return LoadedBackbone(spec, None, facts["data_config"], source, facts["digest"], facts["num_features"], 0,
-                              build=build, state_file=store.path(entry, ".safetensors"))
+                              build=build, state_file=store.path(weights_entry, ".safetensors"))
     lb = load(name, weights, seed, headless=True, input_size=input_size, crop_pct=crop_pct)
     written: dict[str, str] = {}
 
@@ -309,7 +313,9 @@ def load_for_training(name: str = DEFAULT, weights: str | os.PathLike | None = N
         save_file(lb.state_arrays(), str(tmp))
         written["sha256"] = sha256_file(tmp)
 
-    if store.write(entry, {".safetensors": write_state}):  # the weights first, then the record that names their digest
+    # the weights first (the same bytes when another size wrote them: replaced, so a damaged file heals), then the
+    # record that names their digest
+    if store.write(weights_entry, {".safetensors": write_state}):
         store.write_json(entry, {"data_config": lb.data_config, "digest": lb.digest, "num_features": lb.num_features,
                                 "state_sha256": written["sha256"]})
     return lb
