@@ -152,3 +152,16 @@ def test_nproc_relaunches_through_torchrun_and_refuses_inside_it(tmp_path):
     env = {"LOCAL_RANK": "0", "WORLD_SIZE": "1", "RANK": "0"}
     res = CliRunner(env=env).invoke(main, ["train", str(tmp_path), "--nproc", "2"])
     assert res.exit_code == 2 and "drop it when launching with torchrun" in res.output
+
+
+def test_cores_follow_the_affinity_and_are_shared_among_the_local_ranks(monkeypatch):
+    """Under taskset or a cpuset a process may run on fewer cores than the machine has: extraction's pipelines and
+    the head search's threads count those, shared among the torchrun processes on the machine, never fewer than one."""
+    from headstart import distributed
+
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert distributed.cores() == 6
+    monkeypatch.setattr(distributed, "local_world", lambda: 4)
+    assert distributed.cores() == 1
+    monkeypatch.setattr(distributed, "local_world", lambda: 8)
+    assert distributed.cores() == 1

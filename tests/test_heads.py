@@ -4,7 +4,6 @@ and the one cache store every cache uses."""
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 import numpy as np
@@ -96,11 +95,11 @@ def test_the_search_runs_its_fits_on_every_core_and_finds_the_same_table(ants_tr
         threads.append(threading.current_thread().name)
         return real(*args)
 
-    cores = min(2, os.cpu_count() or 1)
+    cores = min(2, heads.distributed.cores())
     monkeypatch.setattr(heads, "_fold_scores", spy)
     with heads.single_thread():
         parallel = heads.select(x, y, 2, cfg)
-        monkeypatch.setattr(heads.os, "cpu_count", lambda: 1)
+        monkeypatch.setattr(heads.distributed, "cores", lambda: 1)
         serial = heads.select(x, y, 2, cfg)
     # one job per head type and fold (the linear head's two C values share theirs): 2 types x 5 folds, twice
     assert len(threads) == 2 * 2 * 5 and len({t for t in threads[:10] if t.startswith("head-cv")}) == (cores if cores > 1 else 0)

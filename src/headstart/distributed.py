@@ -84,6 +84,16 @@ def local_world() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched() else 1
 
 
+def cores() -> int:
+    """The cores this process may use: those it may run on (its CPU affinity: taskset, a cpuset), shared among the
+    torchrun processes on this machine. The one answer for extraction's pipelines and the head search's threads."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        n = os.cpu_count() or 1
+    return max(1, n // local_world())
+
+
 def is_main() -> bool:
     """Rank 0 logs, shows progress bars and writes every file of a run."""
     return rank() == 0

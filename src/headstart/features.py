@@ -157,7 +157,7 @@ def embed(model: torch.nn.Module, batch: torch.Tensor | np.ndarray, precision: s
 def default_workers() -> int:
     """Decode workers: one per core beyond the first (the forward pass keeps one busy), the machine's cores
     shared among the torchrun processes on it. Threads for extraction, processes for fine-tuning."""
-    return max(0, min(4, (os.cpu_count() or 1) // distributed.local_world() - 1))
+    return max(0, min(4, distributed.cores() - 1))
 
 
 def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_size: int, workers: int = -1,
@@ -402,7 +402,7 @@ def _forward(job: _Job, cache_dir: str | os.PathLike | None, batch_size: int,
     decode threads feed it on the calling thread. ONNX Runtime with more than one batch to run gets a thread per
     core (``workers + 1`` when given), each session call then on its one thread."""
     ort_batch = min(batch_size, ORT_BATCH)
-    cores = max(1, (os.cpu_count() or 1) // distributed.local_world()) if workers < 0 else workers + 1
+    cores = distributed.cores() if workers < 0 else workers + 1
     lanes = cores if len(job.todo) > ort_batch and cores > 1 else 0
     threads = 1 if lanes else 0
     if job.graph and job.calibration:

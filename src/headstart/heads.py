@@ -15,7 +15,6 @@ import contextlib
 import io
 import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -441,7 +440,7 @@ def _on_cores(fn: Callable[[Any], Any], jobs: list[Any]) -> list[Any]:
     fit seeds its own generator, so the outcome does not depend on the thread count."""
     from concurrent.futures import ThreadPoolExecutor
 
-    threads = min(len(jobs), max(1, (os.cpu_count() or 1) // distributed.local_world()))
+    threads = min(len(jobs), distributed.cores())
     if threads <= 1:
         return [fn(j) for j in jobs]
     with ThreadPoolExecutor(threads, thread_name_prefix="head-cv") as pool:
