@@ -155,8 +155,8 @@ def embed(model: torch.nn.Module, batch: torch.Tensor | np.ndarray, precision: s
 
 
 def default_workers() -> int:
-    """Decode workers: one per core beyond the first (the forward pass keeps one busy), the machine's cores
-    shared among the torchrun processes on it. Threads for extraction, processes for fine-tuning."""
+    """Decode workers: one per core beyond the first (the forward pass keeps one busy), of the cores this process
+    may use (``distributed.cores``). Threads for extraction, processes for fine-tuning."""
     return max(0, min(4, distributed.cores() - 1))
 
 
@@ -173,7 +173,8 @@ def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_si
     ``then`` (batch → result, releasing the GIL: a one-thread ONNX Runtime session) runs on the thread that decoded
     the batch, and ``batch`` is its result: ``workers + 1`` threads, one pipeline per core, each decoding and running
     its own batches. Decode threads feeding a forward pass spread over every core oversubscribe them (the pass's
-    threads wait on one another whenever a decode takes a core): 14 % slower end to end on 2 cores.
+    threads wait on one another whenever a decode takes a core): ants/bees' extraction took 12 % longer that way on
+    2 cores; clothing's small photos, whose forward pass dominates, about the same.
     """
     workers = default_workers() if workers < 0 else workers
     min_size = decode_size(data_config)
@@ -204,7 +205,9 @@ def decoded_batches(paths: Sequence[Path], data_config: dict[str, Any], batch_si
 
     chunks = [list(range(k, min(k + batch_size, len(paths)))) for k in range(0, len(paths), batch_size)]
     threads = workers + 1 if then is not None else workers
-    if threads <= (then is not None) or len(chunks) == 1:  # one batch has nothing to overlap with: a thread would only cost its start (~5 ms)
+    # a pool needs a second pipeline (with ``then``) or a decode worker to overlap; one batch has nothing to overlap
+    # with: a thread would only cost its start (~5 ms)
+    if threads < (2 if then is not None else 1) or len(chunks) == 1:
         yield from map(batch, chunks)
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
@@ -386,7 +389,7 @@ def extract(
     if job.todo:
         forward, batch_size, lanes = _forward(job, cache_dir, batch_size, workers)
         job.relookup(cache_dir, use_cache)
-        reasons = _compute(job, forward, batch_size, lanes - 1 if lanes else workers, progress, augment_policy, view, seed, bool(lanes))
+        reasons = _compute(job, forward, batch_size, workers, progress, augment_policy, view, seed, lanes)
     ok = np.array([v is not None for v in job.vectors], dtype=bool)
     x = np.stack([v for v in job.vectors if v is not None]).astype(np.float32) if ok.any() else np.zeros((0, job.width), np.float32)
     skipped = [Skipped(shown_path(paths[i], root), reasons.get(i, "cannot decode")) for i in np.flatnonzero(~ok)]
@@ -422,20 +425,22 @@ def _forward(job: _Job, cache_dir: str | os.PathLike | None, batch_size: int,
 
 
 def _compute(job: _Job, forward: Callable[[Any], np.ndarray], batch_size: int, workers: int, progress: bool,
-             augment_policy: str | None, view: int, seed: int, per_core: bool = False) -> dict[int, str]:
-    """Run the missing images through ``forward``, caching each vector; returns why each unreadable one failed."""
+             augment_policy: str | None, view: int, seed: int, lanes: int = 0) -> dict[int, str]:
+    """Run the missing images through ``forward``, caching each vector; returns why each unreadable one failed.
+    ``lanes`` threads each decode and run their own batches (``_forward``); 0: ``workers`` decode threads feed
+    ``forward`` here."""
     transform = seeds = None
     if augment_policy:
         transform = transforms.train_transform(job.lb.data_config, augment_policy)
         seeds = [(int(job.digests[i][:15], 16) if job.digests[i] else i) + 7919 * view + 104_729 * seed for i in job.todo]
     reasons: dict[int, str] = {}
     bar = tqdm(total=len(job.todo), desc=f"features {job.lb.spec.name}", unit="img", disable=not progress, leave=False)
-    for idx, batch, bad in decoded_batches([job.paths[i] for i in job.todo], job.lb.data_config, batch_size, workers, transform, seeds,
-                                           then=forward if per_core else None):
+    for idx, batch, bad in decoded_batches([job.paths[i] for i in job.todo], job.lb.data_config, batch_size,
+                                           lanes - 1 if lanes else workers, transform, seeds, then=forward if lanes else None):
         for j, err in bad:
             reasons[job.todo[j]] = err
         if batch is not None:
-            for j, vec in zip(idx, batch if per_core else forward(batch)):
+            for j, vec in zip(idx, batch if lanes else forward(batch)):
                 i = job.todo[j]
                 job.vectors[i] = vec
                 if job.store is not None and job.digests[i]:
