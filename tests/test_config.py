@@ -75,6 +75,7 @@ def test_choice_fields_refuse_a_bad_value_listing_the_allowed_ones(name):
     ("head_batch_size", 0, "head_batch_size=0 is out of range"),
     ("ft_batch_size", -4, "ft_batch_size=-4 is out of range"),
     ("top_k", 0, "top_k=0 is out of range: give a whole number of at least 1"),
+    ("cv_folds", "many", "cv_folds='many' is not a whole number: give a whole number of at least 2, or auto"),
     ("unfreeze", -1, "unfreeze=-1 is out of range: give a whole number of at least 0"),
     ("unfreeze_layers", -1, "unfreeze_layers=-1 is out of range: give a whole number of at least 0"),
     ("aug_views", -1, "aug_views=-1 is out of range: give a whole number of at least 0"),

@@ -18,6 +18,11 @@ from typing import Any, Callable, Literal, get_args, get_origin, get_type_hints
 __version__ = "0.1.0"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 DEFAULT_FT_LR = 1e-3  # the fine-tuning rate, and what --ft-lr auto keeps when the lr-find curve says nothing
+# cv_folds="auto": folds of the head's cross-validation, fewer from a size on. Every training photo is held out once
+# either way, so the estimate still rests on all of them; what fewer folds change is each fit's share of the photos
+# (two thirds instead of four fifths), which matters less the more photos there are, while the search's cost is
+# folds x fit size: 3 folds halve it (BENCHMARKS.md, "The head's search at 3 000 photos").
+CV_FOLDS, CV_FOLDS_LARGE, CV_LARGE_ROWS = 5, 3, 2000
 # headstart audit: two photos are near copies at this copy similarity (audit.copy_similarity); measured in BENCHMARKS.md.
 AUDIT_NEAR = 0.75
 
@@ -147,7 +152,7 @@ class TrainConfig:
     batch_size: int = 32  # images per backbone forward pass
     head_batch_size: int = 64
     val_fraction: float = 0.2  # only when the folder has no validation split
-    cv_folds: int = 5
+    cv_folds: int | Literal["auto"] = "auto"  # "auto": 5, or 3 from 2 000 training photos (cv_folds_for)
     class_weights: ClassWeights = "auto"  # "auto" = balanced when classes are imbalanced, "none", "balanced"
     precision: Precision = "auto"  # "auto" (PyTorch: bf16 where the CPU supports it; ONNX Runtime: fp32), "bf16", "fp32",
     # or "int8": the frozen backbone quantized in ONNX Runtime on the CPU, calibrated on the training photos
@@ -356,7 +361,15 @@ def _in_range(name: str, value: Any, refuse: Refuse) -> Any:
 _CHECKS: dict[str, Callable[[str, Any, Refuse], Any]] = {
     "backbone": _backbone, "weights": _path, "cache_dir": _path, "exclude": _path, "augment": _augment, "crop_pct": _crop,
     "ft_lr": _or_auto("lr-find's suggestion"), "input_size": _or_auto("chosen by cross-validation on the training photos", none_too=True),
+    "cv_folds": _or_auto(f"{CV_FOLDS}, or {CV_FOLDS_LARGE} from {CV_LARGE_ROWS} training photos"),
 }
+
+
+def cv_folds_for(cv_folds: int | str, rows: int) -> int:
+    """How many folds a cross-validation over ``rows`` training rows runs (before any class too small caps it)."""
+    if cv_folds != "auto":
+        return int(cv_folds)
+    return CV_FOLDS_LARGE if rows >= CV_LARGE_ROWS else CV_FOLDS
 
 
 def repo_root() -> Path:

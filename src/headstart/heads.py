@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import numpy as np
 
 from . import cache, distributed
-from .config import HeadstartError, TrainConfig
+from .config import HeadstartError, TrainConfig, cv_folds_for
 
 if TYPE_CHECKING:  # torch is imported where a head trains or runs as a module
     from torch import nn
@@ -426,10 +426,10 @@ def _fold_scores(kind: str, grid: list[dict[str, float]], x: np.ndarray, y: np.n
 
 def _summary(kind: str, params: dict[str, float], scores: list[tuple[float, float, int]]) -> dict[str, Any]:
     """One candidate's row of the table: mean accuracy and log loss over the folds, the accuracy's standard error,
-    and (for an iterative head) its mean best epoch."""
+    the number of folds, and (for an iterative head) its mean best epoch."""
     acc, nll, epochs = (list(v) for v in zip(*scores))
     return {"kind": kind, "params": params, "cv_accuracy": float(np.mean(acc)), "cv_log_loss": float(np.mean(nll)),
-            "cv_se": float(np.std(acc, ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else 0.0,
+            "cv_se": float(np.std(acc, ddof=1) / math.sqrt(len(acc))) if len(acc) > 1 else 0.0, "folds": len(acc),
             "epochs": int(round(np.mean(epochs))) if HEADS[kind].iterative else 0}
 
 
@@ -465,7 +465,7 @@ def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
     from sklearn.model_selection import StratifiedKFold
 
     tried = candidates(cfg.head)
-    n_folds = min(cfg.cv_folds, int(np.bincount(y).min()))
+    n_folds = min(cv_folds_for(cfg.cv_folds, len(y)), int(np.bincount(y).min()))
     if n_folds < 2:
         kind, params = tried[0]
         log.info("a class has a single training image: no cross-validation, using the %s head", kind)
@@ -573,7 +573,7 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) 
     if known is not None and known.shape == (len(y), n_classes):
         return known
     p = np.full((len(y), n_classes), 1.0 / n_classes, np.float32)  # a class too small to fold: no opinion
-    n_folds = min(cfg.cv_folds, int(np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
+    n_folds = min(cv_folds_for(cfg.cv_folds, len(y)), int(np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
     if n_folds >= 2:
         weights = class_weights(y, n_classes, cfg.class_weights)
 

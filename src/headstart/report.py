@@ -227,7 +227,9 @@ def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         t = [f"{timing['embeddings_computed']} embeddings computed"] if "embeddings_computed" in timing else []
         t += [f"{label} {timing[k]:.1f} s" for label, k in (("extraction", "extract_s"), ("head", "head_s"), ("total", "total_s")) if k in timing]
         said = ", ".join(t)
+    folds = {r["folds"] for r in cfg.get("head_selection", []) if "folds" in r}  # absent from runs saved before it was kept
     return {"heads": heads, "chosen": str(cfg.get("head", {}).get("kind")), "one_se": _one_se(cfg), "inputs": inputs,
+            "folds": folds.pop() if len(folds) == 1 else None,
             "curves": _img(png.read_bytes(), "training curves", "plot") if png is not None else None, "timing": said,
             "finetune": _finetune_choice(cfg.get("stages", {}).get("finetune", {}).get("selection"))}
 
