@@ -123,12 +123,14 @@ zero and C 0.5 from its answer (6 L-BFGS iterations instead of 21); the same opt
 held-out photo or two can change sides (the C 0.5 row). The final fit, which runs alone on one core once the search
 is over, starts from the chosen C's five fold solutions, each moved into the final rows' standardisation and averaged:
 12 L-BFGS iterations instead of 45 to the same optimum. What is left is arithmetic: an MLP epoch on a fold
-(2 400 rows) is 3.1 GFLOP of matrix products (1 280 → 256, forward and the first layer's gradient, about 90 GFLOP/s on
-one core of this CPU) plus Adam's 12 passes over 330 000 weights after each of 38 batches (0.5 ms a step); the five
-folds run 10-13 epochs each. Two MLP fits side by side each run at full speed (measured while building this:
-0.75 s alone, 0.75 s each beside another), but five fold fits do not split evenly over two cores: the search alone
-took 3.36 s on one core and 2.13 s on two with the MLP only, 1.14 → 0.74 s with the linear head only, 4.3 → 2.9 s
-with both (ideal 2.15 s); three MLP folds land on one core, and the folds' lengths vary with their early stop.
+of 2 000 rows is 2.6 GFLOP of matrix products (1 280 → 256, forward and the first layer's gradient) plus Adam's
+12 passes over 330 000 weights after each of 32 batches. Measured on this Xeon, one core: 65-80 GFLOP/s in those
+products, 1.7 ms an Adam step (each pass over a 1.3 MB array runs at 10-20 GB/s; the AMD EPYC did one in 0.5 ms),
+about 3.5 ms a batch in all and 1.4 s a fold (11 epochs); Adam in L2-sized chunks of 16-128 k weights gave the same
+1.45-1.5 s. Two fits side by side each run at full speed, so the three MLP folds and the linear ones split over the
+two cores as 2 MLP folds (2.8 s) against 1 MLP fold and 3 linear ones (2.5 s). On the AMD EPYC where the 2 s goal
+was set, the row above this one took 2.3 s (2026-12-02); the same 0.6× would put it near 1.4 s there, a
+projection, not a measurement.
 Memory: at its peak the search and fit hold {peak:.1f}× the embeddings' bytes beside them (40 000 rows tiled the same
 way, tracemalloc), down from 5.5× before the fold fits stopped making two temporaries and the MLP a standardised
 copy of its rows (it standardises each batch as it draws it, the same numbers to the bit): each thread's fold copy,
