@@ -115,7 +115,7 @@ def section(a: argparse.Namespace, sha: str, res: dict, load_before: str) -> str
 
 Machine: {machine()}. {load_before} at the start, {load_line()} at the end. The code of `{sha}` against this
 commit's, each row in a fresh process, the two taking turns, median of {a.repeat}. Ratios travel between machines
-better than times: on this VM the starting code's 3 000-photo run took 53 s in one sitting and 39 s in the next.
+better than times: on this VM the starting code's 3 000-photo run took 53 s, 39 s and 58 s in three sittings on two days.
 
 | row | before (`{sha}`) | after | after ÷ before |
 |---|---:|---:|---:|

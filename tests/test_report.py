@@ -53,6 +53,7 @@ def test_train_writes_a_self_contained_report(ants_run):
     assert ">ants</td><td>124</td><td>70</td>" in page  # images per class and split
     assert f"{clf.info['metrics']['val']['accuracy']:.1%}" in page
     assert "precision" in page and "recall" in page  # the per-class table
+    assert "Head chosen by 5-fold cross-validation of 3 candidates on the training split" in page  # 244 photos: 5 folds
 
 
 def test_report_command_rebuilds_from_the_run_folder_alone(ants_run, tmp_path, monkeypatch):
