@@ -466,15 +466,20 @@ def split_frozen(backbone: nn.Module) -> tuple[nn.Sequential, nn.Sequential]:
 
 
 def activations(bottom: nn.Module, split: Split, data_config: dict[str, Any], policy: str | None, seed: int,
-                batch_size: int, workers: int, progress: bool = False, cache_dir: str | None = None) -> torch.Tensor:
+                batch_size: int, workers: int, progress: bool = False, cache_dir: str | None = None,
+                runtime: str = "auto") -> torch.Tensor:
     """The frozen bottom's output for every photo of ``split`` (all must decode): the eval transform when
     ``policy`` is None, else one augmented view seeded by (``seed``, photo). Remembered in the cache by the bottom's
-    weights, the transform and the photos' content, so a second run (another seed of the top, lr-find) is free."""
+    weights, the transform, the runtime and the photos' content, so a second run (another seed of the top, lr-find)
+    is free."""
     import numpy as np
 
     from . import backbones, cache
 
-    name = cache.key("activations", backbones.state_digest(bottom.state_dict()), repr(bottom), data_config, policy, seed,
+    bottom.eval()
+    digest = backbones.state_digest(bottom.state_dict())
+    forward = _bottom_forward(bottom, data_config, digest, cache_dir) if _bottom_in_ort(bottom, runtime) else bottom
+    name = cache.key("activations", digest, repr(bottom), data_config, policy, seed, "pytorch" if forward is bottom else "onnxruntime",
                      [features.file_digest(Path(p)) for p in split.paths], split.labels)
     store = cache.store("activations", cache_dir)
     known = store.read(name, ".npy", lambda p: np.load(p, allow_pickle=False))
@@ -483,15 +488,41 @@ def activations(bottom: nn.Module, split: Split, data_config: dict[str, Any], po
     transform = transforms.eval_transform(data_config) if policy is None else transforms.train_transform(data_config, policy)
     ds = _Augmented(split, transform, transforms.decode_size(data_config))
     ds.seed = seed if policy is not None else None
-    bottom.eval()
     parts = []
     with torch.inference_mode():
         for batch in tqdm(DataLoader(ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate),
                           desc="bottom activations", disable=not progress, leave=False):
-            parts.append(bottom(batch[0]) if len(bottom) else batch[0])
+            parts.append(forward(batch[0]) if len(bottom) else batch[0])
     out = torch.cat(parts)
     store.write(name, {".npy": lambda p: _write_npy(p, out.numpy())})
     return out
+
+
+def _bottom_in_ort(bottom: nn.Module, runtime: str) -> bool:
+    """Whether the bottom's activations are computed by ONNX Runtime: on a CPU unless ``runtime`` says pytorch, as
+    for extraction (``features.resolve_runtime``), and only for a bottom with layers in it."""
+    cpu = all(p.device.type == "cpu" for p in bottom.parameters())
+    return len(bottom) > 0 and runtime != "pytorch" and cpu
+
+
+def _bottom_forward(bottom: nn.Module, data_config: dict[str, Any], digest: str, cache_dir: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The frozen bottom as a batch → activations function in ONNX Runtime (4× PyTorch's fp32 speed on Lite0's
+    bottom, the same numbers to 1e-5 of their scale), or the module itself where its export is refused."""
+    import numpy as np
+
+    from . import onnx
+
+    h, w = (int(v) for v in data_config["input_size"][-2:])
+    session = onnx.bottom_session(bottom, (h, w), digest, cache_dir)
+    if session is None:
+        return bottom
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # in slices of extraction's batch: ONNX Runtime's memory arena keeps
+        # its largest batch's intermediate tensors for the session's life (measured: 4.3 GB peak at 32, against 2.9 GB in PyTorch)
+        a = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+        return torch.from_numpy(np.concatenate([session.run(None, {"x": a[k:k + features.ORT_BATCH]})[0] for k in range(0, len(a), features.ORT_BATCH)]))
+
+    return forward
 
 
 def _write_npy(path: Path, a: Any) -> None:
@@ -748,7 +779,7 @@ def fit_top(net: Net, train: Split, val: Split, data_config: dict[str, Any], cfg
     workers = features.default_workers() if cfg.workers < 0 else cfg.workers
 
     def acts(split: Split, policy: str | None, seed: int) -> torch.Tensor:
-        return activations(bottom, split, data_config, policy, seed, cfg.ft_batch_size, workers, progress, cfg.cache_dir)
+        return activations(bottom, split, data_config, policy, seed, cfg.ft_batch_size, workers, progress, cfg.cache_dir, cfg.runtime)
 
     t0 = time.perf_counter()
     views = torch.stack([acts(train, None, 0)] + [acts(train, cfg.augment, _epoch_seed(cfg.seed, 1000 + k)) for k in range(cfg.ft_views)])
@@ -844,7 +875,7 @@ def lr_range_test(net: Net, train: Split, data_config: dict[str, Any], cfg: Trai
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:photos]
         train = train.subset(sorted(keep.tolist()))
     workers = features.default_workers() if cfg.workers < 0 else cfg.workers
-    acts = activations(bottom, train, data_config, None, 0, cfg.ft_batch_size, workers, progress, cfg.cache_dir)
+    acts = activations(bottom, train, data_config, None, 0, cfg.ft_batch_size, workers, progress, cfg.cache_dir, cfg.runtime)
     try:
         return lr_find(Top(net, seq), acts, torch.tensor(train.labels), cfg, DEFAULT_FT_LR if cfg.ft_lr == "auto" else float(cfg.ft_lr))
     finally:

@@ -1,12 +1,13 @@
 """ONNX graphs and the one ONNX Runtime session factory.
 
-Two graphs are built from a backbone, both traced by torch's exporter and checked against PyTorch fp32 before
+Three graphs are built from a backbone, each traced by torch's exporter and checked against PyTorch fp32 before
 anyone uses them:
 
 * the *feature graph* ``features`` runs for extraction on a CPU (uint8 NHWC pixels → pooled embedding, or the
   ImageNet logits for ``predict --imagenet``), exported once per backbone and kept in ``<cache>/onnx/``;
 * the deployed classifier (image → probabilities) that ``export.py`` writes into a run folder and
-  ``predict.OnnxModel`` runs for ``--engine onnxruntime``.
+  ``predict.OnnxModel`` runs for ``--engine onnxruntime``;
+* fine-tuning's frozen bottom (``bottom_session``), whose activations are cached once per photo and view.
 
 Measured here ONNX Runtime runs EfficientNet-Lite0 at 4× PyTorch's fp32 eager speed with fp32's numbers.
 """
@@ -281,6 +282,50 @@ def feature_session(lb: LoadedBackbone, cache_dir: str | os.PathLike | None = No
             return None
 
     return _cached_session(store, name, ".onnx", export, threads, damaged="the exported backbone %s cannot be read (%s); exporting it again")
+
+
+# ------------------------------------------------------------------- fine-tuning's frozen bottom
+
+def bottom_session(bottom: nn.Module, input_hw: tuple[int, int], digest: str, cache_dir: str | os.PathLike | None = None):
+    """An ONNX Runtime session of the frozen bottom fine-tuning caches activations from (input ``x``: normalised
+    float N×3×H×W, output ``activations``), or None when it does not export faithfully (logged; the caller runs
+    PyTorch). Measured on Lite0's bottom at 288 px, 2 cores: 11.9 img/s in PyTorch fp32, 48.8 in ONNX Runtime.
+    Exported and checked once per (weights ``digest``, architecture, input size, libraries), then read back from
+    ``<cache>/onnx/``."""
+    store = cache.store("onnx", cache_dir)
+    name = cache.key("bottom-graph", digest, repr(bottom), list(input_hw), OPSET, _libraries())
+    if name in _REFUSED:
+        return None
+
+    def export() -> bytes | None:
+        try:
+            return bottom_graph(bottom, input_hw)
+        except ExportError as e:
+            _REFUSED[name] = str(e)
+            log.warning("ONNX Runtime cannot run the frozen bottom (%s); computing its activations in PyTorch", e)
+            return None
+
+    return _cached_session(store, name, ".onnx", export, damaged="the exported frozen bottom %s cannot be read (%s); exporting it again")
+
+
+def bottom_graph(bottom: nn.Module, input_hw: tuple[int, int]) -> bytes:
+    """``bottom`` (in eval mode) as an ONNX graph, after checking ONNX Runtime reproduces PyTorch fp32 on noise."""
+    import torch
+
+    need_onnx()
+    h, w = input_hw
+    try:
+        data = to_onnx(bottom, torch.zeros(2, 3, h, w), "x", "activations")
+        check = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            want = bottom(check).numpy()
+        got = session(data).run(None, {"x": check.numpy()})[0]
+    except Exception as e:  # noqa: BLE001 - any exporter/runtime failure means: use PyTorch instead
+        raise ExportError(f"export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    err = float(np.abs(got - want).max() / max(1e-6, float(np.abs(want).max())))
+    if not err <= EMBED_RTOL:
+        raise ExportError(f"ONNX Runtime differs from PyTorch by {err:.2g} of the output's scale (> {EMBED_RTOL:g})")
+    return data
 
 
 # ------------------------------------------------------------------------------ the int8 feature graph
