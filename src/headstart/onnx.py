@@ -205,24 +205,39 @@ def feature_graph(lb: LoadedBackbone, output: str = "embedding") -> bytes:
     checking that ONNX Runtime reproduces PyTorch fp32 on a few synthetic images. Raises ``ExportError`` otherwise."""
     import torch
 
-    need_onnx()
     h, w = (int(v) for v in lb.data_config["input_size"][-2:])
+    # smooth gradients plus noise: real-image-like statistics without reading any photo
+    g = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, w, dtype=np.float32)[None, None, :, None]
+    check = np.clip(ramp * g.uniform(0.3, 1, (3, 1, 1, 3)) + g.normal(0, 25, (3, h, w, 3)), 0, 255).astype(np.uint8)
     try:
         module = _pixels_module(lb, output)
-        data = to_onnx(module, torch.zeros(2, h, w, 3, dtype=torch.uint8), "pixels", output)
-        # smooth gradients plus noise: real-image-like statistics without reading any photo
-        g = np.random.default_rng(0)
-        ramp = np.linspace(0, 255, w, dtype=np.float32)[None, None, :, None]
-        check = np.clip(ramp * g.uniform(0.3, 1, (3, 1, 1, 3)) + g.normal(0, 25, (3, h, w, 3)), 0, 255).astype(np.uint8)
+    except Exception as e:  # noqa: BLE001 - any failure to build it means: use PyTorch instead
+        raise _failed(e) from e
+    return faithful_graph(module, torch.zeros(2, h, w, 3, dtype=torch.uint8), check, "pixels", output)
+
+
+def faithful_graph(module: nn.Module, example: torch.Tensor, check: np.ndarray, input_name: str, output_name: str) -> bytes:
+    """``module`` traced to an ONNX graph, once ONNX Runtime has reproduced its PyTorch fp32 output on ``check`` to
+    ``EMBED_RTOL`` of the output's scale; ``ExportError`` otherwise, any exporter or runtime failure included."""
+    import torch
+
+    need_onnx()
+    try:
+        data = to_onnx(module, example, input_name, output_name)
         with torch.inference_mode():
             want = module(torch.from_numpy(check)).numpy()
-        got = session(data).run(None, {"pixels": check})[0]
+        got = session(data).run(None, {input_name: check})[0]
     except Exception as e:  # noqa: BLE001 - any exporter/runtime failure means: use PyTorch instead
-        raise ExportError(f"export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise _failed(e) from e
     err = float(np.abs(got - want).max() / max(1e-6, float(np.abs(want).max())))
     if not err <= EMBED_RTOL:
         raise ExportError(f"ONNX Runtime differs from PyTorch by {err:.2g} of the output's scale (> {EMBED_RTOL:g})")
     return data
+
+
+def _failed(e: Exception) -> ExportError:
+    return ExportError(f"export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
 
 # --------------------------------------------------------------------------- the cached feature graph
@@ -309,23 +324,12 @@ def bottom_session(bottom: nn.Module, input_hw: tuple[int, int], digest: str, ca
 
 
 def bottom_graph(bottom: nn.Module, input_hw: tuple[int, int]) -> bytes:
-    """``bottom`` (in eval mode) as an ONNX graph, after checking ONNX Runtime reproduces PyTorch fp32 on noise."""
+    """``bottom`` (in eval mode) as an ONNX graph, checked against PyTorch fp32 on noise (``faithful_graph``)."""
     import torch
 
-    need_onnx()
     h, w = input_hw
-    try:
-        data = to_onnx(bottom, torch.zeros(2, 3, h, w), "x", "activations")
-        check = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            want = bottom(check).numpy()
-        got = session(data).run(None, {"x": check.numpy()})[0]
-    except Exception as e:  # noqa: BLE001 - any exporter/runtime failure means: use PyTorch instead
-        raise ExportError(f"export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    err = float(np.abs(got - want).max() / max(1e-6, float(np.abs(want).max())))
-    if not err <= EMBED_RTOL:
-        raise ExportError(f"ONNX Runtime differs from PyTorch by {err:.2g} of the output's scale (> {EMBED_RTOL:g})")
-    return data
+    check = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0)).numpy()
+    return faithful_graph(bottom, torch.zeros(2, 3, h, w), check, "x", "activations")
 
 
 # ------------------------------------------------------------------------------ the int8 feature graph
