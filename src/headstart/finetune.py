@@ -478,7 +478,7 @@ def activations(bottom: nn.Module, split: Split, data_config: dict[str, Any], po
 
     bottom.eval()
     digest = backbones.state_digest(bottom.state_dict())
-    forward = _bottom_forward(bottom, data_config, digest, cache_dir) if _bottom_in_ort(bottom, runtime) else bottom
+    forward = _bottom_forward(bottom, runtime, data_config, digest, cache_dir)
     name = cache.key("activations", digest, repr(bottom), data_config, policy, seed, "pytorch" if forward is bottom else "onnxruntime",
                      [features.file_digest(Path(p)) for p in split.paths], split.labels)
     store = cache.store("activations", cache_dir)
@@ -498,20 +498,17 @@ def activations(bottom: nn.Module, split: Split, data_config: dict[str, Any], po
     return out
 
 
-def _bottom_in_ort(bottom: nn.Module, runtime: str) -> bool:
-    """Whether the bottom's activations are computed by ONNX Runtime: on a CPU unless ``runtime`` says pytorch, as
-    for extraction (``features.resolve_runtime``), and only for a bottom with layers in it."""
-    cpu = all(p.device.type == "cpu" for p in bottom.parameters())
-    return len(bottom) > 0 and runtime != "pytorch" and cpu
-
-
-def _bottom_forward(bottom: nn.Module, data_config: dict[str, Any], digest: str, cache_dir: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The frozen bottom as a batch → activations function in ONNX Runtime (4× PyTorch's fp32 speed on Lite0's
-    bottom, the same numbers to 1e-5 of their scale), or the module itself where its export is refused."""
+def _bottom_forward(bottom: nn.Module, runtime: str, data_config: dict[str, Any], digest: str,
+                    cache_dir: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The frozen bottom as a batch → activations function: in ONNX Runtime on a CPU unless ``runtime`` says pytorch
+    (4× PyTorch's fp32 speed on Lite0's bottom, the same numbers to 1e-5 of their scale), else, or where its export
+    is refused, the module itself."""
     import numpy as np
 
     from . import onnx
 
+    if not len(bottom) or runtime == "pytorch" or any(p.device.type != "cpu" for p in bottom.parameters()):
+        return bottom
     h, w = (int(v) for v in data_config["input_size"][-2:])
     session = onnx.bottom_session(bottom, (h, w), digest, cache_dir)
     if session is None:
