@@ -76,7 +76,8 @@ def test_sharded_extraction_equals_a_single_process(tmp_path):
 @pytest.mark.slow
 def test_ddp_fine_tuning_matches_one_process_and_only_rank_0_writes(tmp_path):
     small = _subset(tmp_path / "small", {"train": 24, "val": 12})
-    common = [str(small), "--finetune", "--no-cache-bottom", "--epochs", "2", "--seed", "3", "--json"]  # the per-epoch loop: what runs under torchrun
+    common = [str(small), "--finetune", "--no-cache-bottom", "--epochs", "2", "--seed", "3", "--json",  # the per-epoch loop: what runs under torchrun
+              "--input-size", "224"]  # the size search is extraction and head fits, whose sharding has tests of its own
     env = _env(HEADSTART_CACHE=str(tmp_path / "cache"))
     def headstart(*args: str) -> subprocess.CompletedProcess:
         done = subprocess.run([sys.executable, "-m", "headstart", "train", *common, *args], env=env, capture_output=True, text=True, timeout=900)

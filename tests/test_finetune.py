@@ -303,7 +303,7 @@ def test_fine_tuning_on_cached_activations_is_chosen_by_held_out_training_photos
     """The held-out fifth of train decides; the validation split is only watched; the history has the learning
     rate of every step and marks the kept epoch; lr-find's curve lands in the run folder."""
     clf = headstart.train(small, out=tmp_path / "run", finetune=True, cache_bottom=True, ft_epochs=2, ft_views=1,
-                          ft_lr="auto", progress=False)
+                          ft_lr="auto", input_size=224, progress=False)  # the size search has tests of its own
     stage = clf.info["stages"]["finetune"]
     sel = stage["selection"]
     assert sel["held_out_photos"] == 10 and sel["fit_photos"] == 38 and sel["lr_source"] in ("lr-find (valley)", "default")
