@@ -369,7 +369,8 @@ def test_too_few_training_photos_to_hold_any_out_keep_the_frozen_head_instead_of
             (tmp_path / "data" / split / cls).mkdir(parents=True)
             for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
                 (tmp_path / "data" / split / cls / p.name).write_bytes(p.read_bytes())
-    clf = headstart.train(tmp_path / "data", out=tmp_path / "run", finetune=True, ft_epochs=1, progress=False)
+    clf = headstart.train(tmp_path / "data", out=tmp_path / "run", finetune=True, ft_epochs=1, input_size=224,
+                          progress=False)
     stage = clf.info["stages"]["finetune"]
     assert stage["best_epoch"] == 0 and stage["selection"]["skipped"] == TOO_FEW
     assert clf.info["metrics"] == clf.info["stages"]["feature_extraction"]
