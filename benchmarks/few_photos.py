@@ -95,7 +95,7 @@ With few photos, channels that none of them activates are common (ants/bees: 25 
 the old scaling turned them into huge inputs on other photos. On ants/bees the MLP head no longer falls far below the
 linear one; on clothing at 2 photos a class neither scaling makes it a match for the linear head. The default
 search's choice between the two is noisy with so few photos to cross-validate on (2 a class: 2 folds of one photo
-each); its mean stays within 8 pt of the better head on every row.
+each); its mean stays within 4 pt of the better head on every row.
 """)
 
 

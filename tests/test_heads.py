@@ -218,3 +218,16 @@ def test_a_channel_no_training_photo_activates_does_not_sway_other_photos(ants_t
     p, p_seen = heads.proba(spec, fit.state, x[rest]), heads.proba(spec, fit.state, as_seen)
     assert np.abs(p - p_seen).max() < 0.05
     assert (p.argmax(1) == y[rest]).mean() >= 0.65
+
+
+def test_a_lead_of_one_photo_is_noise_even_when_the_folds_agree():
+    """Two folds of 4 photos: the MLP right on 3 of each, the linear head on 5 of the 8. The MLP's folds agree, so
+    the fold-only standard error was 0 and took a one-photo lead for a real one; the binomial error of 8 photos
+    does not."""
+    mlp = heads._summary("mlp", {}, [(0.75, 0.5, 5), (0.75, 0.5, 5)], photos=8)
+    linear = heads._summary("linear", {"C": 0.05}, [(0.75, 0.5, 0), (0.5, 0.7, 0)], photos=8)
+    assert mlp["cv_se"] > 0.15 and heads.chosen([mlp, linear])["kind"] == "linear"
+    # with 1 000 photos the same kind of lead is real, and a wide spread of the folds still counts
+    mlp, linear = (heads._summary(k, p, [(a, 0.3, 5), (a, 0.3, 5)], photos=1000) for k, p, a in (("mlp", {}, 0.9), ("linear", {"C": 0.05}, 0.85)))
+    assert mlp["cv_se"] < 0.01 and heads.chosen([mlp, linear])["kind"] == "mlp"
+    assert heads.standard_error([0.6, 1.0], 0.8, 1000) == pytest.approx(0.2)

@@ -272,7 +272,7 @@ def _one_se(cfg: dict[str, Any]) -> str | None:
     top = max(table, key=cv_rank, default=None)
     if top is None or top["kind"] == kind or "cv_se" not in top:
         return None
-    return (f"{top['kind']} led by less than one standard error of its fold accuracies (±{top['cv_se']:.1%}), "
+    return (f"{top['kind']} led by less than one standard error of its cross-validated accuracy (±{top['cv_se']:.1%}), "
             f"so the simpler {kind} head is kept: a lead that small is noise")
 
 
