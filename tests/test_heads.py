@@ -199,7 +199,7 @@ def test_the_final_linear_fit_started_from_the_folds_finds_the_answer_from_zero(
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_a_channel_no_training_photo_activates_does_not_sway_other_photos(ants_train, kind):
-    """With 5 photos a class, about 26 of Lite0's 1 280 channels are 0 on every one of them. Dividing by their spread
+    """With 5 photos a class, about 25 of Lite0's 1 280 channels are 0 on every one of them. Dividing by their spread
     (0, plus 1e-6) made any other photo that activates such a channel an input 10^4-10^6 times too large: measured,
     the MLP head's validation accuracy on ants/bees was 57 % against 77 % (10 a class: 80 % against 89 %, 10 draws).
     Such a channel is left unscaled, so it weighs what the head learnt of it: nothing."""

@@ -182,7 +182,7 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str = "auto") -> np.ndarr
 
 def _standardizer(x: np.ndarray) -> HeadState:
     """Each feature's mean and spread over the training rows. A feature they all share (a channel none of the photos
-    activates: some 26 of Lite0's 1 280 with 5 photos a class) keeps scale 1, as scikit-learn's StandardScaler does:
+    activates: about 25 of Lite0's 1 280 with 5 photos a class) keeps scale 1, as scikit-learn's StandardScaler does:
     divided by its spread (0, plus 1e-6), another photo that activates it became an input 10^4-10^6 times too large,
     which swung the MLP head's answers (ants/bees validation, 5 photos a class: 57 % against 77 %) and blew up the
     first epoch of fine-tuning."""
