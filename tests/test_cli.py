@@ -44,6 +44,8 @@ def test_train_json_summary(tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output)
     assert summary["metrics"]["val"]["accuracy"] >= 0.93 and summary["head"]["kind"] == "linear"
+    lo, hi = summary["metrics"]["val"]["accuracy_ci95"]
+    assert lo < summary["metrics"]["val"]["accuracy"] < hi < 1
 
 
 def test_crop_pct_takes_a_share_or_auto(tmp_path):

@@ -7,6 +7,7 @@ import logging
 import warnings
 
 import numpy as np
+import pytest
 
 from headstart import evaluate
 
@@ -49,3 +50,25 @@ def test_remembered_metrics_are_read_back_and_still_warn(tmp_path, monkeypatch, 
     monkeypatch.undo()
     other = evaluate.remembered(y[::-1], proba, ["ants", "bees", "wasps"], paths, "the val split", str(tmp_path))
     assert other["accuracy"] != first["accuracy"]
+
+
+def test_the_accuracy_comes_with_its_95_percent_interval():
+    """Wilson's interval (by hand here: p ± z·sqrt(p(1-p)/n + z²/4n²), centred at (p + z²/2n) / (1 + z²/n)): on
+    ants/bees' 153 validation photos 145 right reads 94.8 % within 90.0-97.3 %; it narrows as photos are added."""
+    z = 1.959963984540054
+
+    def wilson(k: int, n: int) -> tuple[float, float]:
+        p = k / n
+        centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return centre - half, centre + half
+
+    for k, n in ((145, 153), (188, 225), (0, 10), (10, 10)):
+        assert evaluate.accuracy_interval(k, n) == pytest.approx(wilson(k, n), abs=1e-9)
+    y = np.array([0] * 76 + [1] * 77)
+    proba = np.eye(2)[np.where(np.arange(153) < 8, 1 - y, y)]  # 8 of 153 wrong
+    m = evaluate.evaluate(y, proba, ["ants", "bees"])
+    lo, hi = m["accuracy_ci95"]
+    assert m["accuracy"] == pytest.approx(145 / 153) and lo < m["accuracy"] < hi
+    assert evaluate.headline({"val": m})["val"]["accuracy_ci95"] == [lo, hi]
+    assert evaluate.interval_text(m) == "95% CI 90.0–97.3%" and evaluate.interval_text({"accuracy": 0.9}) == ""
+    assert np.diff(evaluate.accuracy_interval(1450, 1530)) < np.diff([lo, hi]) / 3

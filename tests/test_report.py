@@ -52,6 +52,8 @@ def test_train_writes_a_self_contained_report(ants_run):
     assert errors[0]["true"] in page and f"{errors[0]['confidence']:.0%}" in page
     assert ">ants</td><td>124</td><td>70</td>" in page  # images per class and split
     assert f"{clf.info['metrics']['val']['accuracy']:.1%}" in page
+    lo, hi = clf.info["metrics"]["val"]["accuracy_ci95"]
+    assert f"<div class=note>95% CI {100 * lo:.1f}–{100 * hi:.1f}%</div>" in page  # under the accuracy card
     assert "precision" in page and "recall" in page  # the per-class table
     assert "Head chosen by 5-fold cross-validation of 3 candidates on the training split" in page  # 244 photos: 5 folds
 

@@ -220,9 +220,12 @@ def train(data: Path, out: Path | None, quiet: bool, as_json: bool, resume_run: 
 
 
 def _print_summary(clf: Any, out: Path) -> None:
+    from .evaluate import interval_text
+
     for name, m in clf.info["metrics"].items():
         absent = f"; no photos of {', '.join(m['absent'])}" if m.get("absent") else ""
-        click.echo(f"{name}: accuracy {m['accuracy']:.1%}  balanced {m['balanced_accuracy']:.1%}  macro-F1 {m['macro_f1']:.3f}  "
+        ci = f" ({interval_text(m)})" if interval_text(m) else ""
+        click.echo(f"{name}: accuracy {m['accuracy']:.1%}{ci}  balanced {m['balanced_accuracy']:.1%}  macro-F1 {m['macro_f1']:.3f}  "
                    f"({m['n']} images{absent})")
     for stage, m in clf.info.get("stages", {}).items():
         if "val" in m:

@@ -53,6 +53,7 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], path
     return {
         "n": int(len(y_true)),
         "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy_ci95": accuracy_interval(int((y_pred == y_true).sum()), len(y_true)),
         "balanced_accuracy": balanced,
         "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
         "log_loss": float(log_loss(y_true, _clipped(proba), labels=labels)),
@@ -68,12 +69,28 @@ def evaluate(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], path
     }
 
 
+def accuracy_interval(correct: int, n: int) -> list[float]:
+    """The 95 % Wilson interval of an accuracy of ``correct`` in ``n`` photos (scipy's binomial test): how far the
+    number could move on another draw of that many photos. On 153 photos, 94.8 % is 90.0-97.3 %; two backbones whose
+    intervals overlap that much are not told apart by this split."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(correct, n).proportion_ci(0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def interval_text(metrics: dict[str, Any]) -> str:
+    """"95% CI 90.0–97.3%" for a split's metrics; empty for metrics saved before the interval was kept."""
+    lo, hi = metrics.get("accuracy_ci95") or (None, None)
+    return "" if lo is None else f"95% CI {100 * lo:.1f}–{100 * hi:.1f}%"
+
+
 def remembered(y_true: np.ndarray, proba: np.ndarray, classes: Sequence[str], paths: Sequence[str] | None, split: str,
                cache_dir: str | None) -> dict[str, Any]:
     """``evaluate``, read back from ``<cache>/metrics/`` when these labels, probabilities and photos were measured
     before: a re-run on cached features then never imports scikit-learn (1 s of a re-run's 2.4 s)."""
     store = cache.store("metrics", cache_dir)
-    name = cache.key("metrics", list(classes), list(paths or []), split, version("scikit-learn"), arrays=(np.asarray(y_true), proba))
+    name = cache.key("metrics", "wilson-ci", list(classes), list(paths or []), split, version("scikit-learn"), arrays=(np.asarray(y_true), proba))
     known = store.read_json(name)
     if isinstance(known, dict) and known.get("n") == len(y_true):
         _say_absent(np.asarray(y_true, dtype=int), classes, split)
@@ -105,7 +122,7 @@ def _clipped(proba: np.ndarray) -> np.ndarray:
 
 def headline(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per split, the numbers a summary shows (what config.json keeps as ``metrics``)."""
-    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "absent")
+    keys = ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1", "log_loss", "absent")
     return {n: {k: m[k] for k in keys if k in m} for n, m in metrics.items()}
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from . import cache
 from .config import HeadstartError
 from .data import open_rgb, to_rgb
+from .evaluate import interval_text
 from .files import atomic_write_text
 from .heads import cv_rank
 from .plots import plot_confusion, plot_history, plot_leaderboard
@@ -159,7 +160,7 @@ def _run(run: Path, cfg: dict[str, Any], overlay: ErrorOverlay | None) -> dict[s
     b, data, head = cfg.get("backbone", {}), cfg.get("data", {}), cfg.get("head", {})
     splits = [(n, _read_json(_split_file(run, n, "metrics.json"))) for n in ("val", "test") if _split_file(run, n, "metrics.json").is_file()]
     splits = [(n, m) for n, m in splits if m.get("n")]
-    cards = [{"value": value, "label": f"{n} {label}"} for n, m in splits
+    cards = [{"value": value, "label": f"{n} {label}", "note": interval_text(m) if label == "accuracy" else ""} for n, m in splits
              for label, value in (("accuracy", f"{m['accuracy']:.1%}"), ("balanced accuracy", f"{m['balanced_accuracy']:.1%}"),
                                   ("macro-F1", f"{m['macro_f1']:.3f}"), ("images", str(m["n"])))]
     ensemble = "member_metrics" in cfg  # an ensemble: its members instead of a training story
