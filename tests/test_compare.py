@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import headstart
 from conftest import HYMENOPTERA, WEIGHTS
 from headstart.cli import main
-from headstart.compare import compare, rank
+from headstart.compare import compare, format_table, rank
 from headstart.data import HeadstartError
 
 PER_CLASS = 20
@@ -59,7 +59,7 @@ def test_leaderboard_files_and_skipped_backbone(cmp):
     rows, out = cmp
     with open(out / "leaderboard.csv", newline="") as f:
         table = list(csv.reader(f))
-    assert table[0][0] == "backbone"
+    assert table[0][0] == "backbone" and table[0][3:6] == ["accuracy", "accuracy_low", "accuracy_high"]
     assert [r[0] for r in table[1:]] == [r["backbone"] for r in rows]
     by_name = {r["backbone"]: r for r in json.loads((out / "leaderboard.json").read_text())["rows"]}
     assert set(by_name) == {"efficientnet_lite0", "efficientnet_lite1", "resnet50"}
@@ -67,10 +67,12 @@ def test_leaderboard_files_and_skipped_backbone(cmp):
     assert skipped["status"] == "skipped: no weights"
     assert "no pretrained weights" in skipped["reason"] and "--weights" in skipped["reason"]
     md = (out / "leaderboard.md").read_text()
-    assert "| resnet50 |" in md and "skipped: no weights" in md
+    assert "| resnet50 |" in md and "skipped: no weights" in md and "| 95% CI |" in md
     for name in ("efficientnet_lite0", "efficientnet_lite1"):
         r = by_name[name]
         assert r["status"] == "ok" and 0.7 <= r["accuracy"] <= 1 and r["params"] > 3_000_000
+        assert r["accuracy_low"] < r["accuracy"] < r["accuracy_high"] <= 1  # its 95 % interval, in the table too
+        assert f"{r['accuracy_low']:.1%}–{r['accuracy_high']:.1%}" in md
         assert r["predict_ms"] > 0 and r["extract_img_s"] > 0 and r["train_s"] > 0
         assert (out / r["run"] / "config.json").is_file() and (out / r["run"] / "report.html").is_file()
     assert by_name["efficientnet_lite0"]["input_size"] == 224 and by_name["efficientnet_lite1"]["input_size"] == 240
@@ -202,3 +204,14 @@ def test_compare_weights_option_is_checked_before_training(subset, tmp_path, giv
                                   "--weights", given, "--out", str(tmp_path / "c")])
     assert r.exit_code == 2 and words in r.output, r.output
     assert not (tmp_path / "c").exists()
+
+
+def test_a_leaderboard_saved_before_the_interval_shows_an_empty_cell():
+    """Rows from an earlier compare (read back on a re-run, or served) lack the interval: an empty cell, not a crash."""
+    from headstart.report import cell, columns
+
+    old = {"backbone": "a", "status": "ok", "accuracy": 0.9, "macro_f1": 0.9, "predict_ms": 9}
+    new = {**old, "accuracy_low": 0.85, "accuracy_high": 0.93}
+    ci = next(c for c in columns([old]) if c[0] == "95% CI")
+    assert cell(old, ci[1], ci[2]) == "" and cell(new, ci[1], ci[2]) == "85.0%–93.0%"
+    assert "85.0%–93.0%" in format_table(rank([new])) and format_table(rank([old]))

@@ -35,7 +35,7 @@ __all__ = ["COLUMNS", "TABLE", "cell", "columns", "compare", "format_table", "ra
 log = logging.getLogger("headstart")
 
 COLUMNS = [
-    "backbone", "rank", "status", "accuracy", "balanced_accuracy", "macro_f1", "test_accuracy", "params", "input_size",
+    "backbone", "rank", "status", "accuracy", "accuracy_low", "accuracy_high", "balanced_accuracy", "macro_f1", "test_accuracy", "params", "input_size",
     "extract_img_s", "extract_note", "predict_ms", "train_s", "head", "weights", "run", "reason",
 ]
 LATENCY_REPEATS = 5  # timed single-photo predictions, after one warm-up; the median is reported
@@ -94,6 +94,12 @@ def compare(
     return rows
 
 
+def _interval(val: dict[str, Any]) -> dict[str, float | None]:
+    """The validation accuracy's 95 % interval as two columns (a spreadsheet reads them as numbers)."""
+    lo, hi = val.get("accuracy_ci95") or (None, None)
+    return {"accuracy_low": lo, "accuracy_high": hi}
+
+
 def _ensemble_row(members: list[tuple[Classifier, dict[str, Any]]], folder: Path) -> dict[str, Any]:
     """The pretrained runs averaged: accuracy as measured by ``ensemble.build``, cost as the members' sum."""
     ens = build_ensemble([clf for clf, _ in members], folder)
@@ -103,6 +109,7 @@ def _ensemble_row(members: list[tuple[Classifier, dict[str, Any]]], folder: Path
         "backbone": ENSEMBLE_RUN,
         "status": "ok",
         "accuracy": val.get("accuracy"),
+        **_interval(val),
         "balanced_accuracy": val.get("balanced_accuracy"),
         "macro_f1": val.get("macro_f1"),
         "test_accuracy": test.get("accuracy"),
@@ -171,6 +178,7 @@ def _row(name: str, clf: Classifier, run: Path, earlier: dict[str, Any] | None) 
         "backbone": name,
         "status": "ok",
         "accuracy": val.get("accuracy"),
+        **_interval(val),
         "balanced_accuracy": val.get("balanced_accuracy"),
         "macro_f1": val.get("macro_f1"),
         "test_accuracy": test.get("accuracy"),

@@ -150,7 +150,7 @@ def _keys(rows: list[dict[str, Any]]) -> list[str]:
 
 def plot_leaderboard(rows: list[dict[str, Any]], path: Path, cache_dir: str | None = None) -> Path:
     """The chart people choose a model by: validation accuracy against single-photo latency, one labelled point
-    per backbone (up and to the left is better)."""
+    per backbone (up and to the left is better), with its accuracy's 95 % interval: overlapping bars are a near tie."""
     drawn = _drawn_once(path, cache_dir, ("leaderboard", rows), lambda: _leaderboard_figure(rows))
     assert drawn is not None  # an empty leaderboard still has its picture ("no backbone finished")
     return drawn
@@ -171,6 +171,9 @@ def _leaderboard_figure(rows: list[dict[str, Any]]) -> Figure:
         near = sum(abs(x - px) < 0.25 * x_span and abs(y - py) < 0.06 * y_span for px, py in placed)
         placed.append((x, y))
         ax.scatter(x, 100 * y, s=40, zorder=3)
+        if r.get("accuracy_low") is not None and r.get("accuracy_high") is not None:  # its 95 % interval
+            ax.errorbar(x, 100 * y, yerr=[[100 * (y - r["accuracy_low"])], [100 * (r["accuracy_high"] - y)]], fmt="none",
+                        ecolor="0.6", elinewidth=1, capsize=3, zorder=2)
         ax.annotate(r["backbone"], (x, 100 * y), textcoords="offset points", xytext=(6, 4 - 12 * near), fontsize=9)
     if not done:
         ax.text(0.5, 0.5, "no backbone finished", ha="center", va="center", transform=ax.transAxes)

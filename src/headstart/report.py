@@ -35,10 +35,11 @@ log = logging.getLogger("headstart")
 
 # ------------------------------------------------------------------------------------------ the leaderboard table
 
-TABLE = [  # (heading, key, format)
+TABLE: list[tuple[str, Any, str]] = [  # (heading, key or keys, format)
     ("#", "rank", "{}"),
     ("backbone", "backbone", "{}"),
     ("accuracy", "accuracy", "{:.1%}"),
+    ("95% CI", ("accuracy_low", "accuracy_high"), "{:.1%}–{:.1%}"),  # two backbones whose intervals overlap are close
     ("balanced", "balanced_accuracy", "{:.1%}"),
     ("macro-F1", "macro_f1", "{:.3f}"),
     ("test acc.", "test_accuracy", "{:.1%}"),
@@ -50,15 +51,16 @@ TABLE = [  # (heading, key, format)
 ]
 
 
-def columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any, str]]:
     """The table's columns, less test accuracy when no run had a test split."""
     return [c for c in TABLE if c[1] != "test_accuracy" or any(r.get("test_accuracy") is not None for r in rows)]
 
 
-def cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    """One formatted value; a missing one (a skipped backbone has no accuracy) is an empty cell."""
-    v = row.get(key)
-    return "" if v is None else fmt.format(v)
+def cell(row: dict[str, Any], key: str | tuple[str, ...], fmt: str) -> str:
+    """One formatted value (or several, for a key tuple); a missing one (a skipped backbone has no accuracy, a
+    leaderboard saved before the interval was kept has no interval) is an empty cell."""
+    values = [row.get(k) for k in (key if isinstance(key, tuple) else (key,))]
+    return "" if any(v is None for v in values) else fmt.format(*values)
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
