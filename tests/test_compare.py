@@ -72,7 +72,7 @@ def test_leaderboard_files_and_skipped_backbone(cmp):
         r = by_name[name]
         assert r["status"] == "ok" and 0.7 <= r["accuracy"] <= 1 and r["params"] > 3_000_000
         assert r["accuracy_low"] < r["accuracy"] < r["accuracy_high"] <= 1  # its 95 % interval, in the table too
-        assert f"{r['accuracy_low']:.1%}–{r['accuracy_high']:.1%}" in md
+        assert f"{100 * r['accuracy_low']:.1f}–{100 * r['accuracy_high']:.1f}%" in md
         assert r["predict_ms"] > 0 and r["extract_img_s"] > 0 and r["train_s"] > 0
         assert (out / r["run"] / "config.json").is_file() and (out / r["run"] / "report.html").is_file()
     assert by_name["efficientnet_lite0"]["input_size"] == 224 and by_name["efficientnet_lite1"]["input_size"] == 240
@@ -213,5 +213,5 @@ def test_a_leaderboard_saved_before_the_interval_shows_an_empty_cell():
     old = {"backbone": "a", "status": "ok", "accuracy": 0.9, "macro_f1": 0.9, "predict_ms": 9}
     new = {**old, "accuracy_low": 0.85, "accuracy_high": 0.93}
     ci = next(c for c in columns([old]) if c[0] == "95% CI")
-    assert cell(old, ci[1], ci[2]) == "" and cell(new, ci[1], ci[2]) == "85.0%–93.0%"
-    assert "85.0%–93.0%" in format_table(rank([new])) and format_table(rank([old]))
+    assert cell(old, ci[1], ci[2]) == "" and cell(new, ci[1], ci[2]) == "85.0–93.0%"
+    assert "85.0–93.0%" in format_table(rank([new])) and format_table(rank([old]))

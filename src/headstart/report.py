@@ -35,11 +35,16 @@ log = logging.getLogger("headstart")
 
 # ------------------------------------------------------------------------------------------ the leaderboard table
 
-TABLE: list[tuple[str, Any, str]] = [  # (heading, key or keys, format)
+def _percent_range(lo: float, hi: float) -> str:
+    """"90.0–97.3%": one % sign, so the leaderboard still fits the page's column at 1 280 px."""
+    return f"{100 * lo:.1f}–{100 * hi:.1f}%"
+
+
+TABLE: list[tuple[str, Any, Any]] = [  # (heading, key or keys, format string or function)
     ("#", "rank", "{}"),
     ("backbone", "backbone", "{}"),
     ("accuracy", "accuracy", "{:.1%}"),
-    ("95% CI", ("accuracy_low", "accuracy_high"), "{:.1%}–{:.1%}"),  # two backbones whose intervals overlap are close
+    ("95% CI", ("accuracy_low", "accuracy_high"), _percent_range),  # two backbones whose intervals overlap are close
     ("balanced", "balanced_accuracy", "{:.1%}"),
     ("macro-F1", "macro_f1", "{:.3f}"),
     ("test acc.", "test_accuracy", "{:.1%}"),
@@ -51,16 +56,18 @@ TABLE: list[tuple[str, Any, str]] = [  # (heading, key or keys, format)
 ]
 
 
-def columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any, str]]:
+def columns(rows: list[dict[str, Any]]) -> list[tuple[str, Any, Any]]:
     """The table's columns, less test accuracy when no run had a test split."""
     return [c for c in TABLE if c[1] != "test_accuracy" or any(r.get("test_accuracy") is not None for r in rows)]
 
 
-def cell(row: dict[str, Any], key: str | tuple[str, ...], fmt: str) -> str:
+def cell(row: dict[str, Any], key: str | tuple[str, ...], fmt: str | Callable[..., str]) -> str:
     """One formatted value (or several, for a key tuple); a missing one (a skipped backbone has no accuracy, a
     leaderboard saved before the interval was kept has no interval) is an empty cell."""
     values = [row.get(k) for k in (key if isinstance(key, tuple) else (key,))]
-    return "" if any(v is None for v in values) else fmt.format(*values)
+    if any(v is None for v in values):
+        return ""
+    return fmt(*values) if callable(fmt) else fmt.format(*values)
 
 
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
