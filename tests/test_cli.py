@@ -195,3 +195,17 @@ def test_the_public_api_names_survive_their_modules_being_imported():
             "print(all(callable(getattr(headstart, n)) for n in ('audit', 'compare', 'train', 'load', 'export_onnx', 'scan', 'lookup')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_evaluate_on_another_folder_gives_the_accuracy_and_its_interval(ants_run):
+    """`headstart evaluate RUN DATA --json`: the numbers of the split, the 95 % interval among them; without --json
+    the readable report says it on its first line."""
+    clf, out = ants_run
+    r = CliRunner().invoke(main, ["evaluate", str(out), str(HYMENOPTERA), "--split", "val", "--json"])
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output)
+    assert m["n"] == 153 and m["accuracy"] == pytest.approx(clf.info["metrics"]["val"]["accuracy"])
+    lo, hi = m["accuracy_ci95"]
+    assert lo < m["accuracy"] < hi
+    r = CliRunner().invoke(main, ["evaluate", str(out), str(HYMENOPTERA), "--split", "val", "--quiet"])
+    assert r.exit_code == 0 and f"(95% CI {100 * lo:.1f}–{100 * hi:.1f}%)" in r.output.splitlines()[0], r.output

@@ -71,4 +71,5 @@ def test_the_accuracy_comes_with_its_95_percent_interval():
     assert m["accuracy"] == pytest.approx(145 / 153) and lo < m["accuracy"] < hi
     assert evaluate.headline({"val": m})["val"]["accuracy_ci95"] == [lo, hi]
     assert evaluate.interval_text(m) == "95% CI 90.0–97.3%" and evaluate.interval_text({"accuracy": 0.9}) == ""
+    assert "accuracy: 0.9477 (95% CI 90.0–97.3%)   balanced" in evaluate.format_report(m)  # classification_report.txt
     assert np.diff(evaluate.accuracy_interval(1450, 1530)) < np.diff([lo, hi]) / 3

@@ -314,7 +314,7 @@ def evaluate(run: Path, data: Path, out: Path | None, split: str | None, engine:
     for s in m["data"]["skipped"]:
         log.warning("skipped %s: %s", s["path"], s["reason"])
     if as_json:
-        click.echo(json.dumps({k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "log_loss", "per_class")}, indent=2))
+        click.echo(json.dumps({k: m[k] for k in ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "macro_f1", "log_loss", "per_class")}, indent=2))
         return
     from .evaluate import format_report
 

@@ -156,7 +156,8 @@ def write(metrics: dict[str, Any], out: Path, prefix: str = "", cache_dir: str |
 def format_report(metrics: dict[str, Any]) -> str:
     """scikit-learn's per-class table, plus the headline numbers."""
     lines = [
-        f"images: {metrics['n']}   accuracy: {metrics['accuracy']:.4f}   balanced accuracy: {metrics['balanced_accuracy']:.4f}   macro-F1: {metrics['macro_f1']:.4f}",
+        f"images: {metrics['n']}   accuracy: {metrics['accuracy']:.4f}{f' ({interval_text(metrics)})' if interval_text(metrics) else ''}"
+        f"   balanced accuracy: {metrics['balanced_accuracy']:.4f}   macro-F1: {metrics['macro_f1']:.4f}",
         "",
         f"{'class':<20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}",
     ]
