@@ -224,7 +224,8 @@ def _print_summary(clf: Any, out: Path) -> None:
 
     for name, m in clf.info["metrics"].items():
         absent = f"; no photos of {', '.join(m['absent'])}" if m.get("absent") else ""
-        ci = f" ({interval_text(m)})" if interval_text(m) else ""
+        ci = interval_text(m)
+        ci = f" ({ci})" if ci else ""
         click.echo(f"{name}: accuracy {m['accuracy']:.1%}{ci}  balanced {m['balanced_accuracy']:.1%}  macro-F1 {m['macro_f1']:.3f}  "
                    f"({m['n']} images{absent})")
     for stage, m in clf.info.get("stages", {}).items():

@@ -25,7 +25,7 @@ from PIL import Image
 from . import cache
 from .config import HeadstartError
 from .data import open_rgb, to_rgb
-from .evaluate import interval_text
+from .evaluate import interval_text, percent_range
 from .files import atomic_write_text
 from .heads import cv_rank
 from .plots import plot_confusion, plot_history, plot_leaderboard
@@ -35,16 +35,11 @@ log = logging.getLogger("headstart")
 
 # ------------------------------------------------------------------------------------------ the leaderboard table
 
-def _percent_range(lo: float, hi: float) -> str:
-    """"90.0–97.3%": one % sign, so the leaderboard still fits the page's column at 1 280 px."""
-    return f"{100 * lo:.1f}–{100 * hi:.1f}%"
-
-
 TABLE: list[tuple[str, Any, Any]] = [  # (heading, key or keys, format string or function)
     ("#", "rank", "{}"),
     ("backbone", "backbone", "{}"),
     ("accuracy", "accuracy", "{:.1%}"),
-    ("95% CI", ("accuracy_low", "accuracy_high"), _percent_range),  # two backbones whose intervals overlap are close
+    ("95% CI", ("accuracy_low", "accuracy_high"), percent_range),  # two backbones whose intervals overlap are close
     ("balanced", "balanced_accuracy", "{:.1%}"),
     ("macro-F1", "macro_f1", "{:.3f}"),
     ("test acc.", "test_accuracy", "{:.1%}"),
