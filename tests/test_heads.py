@@ -159,6 +159,21 @@ def test_the_search_runs_three_folds_from_two_thousand_training_photos_unless_to
     assert len(start) == 5 and {r["folds"] for r in table} == {5}
 
 
+def test_the_search_and_the_audits_held_out_probabilities_fold_the_same_way(ants_train):
+    """A class of the label set with no training row (relabelled here) neither stops the search's cross-validation
+    nor the audit's; a class with a single row stops both, since that row could never be held out."""
+    x, y = ants_train
+    relabelled = np.where(y == 1, 2, 0)  # classes 0 and 2 of 3
+    cfg = TrainConfig(head="linear", cache_dir=None)
+    *_, table, start = heads.select(x, relabelled, 3, cfg)
+    assert len(start) == 5 and {r["folds"] for r in table} == {5}
+    p = heads.out_of_fold(x, relabelled, 3, cfg)
+    assert (p.argmax(1) == relabelled).mean() > 0.85 and float(p[:, 1].max()) < 0.5
+    lone = relabelled.copy()
+    lone[0] = 1
+    assert heads.select(x, lone, 3, cfg)[3] == [] and np.allclose(heads.out_of_fold(x, lone, 3, cfg), 1 / 3)
+
+
 def test_the_numpy_adam_takes_torchs_steps():
     """The MLP head trains with a hand-fused Adam (numpy, no torch import): it must move the weights exactly as
     torch.optim.Adam with the same L2 weight decay does."""

@@ -476,19 +476,25 @@ def chosen(table: list[dict[str, Any]]) -> dict[str, Any]:
     return max(close, key=cv_rank) if HEADS[best["kind"]].iterative and close else best
 
 
+def _stratified_folds(y: np.ndarray, cfg: TrainConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The seeded stratified folds ``select`` and ``out_of_fold`` share: ``cfg.cv_folds`` of them, fewer when the
+    smallest class present has fewer rows, none when it has a single one (nothing to hold out)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    n_folds = min(cv_folds_for(cfg.cv_folds, len(y)), int(np.unique(y, return_counts=True)[1].min()))
+    return list(StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(y, y)) if n_folds >= 2 else []
+
+
 def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
            views: list[np.ndarray] | None = None) -> tuple[str, dict[str, float], int, list[dict[str, Any]], list[HeadState] | None]:
     """Cross-validate the candidate heads on the training split; returns the winner, the table and, when the winner's
     final fit can start from them (``warm_final``), its solutions on the folds."""
-    from sklearn.model_selection import StratifiedKFold
-
     tried = candidates(cfg.head)
-    n_folds = min(cv_folds_for(cfg.cv_folds, len(y)), int(np.bincount(y).min()))
-    if n_folds < 2:
+    folds = _stratified_folds(y, cfg)
+    if not folds:
         kind, params = tried[0]
         log.info("a class has a single training image: no cross-validation, using the %s head", kind)
         return kind, params, 0, [], None
-    folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y))
     kinds = list(dict.fromkeys(kind for kind, _ in tried))  # the table's order: the MLP's long fits start first
     grids = {kind: [p for k, p in tried if k == kind] for kind in kinds}
     jobs = [(kind, f) for kind in kinds for f in range(len(folds))]  # one job fits a head type's whole grid on a fold
@@ -583,23 +589,20 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig) 
     """Each row's class probabilities from a linear head fitted on the other folds only (stratified, seeded like
     ``select``): what confident learning needs, since a head never scores a photo it was fitted on. Remembered in
     ``<cache>/heads/`` by features, labels and settings, so a repeated audit reads them back."""
-    from sklearn.model_selection import StratifiedKFold
-
     store = cache.store("heads", cfg.cache_dir)
     name = cache.key("out-of-fold", n_classes, OOF_PARAMS, cfg.cv_folds, cfg.seed, cfg.class_weights, arrays=(x, y))
     known = store.read(name, ".npy", lambda p: np.load(p, allow_pickle=False))
     if known is not None and known.shape == (len(y), n_classes):
         return known
     p = np.full((len(y), n_classes), 1.0 / n_classes, np.float32)  # a class too small to fold: no opinion
-    n_folds = min(cv_folds_for(cfg.cv_folds, len(y)), int(np.bincount(y, minlength=n_classes)[np.unique(y)].min()))
-    if n_folds >= 2:
+    folds = _stratified_folds(y, cfg)
+    if folds:
         weights = class_weights(y, n_classes, cfg.class_weights)
 
         def held_proba(fold: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
             tr, te = fold
             return proba(spec("linear", x.shape[1], cfg), fit_linear(FitData(x[tr], y[tr], n_classes, weights), cfg, OOF_PARAMS).state, x[te])
 
-        folds = list(StratifiedKFold(n_folds, shuffle=True, random_state=cfg.seed).split(x, y))
         with single_thread():  # the folds side by side, as the head's search runs them
             for (_, te), q in zip(folds, _on_cores(held_proba, folds)):
                 p[te] = q
