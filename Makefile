@@ -26,7 +26,7 @@ SUDO     := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 test: setup $(CHROMIUM)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/xenon --max-absolute C src/
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -q
