@@ -174,6 +174,25 @@ def test_the_search_and_the_audits_held_out_probabilities_fold_the_same_way(ants
     assert heads.select(x, lone, 3, cfg)[3] == [] and np.allclose(heads.out_of_fold(x, lone, 3, cfg), 1 / 3)
 
 
+def test_the_search_leaves_the_mlp_out_below_three_photos_a_class_unless_asked(ants_train, caplog):
+    """At 2 photos a class each fold would fit the MLP on one photo a class and judge it on one (on the training
+    photos not drawn it scored 7-14 pt below the linear head): auto keeps to the linear head, and says so; from 3 it
+    is a candidate again; --head mlp is obeyed at any size."""
+    x, y = ants_train
+    rng = np.random.default_rng(0)
+    cfg = TrainConfig(cache_dir=None)
+    for n, kinds in ((1, set()), (2, {"linear"}), (3, {"mlp", "linear"})):
+        idx = np.concatenate([rng.choice(np.flatnonzero(y == c), n, replace=False) for c in (0, 1)])
+        with caplog.at_level(logging.INFO, logger="headstart"):
+            caplog.clear()
+            kind, _, _, table, _ = heads.select(x[idx], y[idx], 2, cfg)
+        assert {r["kind"] for r in table} == kinds and (kind == "linear" or n >= 3)
+        assert ("too few to choose an MLP" in caplog.text) == (n < 3)
+        if n == 2:
+            assert heads.select(x[idx], y[idx], 2, TrainConfig(head="mlp", cache_dir=None))[0] == "mlp"
+    assert [k for k, _ in heads.candidates("auto", 2)] == ["linear", "linear"] and heads.candidates("mlp", 2)[0][0] == "mlp"
+
+
 def test_the_numpy_adam_takes_torchs_steps():
     """The MLP head trains with a hand-fused Adam (numpy, no torch import): it must move the weights exactly as
     torch.optim.Adam with the same L2 weight decay does."""

@@ -169,3 +169,23 @@ def test_the_report_says_why_a_head_below_the_top_cv_row_was_chosen():
     said = report._one_se({"head_selection": table, "head": {"kind": "linear"}})
     assert said is not None and "one standard error" in said and "±1.2%" in said and "linear" in said
     assert report._one_se({"head_selection": table, "head": {"kind": "mlp"}}) is None
+
+
+def test_a_folder_with_two_photos_a_class_says_why_the_mlp_was_not_tried(tmp_path):
+    """Below 3 training photos in a class --head auto leaves the MLP out (heads.HEADS' min_photos): the run uses the
+    linear head and its page says why, instead of a candidate silently missing from the table."""
+    root = tmp_path / "data"
+    for split, n in (("train", 2), ("val", 3)):
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
+                (root / split / cls / p.name).symlink_to(p)
+    clf = headstart.train(root, out=tmp_path / "run", progress=False)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert clf.info["head"]["kind"] == "linear" and {r["kind"] for r in cfg["head_selection"]} == {"linear"}
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "The mlp head was not tried: it needs 3 training photos in every class" in page
+    assert report._untried({**cfg, "train_config": {**cfg["train_config"], "head": "linear"}}) is None  # asked for: nothing to explain
+    full = {"train_config": {"head": "auto"}, "head": {"kind": "linear"},
+            "head_selection": [{"kind": "mlp"}, {"kind": "linear"}]}
+    assert report._untried(full) is None

@@ -134,7 +134,7 @@ def _head_options(f: Any) -> Any:
     options = [
         click.option("--head", type=click.Choice(choices("head")), default=_DEFAULTS.head, show_default=True,
                      help="The classifier on the frozen backbone's features: linear (logistic regression), mlp (Dense 256 "
-                          "+ ReLU + dropout + softmax, the classic), auto = whichever cross-validates better on train."),
+                          "+ ReLU + dropout + softmax, the classic), auto = whichever cross-validates better on train (the MLP from 3 photos a class)."),
         click.option("--class-weights", type=click.Choice(choices("class_weights")), default=_DEFAULTS.class_weights,
                      show_default=True,
                      help="Loss weights per class: auto = balanced when the largest class has over 1.5x the smallest's photos."),

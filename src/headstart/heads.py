@@ -383,18 +383,23 @@ class HeadType:
     fit_grid: Callable[[FitData, TrainConfig, list[dict[str, float]]], list[HeadFit]] | None = None  # all candidates
     # on one fold at once, when that is cheaper than one by one (the linear head's warm-started path)
     warm_final: bool = False  # the final fit starts from the folds' solutions (FitData.start): for a convex fit only
+    min_photos: int = 1  # head="auto" tries it only when every class has this many training photos
 
 
 HEADS: dict[str, HeadType] = {
-    "mlp": HeadType(_mlp_layers, fit_mlp, ({},), iterative=True),
+    # the MLP from 3 photos a class: at 2, each fold fits its 330 000 weights on one photo a class and is judged on one,
+    # and on the training photos not drawn it scored 7-14 pt below the linear head (BENCHMARKS.md, "Few photos")
+    "mlp": HeadType(_mlp_layers, fit_mlp, ({},), iterative=True, min_photos=3),
     "linear": HeadType(_linear_layers, fit_linear, ({"C": 0.05}, {"C": 0.5}), iterative=False, fit_grid=fit_linear_path,
                        warm_final=True),
 }
 
 
-def candidates(head: str) -> list[tuple[str, dict[str, float]]]:
-    """(kind, parameters) tried by cross-validation: every table entry's for ``auto``, else one kind's."""
-    return [(kind, p) for kind, t in HEADS.items() if head in ("auto", kind) for p in t.candidates]
+def candidates(head: str, smallest: int | None = None) -> list[tuple[str, dict[str, float]]]:
+    """(kind, parameters) tried by cross-validation: one kind's, or for ``auto`` every table entry's whose
+    ``min_photos`` the smallest class's count of training photos reaches (all when not given)."""
+    return [(kind, p) for kind, t in HEADS.items()
+            if kind == head or (head == "auto" and (smallest is None or smallest >= t.min_photos)) for p in t.candidates]
 
 
 # -------------------------------------------------------------------------------------- cross-validation
@@ -489,7 +494,11 @@ def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
            views: list[np.ndarray] | None = None) -> tuple[str, dict[str, float], int, list[dict[str, Any]], list[HeadState] | None]:
     """Cross-validate the candidate heads on the training split; returns the winner, the table and, when the winner's
     final fit can start from them (``warm_final``), its solutions on the folds."""
-    tried = candidates(cfg.head)
+    smallest = int(np.unique(y, return_counts=True)[1].min())
+    tried = candidates(cfg.head, smallest)
+    if len(tried) < len(candidates(cfg.head)):
+        log.info("head: a class has only %d training photo(s): too few to choose an MLP by cross-validation; trying the %s head",
+                 smallest, " and ".join(dict.fromkeys(k for k, _ in tried)))
     folds = _stratified_folds(y, cfg)
     if not folds:
         kind, params = tried[0]
@@ -517,7 +526,8 @@ def _fit_key(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig, vie
     from importlib.metadata import version
 
     libs = [version(p) for p in ("scikit-learn", "numpy")]
-    return cache.key("head-fit", "numpy-mlp", "one-se", "warm-final", "constant-unscaled", "binomial-se", n_classes, candidates(cfg.head), {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs,
+    return cache.key("head-fit", "numpy-mlp", "one-se", "warm-final", "constant-unscaled", "binomial-se", n_classes, candidates(cfg.head),
+                     {k: t.min_photos for k, t in HEADS.items()}, {k: getattr(cfg, k) for k in _SELECTION_FIELDS}, libs,
                      arrays=(x, y, *views))
 
 

@@ -27,7 +27,7 @@ from .config import HeadstartError
 from .data import open_rgb, to_rgb
 from .evaluate import interval_text, percent_range
 from .files import atomic_write_text
-from .heads import cv_rank
+from .heads import HEADS, cv_rank
 from .plots import plot_confusion, plot_history, plot_leaderboard
 
 log = logging.getLogger("headstart")
@@ -233,7 +233,7 @@ def _training(run: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         t += [f"{label} {timing[k]:.1f} s" for label, k in (("extraction", "extract_s"), ("head", "head_s"), ("total", "total_s")) if k in timing]
         said = ", ".join(t)
     folds = {r["folds"] for r in cfg.get("head_selection", []) if "folds" in r}  # absent from runs saved before it was kept
-    return {"heads": heads, "chosen": str(cfg.get("head", {}).get("kind")), "one_se": _one_se(cfg), "inputs": inputs,
+    return {"heads": heads, "chosen": str(cfg.get("head", {}).get("kind")), "one_se": _one_se(cfg), "untried": _untried(cfg), "inputs": inputs,
             "folds": folds.pop() if len(folds) == 1 else None,
             "curves": _img(png.read_bytes(), "training curves", "plot") if png is not None else None, "timing": said,
             "finetune": _finetune_choice(cfg.get("stages", {}).get("finetune", {}).get("selection"))}
@@ -269,6 +269,16 @@ def _finetune_choice(sel: dict[str, Any] | None) -> str | None:
 def _loss_word(sel: dict[str, Any]) -> str:
     """What the held-out photos were scored by: cross-entropy, or cross-entropy at the best temperature."""
     return "calibrated loss (cross-entropy at the best temperature)" if sel.get("loss") == "calibrated" else "loss"
+
+
+def _untried(cfg: dict[str, Any]) -> str | None:
+    """Why ``--head auto`` left a head type out of its search: too few training photos in a class (``min_photos``)."""
+    if cfg.get("train_config", {}).get("head", "auto") != "auto":
+        return None
+    tried = {r["kind"] for r in cfg.get("head_selection", [])} | {cfg.get("head", {}).get("kind")}
+    left = [(k, t.min_photos) for k, t in HEADS.items() if t.min_photos > 1 and k not in tried]
+    return " ".join(f"The {k} head was not tried: it needs {n} training photos in every class, and a class has fewer "
+                    "(with so few, cross-validation cannot tell it from noise)." for k, n in left) or None
 
 
 def _one_se(cfg: dict[str, Any]) -> str | None:
