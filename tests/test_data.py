@@ -60,6 +60,29 @@ def test_refusals_say_what_to_do(tmp_path):
         scan(tmp_path / "missing")
 
 
+def test_split_folders_under_other_names_are_never_taken_for_classes(tmp_path):
+    """Kaggle's Training/Testing is read as train + test (a validation split drawn from train); split folders under
+    names it cannot map (seg_train/seg_train/<class>, seg_test/...) would have made a classifier of the splits
+    themselves: refused, naming the folder to give instead. A class merely named like a split is still a class."""
+    for split in ("Training", "Testing"):
+        for c in ("glioma", "meningioma"):
+            for i in range(3):
+                save_image(tmp_path / "kaggle" / split / c / f"{i}.jpg", fmt="JPEG")
+    ds = scan(tmp_path / "kaggle")
+    assert ds.layout == "splits" and ds.classes == ["glioma", "meningioma"] and set(ds.splits) == {"train", "test"}
+    for split in ("seg_train", "seg_test"):
+        for c in ("forest", "sea"):
+            save_image(tmp_path / "intel" / split / split / c / "0.jpg", fmt="JPEG")
+    save_image(tmp_path / "intel" / "seg_pred" / "seg_pred" / "1.jpg", fmt="JPEG")
+    inner = tmp_path / "intel" / "seg_train" / "seg_train"
+    with pytest.raises(HeadstartError, match=f"seg_pred, seg_test, seg_train: split folders .* Rename them train/ .* headstart train '{inner}'"):
+        scan(tmp_path / "intel")
+    assert scan(inner).classes == ["forest", "sea"]
+    for c in ("train_station", "valley"):  # photos right inside, no class folders: classes
+        save_image(tmp_path / "places" / c / "0.jpg", fmt="JPEG")
+    assert scan(tmp_path / "places").classes == ["train_station", "valley"]
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])
 def test_any_mode_becomes_rgb(tmp_path, mode):
     fmt = "JPEG" if mode == "CMYK" else "PNG"

@@ -3,7 +3,9 @@
 Two layouts are understood:
 
 * class folders: ``ROOT/<class>/*.jpg`` (a validation split is then drawn, stratified and seeded);
-* split folders: ``ROOT/train/<class>/…`` plus ``val``/``valid``/``validation`` and optionally ``test``.
+* split folders: ``ROOT/train/<class>/…`` plus ``val``/``valid``/``validation``/``dev`` and optionally ``test``
+  (``training``/``testing`` too, any case). Top folders that look like splits under other names (``seg_train``,
+  ``test_set``) are refused rather than taken for classes.
 
 Photos are never decoded here; a file that turns out unreadable is reported (path and reason) and skipped
 by whoever decodes it, never a crash and never silence.
@@ -27,7 +29,8 @@ from PIL import Image, ImageFile, ImageOps
 from .config import HeadstartError  # defined at the bottom layer; re-exported here, where callers have always found it
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+               "test": "test", "testing": "test"}
 
 # Pillow's decompression-bomb guard stays on (a 1 GB-pixel "photo" is an attack or a mistake), but is
 # adjustable for people with genuinely huge scans.
@@ -188,7 +191,27 @@ def _layout(root: Path) -> tuple[str, dict[str, Path]]:
     split_dirs = {SPLIT_NAMES[p.name.lower()]: p for p in top if p.name.lower() in SPLIT_NAMES}
     if "train" in split_dirs or ("val" in split_dirs or "test" in split_dirs) and len(split_dirs) == len(top):
         return "splits", split_dirs
+    _refuse_unknown_split_names(root, top)
     return "classes", {"all": root}
+
+
+def _refuse_unknown_split_names(root: Path, top: list[Path]) -> None:
+    """Split folders under names not in SPLIT_NAMES (``seg_train/`` + ``seg_test/``, ``training_set/`` +
+    ``test_set/``) would otherwise train a classifier of the splits themselves, each "class" holding the real
+    class folders: refused, with the two ways out."""
+    def says(p: Path, *words: str) -> bool:
+        return any(w in p.name.lower() for w in words)
+
+    trainish = [p for p in top if says(p, "train") and _subdirs(p)]
+    if not trainish or not any(says(p, "test", "val") for p in top if p not in trainish):
+        return
+    inner = trainish[0]
+    while len(_subdirs(inner)) == 1 and not any(f.is_file() for f in inner.iterdir()):  # training_set/training_set/<class>
+        inner = _subdirs(inner)[0]
+    raise HeadstartError(
+        f"'{root}' holds {', '.join(p.name for p in top)}: split folders under names headstart does not know, not "
+        f"classes. Rename them train/ and val/ (or test/), or give the training photos alone: headstart train "
+        f"'{inner}' (a validation split is then drawn from them)")
 
 
 def _classes_with_images(root: Path, found: list[str], folders: dict[str, Path], per_split: dict[str, dict[str, list[Path]]],
