@@ -58,6 +58,10 @@ def test_refusals_say_what_to_do(tmp_path):
         scan(tmp_path)
     with pytest.raises(HeadstartError, match="not a folder"):
         scan(tmp_path / "missing")
+    for c in ("Cat", "Dog"):  # one folder too high (kagglecatsanddogs/PetImages/<class>): the message names the right one
+        save_image(tmp_path / "pets" / "PetImages" / c / "0.jpg")
+    with pytest.raises(HeadstartError, match=f"at least two.*give '{tmp_path / 'pets' / 'PetImages'}' instead"):
+        scan(tmp_path / "pets")
 
 
 def test_split_folders_under_other_names_are_never_taken_for_classes(tmp_path):

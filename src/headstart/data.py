@@ -223,9 +223,11 @@ def _classes_with_images(root: Path, found: list[str], folders: dict[str, Path],
         skipped += [Skipped(w + "/", "empty class folder (ignored)") for w in where]
     classes = [c for c in found if c not in empty]
     if len(classes) < 2:
+        inside = [folders[s] / classes[0] for s in folders if classes and (folders[s] / classes[0]).is_dir()]
+        hint = f"; its sub-folders look like the classes: give '{inside[0]}' instead" if inside and len(_subdirs(inside[0])) >= 2 else ""
         raise HeadstartError(
             f"'{root}' has {len(classes)} class folder(s) with images ({', '.join(classes) or 'none'}): "
-            "a classifier needs at least two, one sub-folder per class"
+            f"a classifier needs at least two, one sub-folder per class{hint}"
         )
     return classes
 
