@@ -134,4 +134,9 @@ def test_files_loose_in_a_split_folder_are_named_not_silently_dropped(tmp_path):
     assert set(loose) == {"train/stray.jpg", "val/notes.txt"}
     assert all("not inside a class folder" in why for why in loose.values())
     assert sum(len(s) for s in ds.splits.values()) == 4  # only the photos in class folders are used
+    for cls in ("ants", "bees"):  # class folders at the root: a photo beside them is named too, a README is not
+        save_image(tmp_path / "flat" / cls / "a.jpg")
+    save_image(tmp_path / "flat" / "stray.jpg")
+    (tmp_path / "flat" / "README.md").write_text("about these photos")
+    assert [(s.path, s.reason.split(" (")[0]) for s in scan(tmp_path / "flat").skipped] == [("stray.jpg", "not inside a class folder")]
 
