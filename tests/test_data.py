@@ -129,9 +129,11 @@ def test_files_loose_in_a_split_folder_are_named_not_silently_dropped(tmp_path):
         save_image(tmp_path / split / cls / "a.jpg")
     save_image(tmp_path / "train" / "stray.jpg")
     (tmp_path / "val" / "notes.txt").write_text("labels to check")
+    save_image(tmp_path / "unlabelled" / "u.jpg")  # a folder beside the splits: named, not used
     ds = scan(tmp_path)
     loose = {s.path: s.reason for s in ds.skipped}
-    assert set(loose) == {"train/stray.jpg", "val/notes.txt"}
+    assert set(loose) == {"train/stray.jpg", "val/notes.txt", "unlabelled/"}
+    assert loose.pop("unlabelled/") == "not a split folder (train, val, test): ignored"
     assert all("not inside a class folder" in why for why in loose.values())
     assert sum(len(s) for s in ds.splits.values()) == 4  # only the photos in class folders are used
     for cls in ("ants", "bees"):  # class folders at the root: a photo beside them is named too, a README is not

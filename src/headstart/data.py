@@ -167,6 +167,7 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
     per_split = {split: {d.name: _image_files(d, root, skipped) for d in _subdirs(folder)} for split, folder in folders.items()}
     if layout == "splits":
         skipped += _loose_files(folders, root)
+        skipped += [Skipped(p.name + "/", "not a split folder (train, val, test): ignored") for p in _subdirs(root) if p not in folders.values()]
     else:  # photos beside the class folders (a README or LICENSE there is no photo and no class: not listed)
         skipped += [s for s in _loose_files(folders, root) if Path(s.path).suffix.lower() in IMAGE_EXTENSIONS]
     found = sorted({c for by_class in per_split.values() for c in by_class})
