@@ -496,14 +496,14 @@ def select(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: TrainConfig,
     final fit can start from them (``warm_final``), its solutions on the folds."""
     smallest = int(np.unique(y, return_counts=True)[1].min())
     tried = candidates(cfg.head, smallest)
-    if len(tried) < len(candidates(cfg.head)):
-        log.info("head: a class has only %d training photo(s): too few to choose an MLP by cross-validation; trying the %s head",
-                 smallest, " and ".join(dict.fromkeys(k for k, _ in tried)))
     folds = _stratified_folds(y, cfg)
     if not folds:
         kind, params = tried[0]
         log.info("a class has a single training image: no cross-validation, using the %s head", kind)
         return kind, params, 0, [], None
+    if len(tried) < len(candidates(cfg.head)):
+        log.info("head: a class has only %d training photos: too few to choose an MLP by cross-validation; trying the %s head",
+                 smallest, " and ".join(dict.fromkeys(k for k, _ in tried)))
     kinds = list(dict.fromkeys(kind for kind, _ in tried))  # the table's order: the MLP's long fits start first
     grids = {kind: [p for k, p in tried if k == kind] for kind in kinds}
     jobs = [(kind, f) for kind in kinds for f in range(len(folds))]  # one job fits a head type's whole grid on a fold
