@@ -65,6 +65,16 @@ def browser():
         b.close()
 
 
+def ants_bees(root: Path, per_split: dict[str, int]) -> Path:
+    """A small real ants/bees folder: the first N photos of each class per split, as symlinks (nothing copied)."""
+    for split, n in per_split.items():
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
+                (root / split / cls / p.name).symlink_to(p)
+    return root
+
+
 def save_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (64, 48), color=(200, 30, 30), fmt: str | None = None, **kw) -> Path:
     from PIL import Image
 

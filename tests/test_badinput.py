@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import HYMENOPTERA
+from conftest import HYMENOPTERA, ants_bees
 from headstart.data import IMAGE_EXTENSIONS, HeadstartError, open_rgb, scan, train_val_split
 
 ANT = HYMENOPTERA / "train/ants/1030023514_aad5c608f9.jpg"  # 500×333 RGB JPEG
@@ -308,11 +308,7 @@ def test_counts_tell_listed_from_used(tmp_path, backbone):
     import headstart
 
     data = tmp_path / "small"
-    for split, n in (("train", 8), ("val", 5)):
-        for cls in ("ants", "bees"):
-            (data / split / cls).mkdir(parents=True)
-            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
-                (data / split / cls / p.name).symlink_to(p)
+    ants_bees(data, {"train": 8, "val": 5})
     bad = [_truncated(data / "train/ants", None, ANT)[0], _write(data / "train/ants/half.jpg", BEE.read_bytes()[:3000]),
            _truncated(data / "val/bees", None, BEE)[0]]
     headstart.train(data, out=tmp_path / "run", progress=False, backbone=backbone,

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import headstart
-from conftest import HYMENOPTERA, WEIGHTS
+from conftest import HYMENOPTERA, WEIGHTS, ants_bees
 from headstart.cli import main
 from headstart.compare import compare, format_table, rank
 from headstart.data import HeadstartError
@@ -21,20 +21,9 @@ from headstart.data import HeadstartError
 PER_CLASS = 20
 
 
-def make_subset(root: Path) -> Path:
-    """A small real ants/bees set: the first 20 photos per class and split, as symlinks (no copies)."""
-    for split in ("train", "val"):
-        for cls in ("ants", "bees"):
-            (root / split / cls).mkdir(parents=True)
-            photos = sorted(p for p in (HYMENOPTERA / split / cls).iterdir() if p.suffix == ".jpg")[:PER_CLASS]
-            for p in photos:
-                (root / split / cls / p.name).symlink_to(p)
-    return root
-
-
 @pytest.fixture(scope="module")
 def subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_subset(tmp_path_factory.mktemp("subset") / "ants_bees")
+    return ants_bees(tmp_path_factory.mktemp("subset") / "ants_bees", {"train": PER_CLASS, "val": PER_CLASS})
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +147,7 @@ def test_cli_compare_prints_the_table(subset, offline, tmp_path):
 @pytest.mark.slow
 def test_rerun_reuses_finished_runs_until_a_photo_changes(tmp_path, offline):
     """Re-running compare must not retrain what did not change, and must retrain what did (by content)."""
-    data = make_subset(tmp_path / "data")
+    data = ants_bees(tmp_path / "data", {"train": PER_CLASS, "val": PER_CLASS})
     out = tmp_path / "cmp"
     first = {r["backbone"]: r for r in compare(data, ["efficientnet_lite0"], out, progress=False, head="linear")}
     again = {r["backbone"]: r for r in compare(data, ["efficientnet_lite0"], out, progress=False, head="linear")}

@@ -13,12 +13,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from conftest import HYMENOPTERA
+from conftest import HYMENOPTERA, ants_bees
 from headstart import backbones, distributed, features
 from headstart.transforms import train_transform
 from headstart.data import scan
 from headstart.finetune import _Augmented, _epoch_seed
-from test_finetune import _subset
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EXTRACT = """
@@ -75,7 +74,7 @@ def test_sharded_extraction_equals_a_single_process(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_fine_tuning_matches_one_process_and_only_rank_0_writes(tmp_path):
-    small = _subset(tmp_path / "small", {"train": 24, "val": 12})
+    small = ants_bees(tmp_path / "small", {"train": 24, "val": 12})
     common = [str(small), "--finetune", "--no-cache-bottom", "--epochs", "2", "--seed", "3", "--json",  # the per-epoch loop: what runs under torchrun
               "--input-size", "224"]  # the size search is extraction and head fits, whose sharding has tests of its own
     env = _env(HEADSTART_CACHE=str(tmp_path / "cache"))

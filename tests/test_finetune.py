@@ -17,26 +17,16 @@ import pytest
 import torch
 
 import headstart
-from conftest import HYMENOPTERA
+from conftest import HYMENOPTERA, ants_bees
 from headstart import backbones, report
 from headstart.transforms import seed, train_transform
 from headstart.features import resolve_precision
 from headstart.finetune import CHECKPOINT, freeze_batchnorm, unfreeze_top
 
 
-def _subset(root: Path, per_class: dict[str, int]) -> Path:
-    """A small real ants/bees folder (symlinks), so fine-tuning tests take seconds."""
-    for split, n in per_class.items():
-        for cls in ("ants", "bees"):
-            (root / split / cls).mkdir(parents=True)
-            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
-                (root / split / cls / p.name).symlink_to(p)
-    return root
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
-    return _subset(tmp_path_factory.mktemp("small"), {"train": 24, "val": 12})
+    return ants_bees(tmp_path_factory.mktemp("small"), {"train": 24, "val": 12})
 
 
 def test_unfreeze_top_blocks_or_last_layers():

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import headstart
-from conftest import HYMENOPTERA
+from conftest import HYMENOPTERA, ants_bees
 from headstart import report
 from headstart.cli import main
 from headstart.data import HeadstartError
@@ -175,11 +175,7 @@ def test_a_folder_with_two_photos_a_class_says_why_the_mlp_was_not_tried(tmp_pat
     """Below 3 training photos in a class --head auto leaves the MLP out (heads.HEADS' min_photos): the run uses the
     linear head and its page says why, instead of a candidate silently missing from the table."""
     root = tmp_path / "data"
-    for split, n in (("train", 2), ("val", 3)):
-        for cls in ("ants", "bees"):
-            (root / split / cls).mkdir(parents=True)
-            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
-                (root / split / cls / p.name).symlink_to(p)
+    ants_bees(root, {"train": 2, "val": 3})
     clf = headstart.train(root, out=tmp_path / "run", progress=False)
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert clf.info["head"]["kind"] == "linear" and {r["kind"] for r in cfg["head_selection"]} == {"linear"}

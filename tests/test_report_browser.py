@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import HYMENOPTERA
+from conftest import HYMENOPTERA, ants_bees
 from headstart.compare import compare
 
 WIDTHS = [1280, 500]
@@ -36,11 +36,7 @@ def comparison(ants_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
     photos filed under val/ants make sure the best run has worst errors for the gallery. ``mobilenetv2`` needs a
     converted weight file that is not given, so it is listed as skipped with its whole (multi-sentence) reason."""
     root = tmp_path_factory.mktemp("small") / "ants_bees"
-    for split, n in (("train", 10), ("val", 6)):
-        for cls in ("ants", "bees"):
-            (root / split / cls).mkdir(parents=True)
-            for p in sorted((HYMENOPTERA / split / cls).glob("*.jpg"))[:n]:
-                (root / split / cls / p.name).symlink_to(p)
+    ants_bees(root, {"train": 10, "val": 6})
     for p in sorted((HYMENOPTERA / "val" / "bees").glob("*.jpg"))[-3:]:
         (root / "val" / "ants" / p.name).symlink_to(p)
     out = tmp_path_factory.mktemp("cmp") / "cmp"
