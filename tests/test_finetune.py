@@ -383,16 +383,14 @@ def test_the_bottom_activations_come_from_onnx_runtime_with_pytorchs_numbers(top
     assert not (tmp_path / "pt" / "onnx").exists()
     scale = float(torch_acts.abs().max())
     assert float((ort - torch_acts).abs().max()) <= 1e-3 * scale and torch.equal(ort, acts)
-    built, recomputed = onnx.bottom_session, finetune._Augmented
 
     def fail(*_):
         raise AssertionError("a repeated call built a session or recomputed the activations")
 
-    monkeypatch.setattr(onnx, "bottom_session", fail)
-    monkeypatch.setattr(finetune, "_Augmented", fail)
-    assert torch.equal(finetune.activations(bottom, d.train, lb.data_config, None, 0, 16, 0, cache_dir=str(tmp_path / "ort")), ort)
-    monkeypatch.setattr(onnx, "bottom_session", built)
-    monkeypatch.setattr(finetune, "_Augmented", recomputed)
+    with monkeypatch.context() as m:  # only for the repeated call
+        m.setattr(onnx, "bottom_session", fail)
+        m.setattr(finetune, "_Augmented", fail)
+        assert torch.equal(finetune.activations(bottom, d.train, lb.data_config, None, 0, 16, 0, cache_dir=str(tmp_path / "ort")), ort)
 
     def refuse(*_):
         raise onnx.ExportError("export failed: planted")
